@@ -1,0 +1,223 @@
+"""Image grids and every conversion between voxel indices, physical LPS millimetres and torch's
+normalised sampling coordinates.
+
+Conventions (the whole engine follows them; see DESIGN.md section 2):
+
+* Physical space is ITK's: LPS coordinates in millimetres.  RAS never appears in ``dlir``.
+* A :class:`Grid` is ITK's image geometry: ``size`` and ``spacing`` in ITK index order (i, j, k),
+  ``origin`` = physical position of the centre of voxel (0, 0, 0), ``direction`` = 3x3 matrix whose
+  *columns* are the physical directions of the i, j, k axes.  ``x = origin + D @ diag(spacing) @ idx``.
+* Tensors that stand for images are ``[N, C, D, H, W]`` with W = i, H = j, D = k, exactly the
+  order of ``SimpleITK.GetArrayFromImage`` (``[k, j, i]``).
+* Point tensors are ``[..., 3]`` with the last axis (x, y, z) = (L, P, S) in mm.
+* ``torch.nn.functional.grid_sample`` is always called with ``align_corners=True``; its last axis
+  is (i, j, k) normalised so that -1 / +1 are the centres of the first / last voxel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+Vec3 = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Geometry of a 3D image in physical LPS space (ITK conventions, see module docstring)."""
+
+    size: tuple[int, int, int]
+    spacing: Vec3
+    origin: Vec3
+    direction: tuple[float, ...]  # 9 values, row-major 3x3, columns are the axis directions
+
+    def __post_init__(self) -> None:
+        if len(self.size) != 3 or len(self.spacing) != 3 or len(self.origin) != 3:
+            raise ValueError("a Grid is three-dimensional: size, spacing and origin need 3 values")
+        if len(self.direction) != 9:
+            raise ValueError("a Grid's direction needs 9 values (a row-major 3x3 matrix)")
+        if min(self.size) < 1 or min(self.spacing) <= 0:
+            raise ValueError(f"invalid grid: size {self.size}, spacing {self.spacing}")
+
+    # ----------------------------------------------------------------------------- construction
+    @classmethod
+    def from_image(cls, image: sitk.Image) -> "Grid":
+        """The grid of a 3D SimpleITK image."""
+        if image.GetDimension() != 3:
+            raise ValueError(f"expected a 3D image, got {image.GetDimension()}D")
+        return cls(
+            size=tuple(int(s) for s in image.GetSize()),
+            spacing=tuple(float(s) for s in image.GetSpacing()),
+            origin=tuple(float(o) for o in image.GetOrigin()),
+            direction=tuple(float(d) for d in image.GetDirection()),
+        )
+
+    @classmethod
+    def axis_aligned_box(cls, lower: np.ndarray, upper: np.ndarray, spacing: Vec3, multiple_of: int = 1) -> "Grid":
+        """An identity-direction grid whose voxel centres cover the LPS box ``[lower, upper]`` (mm).
+
+        The size along each axis is rounded up to a multiple of ``multiple_of`` (for networks that
+        downsample by that factor); the grid stays centred on the box.
+        """
+        lower = np.asarray(lower, dtype=np.float64)
+        upper = np.asarray(upper, dtype=np.float64)
+        spacing_arr = np.asarray(spacing, dtype=np.float64)
+        extent = upper - lower
+        size = np.floor(extent / spacing_arr + 1e-6).astype(int) + 1
+        size = (np.ceil(size / multiple_of) * multiple_of).astype(int)
+        centre = (lower + upper) / 2
+        origin = centre - (size - 1) * spacing_arr / 2
+        return cls(
+            size=tuple(int(s) for s in size),
+            spacing=tuple(float(s) for s in spacing_arr),
+            origin=tuple(float(o) for o in origin),
+            direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+        )
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Array shape (k, j, i) = (D, H, W)."""
+        return (self.size[2], self.size[1], self.size[0])
+
+    @property
+    def num_voxels(self) -> int:
+        return int(np.prod(self.size))
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+
+    def index_to_physical(self) -> np.ndarray:
+        """4x4 homogeneous matrix mapping a voxel index (i, j, k) to an LPS point in mm."""
+        m = np.eye(4)
+        m[:3, :3] = self.direction_matrix @ np.diag(self.spacing)
+        m[:3, 3] = self.origin
+        return m
+
+    def physical_to_index(self) -> np.ndarray:
+        """4x4 homogeneous matrix mapping an LPS point in mm to a continuous voxel index (i, j, k)."""
+        return np.linalg.inv(self.index_to_physical())
+
+    def corners(self) -> np.ndarray:
+        """The 8 corner voxel centres in LPS mm, shape (8, 3)."""
+        idx = np.array([[i, j, k, 1.0] for i in (0, self.size[0] - 1) for j in (0, self.size[1] - 1) for k in (0, self.size[2] - 1)])
+        return (idx @ self.index_to_physical().T)[:, :3]
+
+    def centre(self) -> np.ndarray:
+        """Physical LPS position (mm) of the centre of the grid."""
+        idx = np.append((np.asarray(self.size) - 1) / 2.0, 1.0)
+        return (self.index_to_physical() @ idx)[:3]
+
+    def bounding_box(self) -> tuple[np.ndarray, np.ndarray]:
+        """Axis-aligned LPS box (lower, upper) in mm enclosing all voxel centres."""
+        c = self.corners()
+        return c.min(axis=0), c.max(axis=0)
+
+    def with_spacing(self, spacing: Vec3) -> "Grid":
+        """A grid with the same direction and physical extent (voxel-centre box) at another spacing."""
+        extent = (np.asarray(self.size) - 1) * np.asarray(self.spacing)
+        size = np.maximum(np.round(extent / np.asarray(spacing)).astype(int) + 1, 1)
+        new_extent = (size - 1) * np.asarray(spacing)
+        shift = self.direction_matrix @ ((extent - new_extent) / 2)
+        return Grid(tuple(int(s) for s in size), tuple(float(s) for s in spacing),
+                    tuple(float(o) for o in np.asarray(self.origin) + shift), self.direction)
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        """Set this grid's spacing, origin and direction on ``image`` (whose size must match)."""
+        if tuple(image.GetSize()) != tuple(self.size):
+            raise ValueError(f"image size {image.GetSize()} does not match grid size {self.size}")
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def same_as(self, other: "Grid", tol: float = 1e-4) -> bool:
+        """True when both grids have the same size and (within ``tol`` mm / cosine) geometry."""
+        return (
+            tuple(self.size) == tuple(other.size)
+            and np.allclose(self.spacing, other.spacing, atol=tol)
+            and np.allclose(self.origin, other.origin, atol=tol)
+            and np.allclose(self.direction, other.direction, atol=tol)
+        )
+
+    # ----------------------------------------------------------------------------- torch
+    def physical_points(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """LPS positions (mm) of all voxel centres, shape ``[D, H, W, 3]``."""
+        m = torch.as_tensor(self.index_to_physical(), dtype=torch.float64)
+        axes = [torch.arange(n, dtype=torch.float64) for n in self.size]
+        k, j, i = torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
+        idx = torch.stack([i, j, k], dim=-1)
+        pts = idx @ m[:3, :3].T + m[:3, 3]
+        return pts.to(device=device, dtype=dtype)
+
+    def normalise(self, points: torch.Tensor) -> torch.Tensor:
+        """Map LPS points (mm) ``[..., 3]`` to ``grid_sample`` coordinates of this grid (align_corners=True)."""
+        m = torch.as_tensor(self.physical_to_index(), dtype=points.dtype, device=points.device)
+        idx = points @ m[:3, :3].T + m[:3, 3]
+        denom = torch.as_tensor([max(n - 1, 1) for n in self.size], dtype=points.dtype, device=points.device)
+        return 2.0 * idx / denom - 1.0
+
+    def inside_mask(self, points: torch.Tensor) -> torch.Tensor:
+        """True where LPS points lie within half a voxel of the grid's voxel centres (ITK's buffer test)."""
+        m = torch.as_tensor(self.physical_to_index(), dtype=points.dtype, device=points.device)
+        idx = points @ m[:3, :3].T + m[:3, 3]
+        upper = torch.as_tensor(self.size, dtype=points.dtype, device=points.device) - 0.5
+        return ((idx >= -0.5) & (idx <= upper)).all(dim=-1)
+
+
+def sample(
+    image: torch.Tensor,
+    grid: Grid,
+    points: torch.Tensor,
+    mode: str = "bilinear",
+    outside: float | None = 0.0,
+) -> torch.Tensor:
+    """Sample ``image`` (``[N, C, D, H, W]`` on ``grid``) at LPS points ``[N, d, h, w, 3]`` (mm).
+
+    Matches ITK's ``ResampleImageFilter``: inside the buffer (continuous index in
+    ``[-0.5, size - 0.5]``) values are interpolated with border clamping; points outside get
+    ``outside`` (ITK's default pixel value).  ``outside=None`` extends the border values instead.
+    ``mode`` is ``"bilinear"`` (trilinear) or ``"nearest"``.
+    """
+    if image.dim() != 5 or points.dim() != 5 or points.shape[-1] != 3:
+        raise ValueError(f"expected image [N,C,D,H,W] and points [N,d,h,w,3], got {tuple(image.shape)} and {tuple(points.shape)}")
+    coords = grid.normalise(points).to(image.dtype)
+    out = F.grid_sample(image, coords, mode=mode, padding_mode="border", align_corners=True)
+    if outside is not None:
+        inside = grid.inside_mask(points).unsqueeze(1)
+        out = torch.where(inside, out, torch.as_tensor(outside, dtype=out.dtype, device=out.device))
+    return out
+
+
+def image_to_tensor(image: sitk.Image, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A scalar SimpleITK image as a ``[1, 1, D, H, W]`` tensor (values unchanged, cast to ``dtype``)."""
+    arr = sitk.GetArrayViewFromImage(image)
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32 if dtype == torch.float32 else None)).to(device=device, dtype=dtype)[None, None]
+
+
+def tensor_to_image(tensor: torch.Tensor, grid: Grid, pixel_type: int | None = None) -> sitk.Image:
+    """A ``[D, H, W]`` (scalar) or ``[D, H, W, 3]`` (vector) tensor as a SimpleITK image on ``grid``."""
+    arr = tensor.detach().cpu().numpy()
+    is_vector = arr.ndim == 4
+    if tuple(arr.shape[:3]) != grid.shape:
+        raise ValueError(f"array shape {arr.shape[:3]} does not match grid shape {grid.shape}")
+    image = sitk.GetImageFromArray(arr, isVector=is_vector)
+    if pixel_type is not None:
+        image = sitk.Cast(image, pixel_type)
+    return grid.apply_to(image)
+
+
+def rotation_matrix(angles: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices ``[N, 3, 3]`` from angles ``[N, 3]`` (radians) about x, then y, then z."""
+    cx, cy, cz = torch.cos(angles).unbind(-1)
+    sx, sy, sz = torch.sin(angles).unbind(-1)
+    one, zero = torch.ones_like(cx), torch.zeros_like(cx)
+    rx = torch.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], -1).reshape(-1, 3, 3)
+    ry = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], -1).reshape(-1, 3, 3)
+    rz = torch.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], -1).reshape(-1, 3, 3)
+    return rz @ ry @ rx

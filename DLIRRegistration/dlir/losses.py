@@ -1,0 +1,84 @@
+"""Registration losses: global and local normalised cross-correlation, bending energy.
+
+Images are ``[N, C, D, H, W]``; displacement fields ``[N, 3, D, H, W]`` in mm.  The DLIR loss is
+``-NCC + alpha * bending energy`` (paper eq. 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ncc(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """Global normalised cross-correlation per pair, ``[N]``, in [-1, 1] (1 = identical up to a linear intensity map).
+
+    ``mask`` ``[N, 1, D, H, W]`` (0/1 or weights) restricts the voxels taken into account.
+    """
+    if mask is None:
+        mask = torch.ones_like(fixed[:, :1])
+    w = mask.flatten(1).to(fixed.dtype)
+    f = fixed.flatten(1)
+    m = warped.flatten(1)
+    n = w.sum(1).clamp(min=1)
+    f = f - (w * f).sum(1, keepdim=True) / n[:, None]
+    m = m - (w * m).sum(1, keepdim=True) / n[:, None]
+    cross = (w * f * m).sum(1)
+    return cross / torch.sqrt((w * f * f).sum(1) * (w * m * m).sum(1) + eps)
+
+
+def local_ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
+    """Mean local (windowed) NCC per pair, ``[N]``: NCC in cubes of ``window`` voxels, averaged.
+
+    Better than global NCC for large deformations and spatially varying intensity (the squared
+    form of voxelmorph's LNCC is not used: this one is a true correlation in [-1, 1]).
+    """
+    pad = window // 2
+    pool = lambda x: F.avg_pool3d(x, window, stride=1, padding=pad, count_include_pad=False)  # noqa: E731
+    mf, mm = pool(fixed), pool(warped)
+    var_f = (pool(fixed * fixed) - mf * mf).clamp(min=0)
+    var_m = (pool(warped * warped) - mm * mm).clamp(min=0)
+    cov = pool(fixed * warped) - mf * mm
+    return (cov / torch.sqrt(var_f * var_m + eps)).flatten(1).mean(1)
+
+
+def bending_energy(field: torch.Tensor, spacing: tuple[float, float, float]) -> torch.Tensor:
+    """Mean bending energy per pair, ``[N]``, of a displacement ``[N, 3, D, H, W]`` (mm) on a grid of ``spacing`` (x, y, z mm).
+
+    ``P = mean over voxels of sum_c [u_xx^2 + u_yy^2 + u_zz^2 + 2 (u_xy^2 + u_xz^2 + u_yz^2)]``
+    with second derivatives per mm (central differences, interior voxels only), the paper's
+    eq. 2 on the transform T = x + u (the identity has no second derivative).  0 for affine fields.
+    Axes of size < 3 contribute nothing.
+    """
+    if field.dim() != 5 or field.shape[1] != 3:
+        raise ValueError(f"expected a displacement field [N, 3, D, H, W], got {tuple(field.shape)}")
+    sx, sy, sz = spacing
+    u = field
+    # tensor dims: 4 = x (W), 3 = y (H), 2 = z (D)
+    def d2(t: torch.Tensor, dim: int, h: float) -> torch.Tensor:
+        n = t.shape[dim]
+        return (t.narrow(dim, 2, n - 2) - 2 * t.narrow(dim, 1, n - 2) + t.narrow(dim, 0, n - 2)) / (h * h)
+
+    def d1(t: torch.Tensor, dim: int, h: float) -> torch.Tensor:
+        n = t.shape[dim]
+        return (t.narrow(dim, 2, n - 2) - t.narrow(dim, 0, n - 2)) / (2 * h)
+
+    def crop(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        for dim in (2, 3, 4):
+            if dim not in dims and t.shape[dim] > 2:
+                t = t.narrow(dim, 1, t.shape[dim] - 2)
+        return t
+
+    axes = [(4, sx), (3, sy), (2, sz)]
+    usable = [(d, h) for d, h in axes if u.shape[d] >= 3]
+    if not usable:
+        return torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
+    total = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
+    for d, h in usable:
+        total = total + crop(d2(u, d, h), (d,)).pow(2).flatten(1).mean(1)
+    for a in range(len(usable)):
+        for b in range(a + 1, len(usable)):
+            (da, ha), (db, hb) = usable[a], usable[b]
+            cross = d1(d1(u, da, ha), db, hb)
+            total = total + 2 * crop(cross, (da, db)).pow(2).flatten(1).mean(1)
+    return 3 * total  # each mean ran over components too: x3 gives the sum over components

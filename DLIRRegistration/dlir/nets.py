@@ -1,0 +1,140 @@
+"""The DLIR ConvNets (de Vos et al., Medical Image Analysis 52, 2019) and the fixed cubic B-spline
+upsampler.
+
+* :class:`AffineNet` (paper Fig. 2): two weight-shared pipelines (fixed, moving) of
+  3x3x3 convolution + 2x2x2 average pooling blocks, global average pooling, concatenation and
+  fully connected layers to 12 affine parameters.
+* :class:`BSplineNet` (paper Fig. 3): fixed and moving concatenated, convolution + pooling down to
+  the control-point spacing, two 3x3x3 convolutions, two 1x1x1 convolutions and a 3-channel
+  1x1x1 output: control-point displacements (in voxels of the stage grid).
+* :class:`BSplineUpsample`: control points -> dense displacement by a transposed convolution
+  with a fixed cubic B-spline kernel (paper section 2.2).
+
+ReLU activations, 32 kernels and Glorot-uniform initialisation as in the paper; the output
+layers start at zero so that an untrained stage is the identity transform.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _glorot(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, (nn.Conv3d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _zero(layer: nn.Module) -> None:
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+
+
+class AffineNet(nn.Module):
+    """Predicts 12 unconstrained affine parameters from a fixed and a moving image.
+
+    Inputs ``[N, 1, D, H, W]`` each (may differ in size); output ``[N, 12]`` in the order
+    rotation, shear, scale, translation (see :func:`dlir.transforms.affine_from_parameters`).
+    """
+
+    def __init__(self, channels: int = 32, depth: int = 5) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 1
+        for _ in range(depth):
+            layers += [nn.Conv3d(in_ch, channels, 3, padding=1), nn.ReLU(inplace=True), nn.AvgPool3d(2, ceil_mode=True)]
+            in_ch = channels
+        self.pipeline = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Linear(2 * channels, channels), nn.ReLU(inplace=True), nn.Linear(channels, 12))
+        _glorot(self)
+        _zero(self.head[-1])
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        f = self.pipeline(fixed).mean(dim=(2, 3, 4))
+        m = self.pipeline(moving).mean(dim=(2, 3, 4))
+        return self.head(torch.cat([f, m], dim=1))
+
+
+class BSplineNet(nn.Module):
+    """Predicts B-spline control-point displacements (voxels of the input grid) for a patch.
+
+    Input: fixed and moving ``[N, 1, D, H, W]`` on the same grid, each side a multiple of
+    ``2 ** levels``.  Output ``[N, 3, D/f, H/f, W/f]`` with ``f = 2 ** levels`` (the control-point
+    spacing in voxels); channels are the (x, y, z) displacement of each control point.
+    """
+
+    def __init__(self, levels: int = 3, channels: int = 32) -> None:
+        super().__init__()
+        if levels < 1:
+            raise ValueError("a B-spline network needs at least one downsampling level")
+        layers: list[nn.Module] = []
+        in_ch = 2
+        for _ in range(levels):
+            layers += [nn.Conv3d(in_ch, channels, 3, padding=1), nn.ReLU(inplace=True), nn.AvgPool3d(2)]
+            in_ch = channels
+        layers += [nn.Conv3d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
+        layers += [nn.Conv3d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
+        layers += [nn.Conv3d(channels, channels, 1), nn.ReLU(inplace=True)]
+        layers += [nn.Conv3d(channels, channels, 1), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.output = nn.Conv3d(channels, 3, 1)
+        _glorot(self)
+        _zero(self.output)
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        return self.output(self.features(torch.cat([fixed, moving], dim=1)))
+
+
+def cubic_bspline(t: torch.Tensor) -> torch.Tensor:
+    """The centred cubic B-spline basis function B3(t), support (-2, 2)."""
+    a = t.abs()
+    inner = (4 - 6 * a**2 + 3 * a**3) / 6
+    outer = (2 - a).clamp(min=0) ** 3 / 6
+    return torch.where(a < 1, inner, outer)
+
+
+class BSplineUpsample(nn.Module):
+    """Dense field from control points by transposed convolution with a fixed cubic B-spline kernel.
+
+    Control point ``c`` sits at the centre of pooling cell ``c``: voxel ``c * f + (f - 1) / 2`` of
+    the dense grid, ``f`` = control-point spacing in voxels (a power of two >= 2).  The control
+    grid is first extended by two points on each side by linear extrapolation, so every voxel has
+    full B-spline support; constant and linear control-point fields are reproduced exactly.
+    Input ``[N, C, d, h, w]`` -> output ``[N, C, d*f, h*f, w*f]``.
+    """
+
+    def __init__(self, factor: int) -> None:
+        super().__init__()
+        if factor < 2 or factor & (factor - 1):
+            raise ValueError(f"control-point spacing must be a power of two >= 2 voxels, got {factor}")
+        self.factor = factor
+        m = torch.arange(4 * factor, dtype=torch.float64)
+        k1 = cubic_bspline((m - (4 * factor - 1) / 2) / factor)
+        kernel = k1[:, None, None] * k1[None, :, None] * k1[None, None, :]
+        self.register_buffer("kernel", kernel.float()[None, None], persistent=False)
+
+    @staticmethod
+    def _extrapolate(cp: torch.Tensor, dim: int) -> torch.Tensor:
+        n = cp.shape[dim]
+        first, last = cp.narrow(dim, 0, 1), cp.narrow(dim, n - 1, 1)
+        if n == 1:
+            lo_step = hi_step = torch.zeros_like(first)
+        else:
+            lo_step = first - cp.narrow(dim, 1, 1)
+            hi_step = last - cp.narrow(dim, n - 2, 1)
+        return torch.cat([first + 2 * lo_step, first + lo_step, cp, last + hi_step, last + 2 * hi_step], dim=dim)
+
+    def forward(self, control_points: torch.Tensor) -> torch.Tensor:
+        f = self.factor
+        cp = control_points
+        for dim in (2, 3, 4):
+            cp = self._extrapolate(cp, dim)
+        channels = cp.shape[1]
+        weight = self.kernel.to(cp.dtype).expand(channels, 1, -1, -1, -1)
+        dense = F.conv_transpose3d(cp, weight, stride=f, groups=channels)
+        start = 7 * f // 2
+        d, h, w = (n * f for n in control_points.shape[2:])
+        return dense[:, :, start : start + d, start : start + h, start : start + w]

@@ -1,0 +1,171 @@
+"""Spatial transforms in physical LPS space: affine, dense displacement fields, composition, warping.
+
+Every transform ``T`` maps a point of the FIXED image to the corresponding point of the MOVING
+image (ITK's resampling direction), so ``warped(x) = moving(T(x))``.  Points are tensors
+``[N, ..., 3]`` in LPS mm.  A displacement field ``u`` is ``[N, 3, D, H, W]`` in LPS mm on a
+:class:`~dlir.geometry.Grid` and stands for ``T(x) = x + u(x)``.
+
+Stages compose as ``T = T1 o T2 o ... o Tn``: the last stage is applied to the point first
+(``Composite([T1, ..., Tn])``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+from .geometry import Grid, rotation_matrix, sample
+
+
+class SpatialTransform(Protocol):
+    """Maps fixed-image points ``[N, ..., 3]`` (LPS mm) to moving-image points of the same shape."""
+
+    def __call__(self, points: torch.Tensor) -> torch.Tensor: ...
+
+
+def _broadcast(vec: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-batch ``[N, 3]`` vector to broadcast against points ``[N, ..., 3]``."""
+    return vec.reshape(vec.shape[0], *([1] * (points.dim() - 2)), 3)
+
+
+@dataclass
+class AffineTransform:
+    """``T(x) = A x + b`` with ``matrix`` A ``[N, 3, 3]`` and ``offset`` b ``[N, 3]`` (LPS mm)."""
+
+    matrix: torch.Tensor
+    offset: torch.Tensor
+
+    def __call__(self, points: torch.Tensor) -> torch.Tensor:
+        flat = points.reshape(points.shape[0], -1, 3)
+        out = flat @ self.matrix.transpose(1, 2).to(points.dtype) + self.offset[:, None, :].to(points.dtype)
+        return out.reshape(points.shape)
+
+    @classmethod
+    def translation(cls, offset: torch.Tensor) -> "AffineTransform":
+        """A pure translation ``T(x) = x + offset`` (``offset`` ``[N, 3]`` mm)."""
+        eye = torch.eye(3, dtype=offset.dtype, device=offset.device).expand(offset.shape[0], 3, 3)
+        return cls(eye.clone(), offset)
+
+
+@dataclass(frozen=True)
+class AffineBounds:
+    """Constraints on the 12 affine parameters, as in the DLIR paper (section 5.1)."""
+
+    max_rotation: float = math.pi  # radians, each of the three angles
+    max_shear: float = math.pi  # bound on each shear coefficient (paper: -pi .. pi)
+    min_scale: float = 0.5
+    max_scale: float = 1.5
+
+
+def affine_from_parameters(
+    raw: torch.Tensor, centre: torch.Tensor, translation_scale: float, bounds: AffineBounds = AffineBounds()
+) -> AffineTransform:
+    """The affine transform encoded by 12 unconstrained network outputs ``raw`` ``[N, 12]``.
+
+    Order: rotation (3, radians), shear (3), scale (3), translation (3).  Constraints:
+    ``angle = max_rotation * tanh(r)``, ``shear = max_shear * tanh(s)``,
+    ``scale = mid + half_range * tanh(c)`` (so raw 0 is scale 1 when the range is symmetric about
+    1), ``translation = translation_scale * t`` mm (unconstrained).  The matrix
+    ``A = R @ Shear @ Scale`` acts about ``centre`` ``[N, 3]`` (mm):
+    ``T(x) = A (x - centre) + centre + translation``.  All zeros is the identity.
+    """
+    if raw.dim() != 2 or raw.shape[1] != 12:
+        raise ValueError(f"expected affine parameters [N, 12], got {tuple(raw.shape)}")
+    rot, shear, scale, trans = raw.split(3, dim=1)
+    angles = bounds.max_rotation * torch.tanh(rot)
+    shears = bounds.max_shear * torch.tanh(shear)
+    mid = (bounds.min_scale + bounds.max_scale) / 2
+    half = (bounds.max_scale - bounds.min_scale) / 2
+    scales = mid + half * torch.tanh(scale)
+    n = raw.shape[0]
+    one, zero = torch.ones_like(shears[:, 0]), torch.zeros_like(shears[:, 0])
+    shear_m = torch.stack(
+        [one, shears[:, 0], shears[:, 1], zero, one, shears[:, 2], zero, zero, one], dim=-1
+    ).reshape(n, 3, 3)
+    matrix = rotation_matrix(angles) @ shear_m @ torch.diag_embed(scales)
+    offset = centre - (matrix @ centre[:, :, None])[:, :, 0] + translation_scale * trans
+    return AffineTransform(matrix, offset)
+
+
+@dataclass
+class DisplacementField:
+    """``T(x) = x + u(x)``; ``field`` u is ``[N, 3, D, H, W]`` (LPS mm) on ``grid``.
+
+    Between voxel centres u is interpolated trilinearly; outside the grid it is extended with its
+    border values (a smooth field stays smooth a little beyond its box).
+    """
+
+    field: torch.Tensor
+    grid: Grid
+
+    def __call__(self, points: torch.Tensor) -> torch.Tensor:
+        pts = points.reshape(points.shape[0], -1, 1, 1, 3)
+        u = sample(self.field.to(points.dtype), self.grid, pts, outside=None)  # [N, 3, M, 1, 1]
+        return points + u.reshape(points.shape[0], 3, -1).transpose(1, 2).reshape(points.shape)
+
+
+@dataclass
+class Composite:
+    """``T = T1 o T2 o ... o Tn`` for ``transforms = [T1, ..., Tn]`` (Tn is applied first)."""
+
+    transforms: Sequence[SpatialTransform]
+
+    def __call__(self, points: torch.Tensor) -> torch.Tensor:
+        for transform in reversed(self.transforms):
+            points = transform(points)
+        return points
+
+
+def grid_points(grid: Grid, batch: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
+    """LPS positions (mm) of all voxel centres of ``grid``, ``[batch, D, H, W, 3]``."""
+    return grid.physical_points(device=device).unsqueeze(0).expand(batch, -1, -1, -1, -1)
+
+
+def displacement_on_grid(transform: SpatialTransform, grid: Grid, batch: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The displacement ``T(x) - x`` (LPS mm) at the voxel centres of ``grid``, ``[N, 3, D, H, W]``."""
+    pts = grid_points(grid, batch, device)
+    return (transform(pts) - pts).movedim(-1, 1).contiguous()
+
+
+def warp(
+    image: torch.Tensor,
+    image_grid: Grid,
+    transform: SpatialTransform,
+    target_grid: Grid,
+    mode: str = "bilinear",
+    outside: float | None = 0.0,
+) -> torch.Tensor:
+    """Resample ``image`` ``[N, C, D, H, W]`` (on ``image_grid``) onto ``target_grid`` through ``transform``.
+
+    ``warped(x) = image(T(x))`` for every voxel centre x of ``target_grid``; ITK-compatible
+    interpolation and outside value (see :func:`dlir.geometry.sample`).
+    """
+    pts = transform(grid_points(target_grid, image.shape[0], image.device))
+    return sample(image, image_grid, pts, mode=mode, outside=outside)
+
+
+def jacobian_determinant(field: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """``det(I + du/dx)`` of a displacement field ``[N, 3, D, H, W]`` (LPS mm) on ``grid``, ``[N, D, H, W]``.
+
+    Derivatives are taken with respect to physical coordinates (spacing and direction included):
+    central differences inside, one-sided at the border.  1 = volume preserved, < 1 shrinkage,
+    > 1 expansion, <= 0 folding.
+    """
+    if field.dim() != 5 or field.shape[1] != 3:
+        raise ValueError(f"expected a displacement field [N, 3, D, H, W], got {tuple(field.shape)}")
+    dims = [d for d, n in zip((4, 3, 2), grid.size) if n > 1]
+    grads = torch.gradient(field, dim=dims, edge_order=1)
+    by_axis = {d: g for d, g in zip(dims, grads)}
+    zero = torch.zeros_like(field)
+    # g[..., c, a] = d u_c / d index_a  for index axes a = (i, j, k)
+    g = torch.stack([by_axis.get(4, zero), by_axis.get(3, zero), by_axis.get(2, zero)], dim=-1)
+    g = g.movedim(1, -2)  # [N, D, H, W, 3 (component), 3 (index axis)]
+    inv = torch.as_tensor(grid.physical_to_index()[:3, :3], dtype=field.dtype, device=field.device)
+    jac = g @ inv + torch.eye(3, dtype=field.dtype, device=field.device)
+    a, b, c = jac[..., 0, 0], jac[..., 0, 1], jac[..., 0, 2]
+    d, e, f = jac[..., 1, 0], jac[..., 1, 1], jac[..., 1, 2]
+    h, i, k = jac[..., 2, 0], jac[..., 2, 1], jac[..., 2, 2]
+    return a * (e * k - f * i) - b * (d * k - f * h) + c * (d * i - e * h)
