@@ -196,8 +196,8 @@ def sample(
 
 def image_to_tensor(image: sitk.Image, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A scalar SimpleITK image as a ``[1, 1, D, H, W]`` tensor (values unchanged, cast to ``dtype``)."""
-    arr = sitk.GetArrayViewFromImage(image)
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32 if dtype == torch.float32 else None)).to(device=device, dtype=dtype)[None, None]
+    arr = sitk.GetArrayFromImage(image)  # a copy: the image is never shared or modified
+    return torch.from_numpy(arr).to(device=device, dtype=dtype)[None, None]
 
 
 def tensor_to_image(tensor: torch.Tensor, grid: Grid, pixel_type: int | None = None) -> sitk.Image:
