@@ -16,6 +16,7 @@ Conventions (the whole engine follows them; see DESIGN.md section 2):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,27 +148,22 @@ class Grid:
 
     # ----------------------------------------------------------------------------- torch
     def physical_points(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """LPS positions (mm) of all voxel centres, shape ``[D, H, W, 3]``."""
-        m = torch.as_tensor(self.index_to_physical(), dtype=torch.float64)
-        axes = [torch.arange(n, dtype=torch.float64) for n in self.size]
-        k, j, i = torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
-        idx = torch.stack([i, j, k], dim=-1)
-        pts = idx @ m[:3, :3].T + m[:3, 3]
-        return pts.to(device=device, dtype=dtype)
+        """LPS positions (mm) of all voxel centres, shape ``[D, H, W, 3]`` (a cached tensor: do not modify it)."""
+        return _physical_points(self, torch.device(device), dtype)
 
-    def normalise(self, points: torch.Tensor) -> torch.Tensor:
-        """Map LPS points (mm) ``[..., 3]`` to ``grid_sample`` coordinates of this grid (align_corners=True)."""
+    def continuous_index(self, points: torch.Tensor) -> torch.Tensor:
+        """Map LPS points (mm) ``[..., 3]`` to continuous voxel indices (i, j, k) of this grid."""
         m = torch.as_tensor(self.physical_to_index(), dtype=points.dtype, device=points.device)
-        idx = points @ m[:3, :3].T + m[:3, 3]
-        denom = torch.as_tensor([max(n - 1, 1) for n in self.size], dtype=points.dtype, device=points.device)
-        return 2.0 * idx / denom - 1.0
+        return torch.addmm(m[:3, 3], points.reshape(-1, 3), m[:3, :3].T).reshape(points.shape)
 
-    def inside_mask(self, points: torch.Tensor) -> torch.Tensor:
-        """True where LPS points lie within half a voxel of the grid's voxel centres (ITK's buffer test)."""
-        m = torch.as_tensor(self.physical_to_index(), dtype=points.dtype, device=points.device)
-        idx = points @ m[:3, :3].T + m[:3, 3]
-        upper = torch.as_tensor(self.size, dtype=points.dtype, device=points.device) - 0.5
-        return ((idx >= -0.5) & (idx <= upper)).all(dim=-1)
+
+@functools.lru_cache(maxsize=8)
+def _physical_points(grid: Grid, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    m = torch.as_tensor(grid.index_to_physical(), dtype=torch.float64)
+    axes = [torch.arange(n, dtype=torch.float64) for n in grid.size]
+    k, j, i = torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
+    pts = torch.stack([i, j, k], dim=-1) @ m[:3, :3].T + m[:3, 3]
+    return pts.to(device=device, dtype=dtype)
 
 
 def sample(
@@ -186,11 +182,13 @@ def sample(
     """
     if image.dim() != 5 or points.dim() != 5 or points.shape[-1] != 3:
         raise ValueError(f"expected image [N,C,D,H,W] and points [N,d,h,w,3], got {tuple(image.shape)} and {tuple(points.shape)}")
-    coords = grid.normalise(points).to(image.dtype)
+    idx = grid.continuous_index(points)
+    size = torch.as_tensor(grid.size, dtype=idx.dtype, device=idx.device)
+    coords = (idx * (2.0 / (size - 1).clamp(min=1)) - 1.0).to(image.dtype)
     out = F.grid_sample(image, coords, mode=mode, padding_mode="border", align_corners=True)
     if outside is not None:
-        inside = grid.inside_mask(points).unsqueeze(1)
-        out = torch.where(inside, out, torch.as_tensor(outside, dtype=out.dtype, device=out.device))
+        inside = ((idx >= -0.5) & (idx <= size - 0.5)).all(dim=-1)
+        out = out.masked_fill(~inside.unsqueeze(1), outside)
     return out
 
 
