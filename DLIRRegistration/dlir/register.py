@@ -175,18 +175,16 @@ def _register(
 
     with torch.no_grad():
         transforms: list[SpatialTransform] = [initial]
-        raws: list[torch.Tensor] = []
         for k, stage in enumerate(stack.stages):
             with steps.step(f"stage {k + 1}/{n_stages} ({stage.spec.kind})"):
                 # one stage at a time so that progress and cancel work between stages
                 grid, f, m = stage_inputs(stage.spec, fixed_p, moving_p, Composite(transforms))
                 raw = stage.predict(f, m)
-                raws.append(raw)
                 transforms.append(stage.transform(raw, grid))
 
     if refine_steps > 0:
         with steps.step(f"refine ({refine_steps} steps)"):
-            transforms = refine(stack, fixed_p, moving_p, initial, raws, refine_steps)
+            transforms[-1] = refine(stack.stages[-1], raw, grid, f, m, refine_steps)
 
     transform = Composite(transforms)
     with torch.no_grad():
