@@ -58,17 +58,20 @@ class Grid:
         )
 
     @classmethod
-    def axis_aligned_box(cls, lower: np.ndarray, upper: np.ndarray, spacing: Vec3, multiple_of: int = 1) -> "Grid":
+    def axis_aligned_box(
+        cls, lower: np.ndarray, upper: np.ndarray, spacing: Vec3, multiple_of: int = 1, min_size: int = 1
+    ) -> "Grid":
         """An identity-direction grid whose voxel centres cover the LPS box ``[lower, upper]`` (mm).
 
-        The size along each axis is rounded up to a multiple of ``multiple_of`` (for networks that
-        downsample by that factor); the grid stays centred on the box.
+        The size along each axis is at least ``min_size`` and rounded up to a multiple of
+        ``multiple_of`` (for networks that downsample by that factor); the grid stays centred on
+        the box.
         """
         lower = np.asarray(lower, dtype=np.float64)
         upper = np.asarray(upper, dtype=np.float64)
         spacing_arr = np.asarray(spacing, dtype=np.float64)
         extent = upper - lower
-        size = np.floor(extent / spacing_arr + 1e-6).astype(int) + 1
+        size = np.maximum(np.floor(extent / spacing_arr + 1e-6).astype(int) + 1, min_size)
         size = (np.ceil(size / multiple_of) * multiple_of).astype(int)
         centre = (lower + upper) / 2
         origin = centre - (size - 1) * spacing_arr / 2

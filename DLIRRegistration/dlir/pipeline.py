@@ -40,7 +40,7 @@ class PreparedImage:
 
 def stage_grid(spec: StageSpec, fixed_grid: Grid) -> Grid:
     """The network grid of a stage for a fixed image on ``fixed_grid``."""
-    return network_grid(fixed_grid, spec.spacing_mm, spec.size_multiple)
+    return network_grid(fixed_grid, spec.spacing_mm, spec.size_multiple, spec.min_size)
 
 
 def stage_inputs(

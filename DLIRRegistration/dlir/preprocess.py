@@ -70,14 +70,15 @@ def smooth_for_spacing(image: torch.Tensor, grid: Grid, target_spacing: tuple[fl
     return out
 
 
-def network_grid(fixed_grid: Grid, spacing: tuple[float, float, float], multiple_of: int = 1) -> Grid:
+def network_grid(fixed_grid: Grid, spacing: tuple[float, float, float], multiple_of: int = 1, min_size: int = 1) -> Grid:
     """The stage grid: axis-aligned LPS, ``spacing`` mm, covering the fixed image's bounding box.
 
     The network always sees anatomy in LPS orientation, whatever the fixed image's direction
-    matrix; the size is rounded up (symmetrically) to a multiple of ``multiple_of``.
+    matrix; the size is at least ``min_size`` and rounded up (symmetrically) to a multiple of
+    ``multiple_of`` (voxels beyond the image are zeros).
     """
     lower, upper = fixed_grid.bounding_box()
-    return Grid.axis_aligned_box(lower, upper, spacing, multiple_of)
+    return Grid.axis_aligned_box(lower, upper, spacing, multiple_of, min_size)
 
 
 def to_grid(image: torch.Tensor, image_grid: Grid, transform: SpatialTransform | None, grid: Grid) -> torch.Tensor:

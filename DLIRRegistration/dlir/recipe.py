@@ -69,6 +69,11 @@ class StageSpec:
         """The stage grid's size must be a multiple of this (B-spline: the control-point spacing)."""
         return self.control_point_spacing if self.kind == "bspline" else 1
 
+    @property
+    def min_size(self) -> int:
+        """The smallest stage grid (voxels per axis) the network can take: one cell per downsampling."""
+        return self.control_point_spacing if self.kind == "bspline" else 2**self.depth
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["spacing_mm"] = list(self.spacing_mm)

@@ -133,3 +133,11 @@ def test_device_choice() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+def test_images_smaller_than_the_networks_receptive_grid_are_padded(stack) -> None:
+    rng = np.random.default_rng(0)
+    tiny = sitk.GetImageFromArray(rng.random((5, 6, 7)).astype(np.float32))  # 7 x 6 x 5 mm, 1 mm voxels
+    result = register(tiny, tiny, stack, device="cpu")
+    assert result.warped.GetSize() == tiny.GetSize()
+    assert np.allclose(sitk.GetArrayFromImage(result.warped), sitk.GetArrayFromImage(tiny), atol=1e-5)
