@@ -6,3 +6,84 @@ Each entry is ``(name, help, add_arguments(parser), run(args) -> exit code)``; s
 from __future__ import annotations
 
 EXTRA_COMMANDS: list = []
+
+
+# ----------------------------------------------------------------------------------- evaluate, bench
+def _require_matplotlib() -> None:
+    from importlib.util import find_spec
+
+    from .errors import InputError
+
+    if find_spec("matplotlib") is None:
+        raise InputError('the plots need matplotlib: install it with `pip install matplotlib==3.11.2` '
+                         '(or `pip install -e ".[bench]"`), or pass --no-plots')
+
+
+def _add_evaluate(p) -> None:
+    p.add_argument("--pairs", required=True, help="a folder of pair folders (fixed.nii.gz, moving.nii.gz, fixed_labels, "
+                   "moving_labels, landmarks.csv, gt_displacement) or a CSV with those columns (and id)")
+    p.add_argument("--stack", required=True, action="append", metavar="[PATTERN=]STACK",
+                   help="stage stack (file or registry name); repeat with PATTERN= (e.g. 'lung*=chest-ct') to choose by pair id")
+    p.add_argument("--out", required=True, help="output folder: metrics.csv, timings.csv, summary.md, plots, panels/")
+    p.add_argument("--refine", type=int, default=0, metavar="N", help="test-time refinement steps (default 0)")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    p.add_argument("--no-plots", action="store_true", help="write the tables only")
+
+
+def _run_evaluate(args) -> int:
+    from pathlib import Path
+
+    from .evaluate import evaluate_command, summary_table
+
+    if not args.no_plots:
+        _require_matplotlib()
+    out = Path(args.out)
+    scores = evaluate_command(args.pairs, args.stack, out, args.refine, args.device, plots=not args.no_plots)
+    print("\n".join(summary_table(scores)))
+    print(f"report in {out} (summary.md, metrics.csv, timings.csv{'' if args.no_plots else ', plots'})")
+    return 0
+
+
+def _add_bench(p) -> None:
+    p.add_argument("--pairs", help="pairs as for dlir evaluate (default: the bundled sample pair)")
+    p.add_argument("--stack", required=True, action="append", metavar="[PATTERN=]STACK",
+                   help="stage stack (file or registry name); repeat with PATTERN= to choose by pair id")
+    p.add_argument("--refine", type=int, default=0, metavar="N", help="also run DLIR with N test-time refinement steps")
+    p.add_argument("--quick", action="store_true",
+                   help="few elastix iterations and small scaling sizes (a smoke test, not numbers)")
+    p.add_argument("--sizes", type=int, nargs="*", metavar="N",
+                   help="cubic sizes of the scaling table (default 64 128 192 256; none to skip)")
+    p.add_argument("--scaling-pair", metavar="ID", help="the pair resampled for the scaling table (default: the first)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for DLIR and elastix (default 2)")
+    p.add_argument("--repeats", type=int, nargs=2, default=(3, 1), metavar=("DLIR", "ELASTIX"),
+                   help="timed runs per registration (default 3 1); the fastest counts (DLIR: after the first)")
+    p.add_argument("--out", help="output folder (default: a new temporary folder)")
+    p.add_argument("--no-plots", action="store_true", help="write the tables only")
+
+
+def _run_bench(args) -> int:
+    import sys
+    from pathlib import Path
+
+    from .bench import bench_command
+
+    if not args.no_plots:
+        _require_matplotlib()
+    comparison, scaling, out = bench_command(
+        args.pairs, args.stack, Path(args.out) if args.out else None, args.refine, args.quick, args.sizes, args.threads,
+        args.scaling_pair, tuple(args.repeats), plots=not args.no_plots,
+        log=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    print("\n".join(comparison))
+    if scaling:
+        print("\nScaling (one pair resampled to cubic grids; time end to end, peak RSS of the process):")
+        print("\n".join(scaling))
+    print(f"\nreport in {out} (bench.md, summary.md, metrics.csv, plots, runs/)")
+    return 0
+
+
+EXTRA_COMMANDS += [
+    ("evaluate", "paper-style evaluation of a stack on pairs: Dice, HD, ASD, TRE, folding, time; tables and plots",
+     _add_evaluate, _run_evaluate),
+    ("bench", "DLIR against elastix on the same pairs: one comparison table and a scaling table", _add_bench, _run_bench),
+]
