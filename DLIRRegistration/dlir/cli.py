@@ -32,7 +32,8 @@ Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[a
 def _add_register(p: argparse.ArgumentParser) -> None:
     p.add_argument("fixed", nargs="?", help="fixed image (NIfTI, NRRD, MHA or a DICOM folder)")
     p.add_argument("moving", nargs="?", help="moving image, registered onto the fixed one")
-    p.add_argument("--pairs", help="CSV of pairs (columns fixed, moving and optionally moving_labels, fixed_mask, fixed_labels, id) instead of FIXED MOVING")
+    p.add_argument("--pairs", help="instead of FIXED MOVING: a CSV of pairs (columns fixed, moving and optionally moving_labels, "
+                   "fixed_mask, fixed_labels, id) or a folder of pair folders (fixed.nii.gz, moving.nii.gz, ...)")
     p.add_argument("--stack", required=True, help="stage stack: a .safetensors file or a registry name (see dlir info --list)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--moving-labels", help="label map on the moving grid, propagated to the fixed image")
@@ -110,25 +111,6 @@ def _dice_before_after(reference: sitk.Image, moving_labels: sitk.Image, warped_
     return {str(k): {"before": before[k], "after": after[k]} for k in sorted(after)}
 
 
-def _read_pairs(csv_path: Path) -> list[dict[str, str]]:
-    if not csv_path.is_file():
-        raise InputError(f"the pairs file {csv_path} does not exist")
-    with csv_path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise InputError(f"the pairs file {csv_path} lists no pairs")
-    missing = {"fixed", "moving"} - set(rows[0])
-    if missing:
-        raise InputError(f"the pairs file {csv_path} needs the columns fixed and moving (missing: {', '.join(sorted(missing))})")
-    base = csv_path.parent
-    pairs = []
-    for n, row in enumerate(rows):
-        resolved = {k: str(base / v) if v and k != "id" else v for k, v in row.items() if k}
-        resolved["id"] = row.get("id") or f"pair{n:03d}"
-        pairs.append(resolved)
-    return pairs
-
-
 def _run_register(args: argparse.Namespace) -> int:
     stack = load_stack(args.stack)
     out = Path(args.out)
@@ -155,21 +137,21 @@ def _print_result(result: dict, out: Path) -> None:
     print(f"outputs in {out}")
 
 
-def _register_cohort(stack: Stack, pairs_csv: Path, out: Path, options: dict) -> int:
-    pairs = _read_pairs(pairs_csv)
+def _register_cohort(stack: Stack, source: Path, out: Path, options: dict) -> int:
+    """Register every pair of a CSV or a folder of pair folders (see :mod:`dlir.pairs`) into ``out/ID``."""
+    from .pairs import read_pairs
+
+    pairs = read_pairs(source)
     rows, failures = [], 0
     for pair in tqdm(pairs, desc="pairs", unit="pair", disable=not sys.stderr.isatty()):
         try:
-            result = register_pair(stack, pair["fixed"], pair["moving"], out / pair["id"],
-                                   moving_labels=pair.get("moving_labels") or None,
-                                   fixed_mask=pair.get("fixed_mask") or None,
-                                   fixed_labels=pair.get("fixed_labels") or None,
-                                   show_progress=False, **options)
-            rows.append({"id": pair["id"], "status": "ok", "total_s": result["total_s"],
+            result = register_pair(stack, pair.fixed, pair.moving, out / pair.id, moving_labels=pair.moving_labels,
+                                   fixed_mask=pair.fixed_mask, fixed_labels=pair.fixed_labels, show_progress=False, **options)
+            rows.append({"id": pair.id, "status": "ok", "total_s": result["total_s"],
                          "folding_fraction": result["folding_fraction"], "jacobian_std": result["jacobian_std"]})
         except DLIRError as exc:
             failures += 1
-            rows.append({"id": pair["id"], "status": f"error: {exc}", "total_s": "", "folding_fraction": "", "jacobian_std": ""})
+            rows.append({"id": pair.id, "status": f"error: {exc}", "total_s": "", "folding_fraction": "", "jacobian_std": ""})
     out.mkdir(parents=True, exist_ok=True)
     with (out / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
