@@ -274,7 +274,7 @@ def environment() -> list[str]:
 
     cpu = platform.processor() or platform.machine()
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
         cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
@@ -294,7 +294,7 @@ def write_bench_report(config: BenchConfig, scores: Sequence[Score], comparison:
              *environment()]
     written = write_report(scores, config.out, "DLIR vs elastix", notes, plots)
     bench_md = config.out / "bench.md"
-    bench_md.write_text("\n".join(["# DLIR vs elastix", "", *notes, "", *comparison, "", "## Scaling", "", *scaling, ""]))
+    bench_md.write_text("\n".join(["# DLIR vs elastix", "", *notes, "", *comparison, "", "## Scaling", "", *scaling, ""]), encoding="utf-8")
     return [*written, bench_md]
 
 

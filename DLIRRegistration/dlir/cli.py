@@ -98,7 +98,7 @@ def register_pair(
     }
     if reference is not None and labels is not None and reg.warped_labels is not None:
         result["dice"] = _dice_before_after(reference, labels, reg.warped_labels)
-    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
 
@@ -112,8 +112,10 @@ def _dice_before_after(reference: sitk.Image, moving_labels: sitk.Image, warped_
 
 
 def _run_register(args: argparse.Namespace) -> int:
-    stack = load_stack(args.stack)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is an existing file; give a folder for the results")
+    stack = load_stack(args.stack)
     options = dict(device=args.device, refine_steps=args.refine, initial_alignment=args.initial_alignment,
                    label_interpolation=args.label_interpolation)
     if args.pairs:
@@ -153,7 +155,7 @@ def _register_cohort(stack: Stack, source: Path, out: Path, options: dict) -> in
             failures += 1
             rows.append({"id": pair.id, "status": f"error: {exc}", "total_s": "", "folding_fraction": "", "jacobian_std": ""})
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "summary.csv").open("w", newline="") as f:
+    with (out / "summary.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

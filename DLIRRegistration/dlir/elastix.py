@@ -86,6 +86,7 @@ class ElastixSettings:
         return cls(iterations=20, samples=500, resolutions=1, threads=threads, step_estimation="DisplacementDistribution")
 
     def describe(self) -> str:
+        """One line for reports."""
         return (f"affine + B-spline (final grid {self.final_grid_mm:g} mm), {self.metric}, "
                 f"AdaptiveStochasticGradientDescent, {self.iterations} iterations x {self.resolutions} resolutions, "
                 f"{self.samples} random samples, step estimation {self.step_estimation}, no bending penalty, "

@@ -268,7 +268,7 @@ def _csv_value(value: object) -> object:
 
 def write_metrics_csv(scores: Sequence[Score], path: Path) -> Path:
     """``metrics.csv``: see :func:`metric_rows`; empty cells where a number does not apply."""
-    with path.open("w", newline="") as f:
+    with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["pair", "method", "label", *METRIC_COLUMNS], restval="")
         writer.writeheader()
         for row in metric_rows(scores):
@@ -278,7 +278,7 @@ def write_metrics_csv(scores: Sequence[Score], path: Path) -> Path:
 
 def write_timings_csv(scores: Sequence[Score], path: Path) -> Path:
     """``timings.csv``: one row per pair x method x step (seconds)."""
-    with path.open("w", newline="") as f:
+    with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["pair", "method", "step", "seconds"])
         for s in scores:
@@ -374,7 +374,7 @@ def write_summary(scores: Sequence[Score], path: Path, title: str, notes: Sequen
              "time = read + registration steps (+ write where measured end to end).", "",
              *summary_table(scores), "", "## Per pair", "", *per_pair_table(scores), "",
              "## Time per step", "", *step_table(scores), ""]
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
 

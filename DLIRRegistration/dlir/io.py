@@ -6,6 +6,13 @@ space (mm).  Input files are only ever read.
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import os
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +42,82 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
         else:
             if path.stat().st_size == 0:
                 raise InputError(f"the {what} file {path} is empty")
-            image = sitk.ReadImage(str(path))
+            _check_nifti_complete(path, what)
+            with _captured_stderr() as said:
+                image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
-        raise InputError(f"the {what} {path} cannot be read as an image ({first})") from exc
+        raise InputError(f"the {what} {path} cannot be read as an image ({_reason(exc, said)})") from exc
     return image
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[list[str]]:
+    """Collect what native readers write to file descriptor 2 (MetaIO prints its errors there)."""
+    lines: list[str] = []
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(line.strip() for line in sink.read().decode(errors="replace").splitlines() if line.strip())
+
+
+def _reason(exc: RuntimeError, said: list[str]) -> str:
+    """The most telling line of a reader's failure: what it printed, else the exception's last line."""
+    if said:
+        return " ".join(said)[:300]
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else "unknown reason"
+
+
+def _check_nifti_complete(path: Path, what: str) -> None:
+    """Refuse a NIfTI file whose voxel data ends early (ITK reads such files with zeros or garbage)."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    try:
+        if name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                header = f.read(540)
+                size = len(header)
+                while chunk := f.read(1 << 22):
+                    size += len(chunk)
+        else:
+            header = path.read_bytes()[:540]
+            size = path.stat().st_size
+    except gzip.BadGzipFile:
+        return  # not gzip at all: the image reader names the problem
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(f"the {what} file {path} is truncated or damaged ({exc})") from exc
+    expected = _nifti_expected_bytes(header)
+    if expected is not None and size < expected:
+        raise InputError(f"the {what} file {path} is truncated: its header promises {expected} bytes, it holds {size}")
+
+
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """vox_offset + voxel bytes from a NIfTI-1 or NIfTI-2 header; None when the header is not recognised."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            dims = struct.unpack(order + "8q", header[16:80])
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0:
+        return None
+    voxels = int(np.prod([max(1, d) for d in dims[1 : ndim + 1]], dtype=np.int64))
+    return offset + voxels * bitpix // 8
 
 
 def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:

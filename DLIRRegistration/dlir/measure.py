@@ -23,8 +23,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import DLIRError
+
+if TYPE_CHECKING:
+    from .elastix import ElastixSettings
 
 
 @dataclass
@@ -66,7 +70,7 @@ def _peak_rss_mb() -> float:
     a child at ``exec``, so every run would report at least the bench process's own peak.)
     """
     try:
-        status = Path("/proc/self/status").read_text()
+        status = Path("/proc/self/status").read_text(encoding="utf-8")
         return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 2**10  # kB
     except (OSError, StopIteration, ValueError, IndexError):
         pass
@@ -102,39 +106,46 @@ def _run_dlir(spec: RunSpec) -> Measurement:
 
 
 def _run_elastix(spec: RunSpec) -> Measurement:
-    import SimpleITK as sitk
-
-    from .elastix import ElastixSettings, register_elastix, require_elastix
-    from .io import read_image, write_image, write_transform
-    from .metrics import jacobian_determinant_image
+    from .elastix import ElastixSettings, require_elastix
 
     t = time.perf_counter()
     require_elastix()
     load_s = time.perf_counter() - t
     baseline = _peak_rss_mb()
     settings = ElastixSettings(**{**spec.elastix, "threads": spec.threads})  # type: ignore[arg-type]
-    out = Path(spec.out)
-    runs: list[tuple[float, dict[str, float]]] = []
-    for _ in range(spec.repeats):
-        t0 = time.perf_counter()
-        fixed = read_image(spec.fixed, "fixed image")
-        moving = read_image(spec.moving, "moving image")
-        labels = None if spec.moving_labels is None else read_image(spec.moving_labels, "moving label map")
-        t1 = time.perf_counter()
-        result = register_elastix(fixed, moving, moving_labels=labels, settings=settings)
-        t2 = time.perf_counter()
-        det = jacobian_determinant_image(result.displacement)
-        t3 = time.perf_counter()
-        write_image(result.warped, out / "warped.nii.gz")
-        write_image(det, out / "jacobian.nii.gz")
-        field_transform = sitk.DisplacementFieldTransform(sitk.Cast(result.displacement, sitk.sitkVectorFloat64))
-        write_transform(field_transform, out / "transform.h5")
-        if result.warped_labels is not None:
-            write_image(result.warped_labels, out / "labels.nii.gz")
-        t4 = time.perf_counter()
-        runs.append((t4 - t0, {"read": t1 - t0, **result.timings, "jacobian": t3 - t2, "write": t4 - t3}))
+    runs = [_elastix_once(spec, settings) for _ in range(spec.repeats)]
     warm_s, timings = min(runs, key=lambda run: run[0])  # elastix is loaded before the clock: no warm-up
     return Measurement("elastix", load_s, runs[0][0], warm_s, timings, baseline, _peak_rss_mb())
+
+
+def _elastix_once(spec: RunSpec, settings: ElastixSettings) -> tuple[float, dict[str, float]]:
+    """Read, register with elastix and write the same outputs as ``dlir register``; (seconds, steps).
+
+    A function of its own so that every image of a repetition is freed before the next one starts.
+    """
+    import SimpleITK as sitk
+
+    from .elastix import register_elastix
+    from .io import read_image, write_image, write_transform
+    from .metrics import jacobian_determinant_image
+
+    out = Path(spec.out)
+    t0 = time.perf_counter()
+    fixed = read_image(spec.fixed, "fixed image")
+    moving = read_image(spec.moving, "moving image")
+    labels = None if spec.moving_labels is None else read_image(spec.moving_labels, "moving label map")
+    t1 = time.perf_counter()
+    result = register_elastix(fixed, moving, moving_labels=labels, settings=settings)
+    t2 = time.perf_counter()
+    det = jacobian_determinant_image(result.displacement)
+    t3 = time.perf_counter()
+    write_image(result.warped, out / "warped.nii.gz")
+    write_image(det, out / "jacobian.nii.gz")
+    write_transform(sitk.DisplacementFieldTransform(sitk.Cast(result.displacement, sitk.sitkVectorFloat64)), out / "transform.h5")
+    if result.warped_labels is not None:
+        write_image(result.warped_labels, out / "labels.nii.gz")
+    t4 = time.perf_counter()
+    return t4 - t0, {"read": t1 - t0, **result.timings, "jacobian": t3 - t2, "write": t4 - t3}
 
 
 def run_spec(spec: RunSpec) -> Measurement:
@@ -152,14 +163,14 @@ def measure(spec: RunSpec, timeout_s: float | None = None) -> Measurement:
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "spec.json"
-    spec_path.write_text(json.dumps(asdict(spec), indent=2))
+    spec_path.write_text(json.dumps(asdict(spec), indent=2), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads)}
     proc = subprocess.run([sys.executable, "-m", "dlir.measure", str(spec_path)], capture_output=True, text=True,
                           timeout=timeout_s, env=env)
     if proc.returncode != 0:
         lines = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()
         raise DLIRError(f"the {spec.kind} run on {Path(spec.fixed).name} failed (exit {proc.returncode}): {lines[-1]}")
-    return Measurement(**json.loads((out / "measurement.json").read_text()))
+    return Measurement(**json.loads((out / "measurement.json").read_text(encoding="utf-8")))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,13 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m dlir.measure SPEC.json", file=sys.stderr)
         return 2
-    spec = RunSpec(**json.loads(Path(args[0]).read_text()))
+    spec = RunSpec(**json.loads(Path(args[0]).read_text(encoding="utf-8")))
     try:
         measurement = run_spec(spec)
     except DLIRError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    (Path(spec.out) / "measurement.json").write_text(json.dumps(asdict(measurement), indent=2))
+    (Path(spec.out) / "measurement.json").write_text(json.dumps(asdict(measurement), indent=2), encoding="utf-8")
     return 0
 
 

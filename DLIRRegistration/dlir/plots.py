@@ -101,7 +101,7 @@ def jacobian_histograms(scores: Sequence[Score], path: Path) -> Path | None:
     colours = _colours(methods)
     cols = min(len(pairs), 3)
     rows = math.ceil(len(pairs) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, layout="constrained")
     for ax, pair in zip(axes.ravel()[: len(pairs)], pairs, strict=True):
         found = [s for s in with_det if s.pair == pair]
         values = np.concatenate([s.jacobian_sample for s in found])  # type: ignore[misc]

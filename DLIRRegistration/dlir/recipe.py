@@ -149,5 +149,5 @@ class Recipe:
                 intensity=IntensitySpec.from_dict(data.get("intensity", {})),
                 initial_alignment=data.get("initial_alignment", "centre"),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StackError(f"the stack recipe is incomplete or malformed ({exc})") from exc

@@ -63,19 +63,28 @@ class Manifest:
         if data.get("format") != FORMAT:
             raise StackError(f"{source} is not a DLIR stage stack (its manifest has no 'format: {FORMAT}')")
         version = data.get("format_version")
-        if not isinstance(version, int) or version < 1:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise StackError(f"{source} has an invalid format version {version!r}")
         if version > FORMAT_VERSION:
             raise StackError(
                 f"{source} uses stack format version {version}, but this DLIR reads up to version {FORMAT_VERSION}; update DLIR"
             )
-        if data.get("dimension", 3) != 3:
-            raise StackError(f"{source} was made for {data.get('dimension')}D images; DLIR registers 3D images")
+        dimension = data.get("dimension", 3)
+        if dimension != 3:
+            made_for = f"{dimension}D" if isinstance(dimension, int) else f"{dimension!r}-dimensional"
+            raise StackError(f"{source} was made for {made_for} images; DLIR registers 3D images")
         if not data.get("name"):
             raise StackError(f"{source} has no name in its manifest")
+        for key in ("recipe", "training", "validation"):
+            if not isinstance(data.get(key, {}), dict):
+                raise StackError(f"{source} has a malformed manifest: '{key}' must be a JSON object")
+        try:
+            recipe = Recipe.from_dict(data.get("recipe", {}))
+        except StackError as exc:
+            raise StackError(f"{source}: {exc}") from exc
         return cls(
             name=str(data["name"]),
-            recipe=Recipe.from_dict(data.get("recipe", {})),
+            recipe=recipe,
             description=str(data.get("description", "")),
             modality=str(data.get("modality", "")),
             anatomy=str(data.get("anatomy", "")),

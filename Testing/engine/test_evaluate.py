@@ -49,7 +49,7 @@ def test_evaluate_writes_the_tables_and_plots(report: Path) -> None:
         assert path.is_file() and path.stat().st_size > 0, name
         if name.endswith(".png"):
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    summary = (report / "summary.md").read_text()
+    summary = (report / "summary.md").read_text(encoding="utf-8")
     assert "| Before registration |" in summary and "| DLIR + refine 5 |" in summary
     methods = {(r["method"], r["label"]) for r in _rows(report)}
     assert methods == {("identity", "1"), ("identity", "all"), ("dlir+refine5", "1"), ("dlir+refine5", "all")}
@@ -95,7 +95,7 @@ def test_pairs_from_a_csv_equal_the_pair_folder(tmp_path: Path) -> None:
     names = ["fixed.nii.gz", "moving.nii.gz", "fixed_labels.nii.gz", "moving_labels.nii.gz", "landmarks.csv",
              "gt_displacement.nii.gz"]
     row = ["brain1_aniso_oblique", *(str(PAIR / n) for n in names)]
-    (tmp_path / "pairs.csv").write_text(",".join(columns) + "\n" + ",".join(row) + "\n")
+    (tmp_path / "pairs.csv").write_text(",".join(columns) + "\n" + ",".join(row) + "\n", encoding="utf-8")
     assert read_pairs(tmp_path / "pairs.csv") == read_pairs(PAIR)
     assert read_pairs(PAIR.parent)[0] == read_pairs(PAIR)[0]
     expected = Pair("brain1_aniso_oblique", *(PAIR / n for n in names[:4]), None, PAIR / names[4], PAIR / names[5])

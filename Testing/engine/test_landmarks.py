@@ -33,7 +33,7 @@ def test_round_trip_is_exact(tmp_path: Path, name: str) -> None:
 
 
 def test_written_markups_say_lps(tmp_path: Path) -> None:
-    markup = json.loads(write_points(tmp_path / "p.mrk.json", POINTS_LPS).read_text())["markups"][0]
+    markup = json.loads(write_points(tmp_path / "p.mrk.json", POINTS_LPS).read_text(encoding="utf-8"))["markups"][0]
     assert markup["type"] == "Fiducial" and markup["coordinateSystem"] == "LPS" and markup["coordinateUnits"] == "mm"
     assert [p["position"] for p in markup["controlPoints"]] == POINTS_LPS.tolist()
 
@@ -59,7 +59,7 @@ def test_fcsv_is_converted_to_lps(tmp_path: Path, system: str, flip: list[int]) 
 def test_markups_json_is_converted_to_lps_mm(tmp_path: Path, header: str, scale: float, flip: list[int]) -> None:
     path = tmp_path / "m.mrk.json"
     points = '"controlPoints": [{"position": [1, 2, 3]}, {"position": [4, 5, 6]}]'
-    path.write_text('{"markups": [{"type": "Fiducial", %s %s}]}' % (header, points))
+    path.write_text('{"markups": [{"type": "Fiducial", %s %s}]}' % (header, points), encoding="utf-8")
     assert np.allclose(read_points(path), np.array([[1, 2, 3], [4, 5, 6]]) * scale * flip)
 
 
@@ -84,7 +84,7 @@ def test_markups_json_is_converted_to_lps_mm(tmp_path: Path, header: str, scale:
 ])
 def test_unusable_files_are_named(tmp_path: Path, name: str, text: str, message: str) -> None:
     path = tmp_path / name
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     with pytest.raises(InputError, match=message):
         read_points(path)
 
