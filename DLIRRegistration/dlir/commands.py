@@ -5,7 +5,51 @@ Each entry is ``(name, help, add_arguments(parser), run(args) -> exit code)``; s
 
 from __future__ import annotations
 
+import sys
+
 EXTRA_COMMANDS: list = []
+
+
+# ----------------------------------------------------------------------------------- train
+def _add_train(p) -> None:
+    from .train_config import add_flags
+
+    p.add_argument("--config", help="training configuration (TOML; see dlir.train_config); flags override its keys")
+    p.add_argument("--out", help="job folder: config.toml, events.jsonl, train.log, checkpoints/, NAME.safetensors")
+    p.add_argument("--resume", metavar="JOB_DIR", help="continue a stopped job from its last checkpoint")
+    p.add_argument("--progress", choices=("auto", "bar", "jsonl", "none"), default="auto",
+                   help="auto: a bar on a terminal; jsonl: the events also on stdout (for the DLIR Training module)")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to JOB_DIR/tensorboard")
+    add_flags(p)
+
+
+def _run_train(args) -> int:
+    from pathlib import Path
+
+    from .errors import CancelledError, InputError
+    from .train import CONFIG_FILE, EXIT_STOPPED, train
+    from .train_config import TrainConfig, apply_flags
+
+    if args.resume:
+        if args.config or args.out:
+            raise InputError("--resume JOB_DIR continues a job with its own configuration: leave out --config and --out")
+        job = Path(args.resume)
+        if not (job / CONFIG_FILE).is_file():
+            raise InputError(f"{job} is not a training job folder (it has no {CONFIG_FILE})")
+        config = TrainConfig.read(job / CONFIG_FILE)
+    else:
+        if not args.out:
+            raise InputError("give the job folder with --out JOB_DIR (or --resume JOB_DIR)")
+        job = Path(args.out)
+        config = apply_flags(TrainConfig.read(args.config) if args.config else TrainConfig(), args)
+    try:
+        path = train(config, job, resume=bool(args.resume), progress=args.progress, tensorboard=args.tensorboard)
+    except CancelledError as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
+    if args.progress != "jsonl":
+        print(f"stack written to {path}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------- evaluate, bench
@@ -83,6 +127,7 @@ def _run_bench(args) -> int:
 
 
 EXTRA_COMMANDS += [
+    ("train", "train a stage stack, stage by stage, with checkpoints, resume and progress events", _add_train, _run_train),
     ("evaluate", "paper-style evaluation of a stack on pairs: Dice, HD, ASD, TRE, folding, time; tables and plots",
      _add_evaluate, _run_evaluate),
     ("bench", "DLIR against elastix on the same pairs: one comparison table and a scaling table", _add_bench, _run_bench),

@@ -1,0 +1,549 @@
+"""Training a stage stack the DLIR way: one stage at a time, coarse to fine, earlier stages frozen.
+
+Each iteration draws ``batch_size`` pairs (synthetic, listed or random inter-image, see
+:mod:`dlir.train_config`), runs the frozen earlier stages exactly as inference does
+(:mod:`dlir.pipeline`), and minimises ``-similarity(fixed, warped) + alpha * bending energy`` for
+the current stage with Adam.  B-spline stages train on random patches of the stage grid (cut at
+control-point boundaries, so the control-point lattice is the one inference uses); the affine
+stage sees the whole stage grid.  Gradients are averaged over the batch.
+
+Robust jobs: a checkpoint (``checkpoints/last.pt``: weights, optimiser, best weights, position;
+read back with ``torch.load(weights_only=True)``) every ``checkpoint_every`` iterations, at
+every stage end and on SIGINT/SIGTERM.  All randomness of iteration ``i`` of stage ``k`` comes
+from a generator seeded with ``(seed, rank, k, i)``, so a resumed job draws exactly the pairs an
+uninterrupted one would, and on the CPU finishes with the same weights.
+
+Scale out: under ``torchrun`` (``WORLD_SIZE`` > 1) the stage's network is wrapped in
+DistributedDataParallel (NCCL on GPUs, gloo on CPUs), every rank draws its own pairs, and only
+rank 0 writes files and events.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import __version__
+from .errors import CancelledError, DLIRError, InputError
+from .geometry import Grid, sample
+from .losses import bending_energy, local_ncc, ncc
+from .pipeline import PreparedImage, alignment, run_stages, stage_inputs
+from .recipe import StageSpec
+from .register import resolve_device
+from .stack import Manifest, Stack, build_stack, save_stack
+from .synthetic import synthetic_pair
+from .train_config import TrainConfig
+from .train_data import TrainingImage, find_images, load_image, pair_groups
+from .train_events import EventLog
+from .transforms import Composite, DisplacementField, SpatialTransform, displacement_on_grid, grid_points, jacobian_determinant
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.toml"
+EVENTS_FILE = "events.jsonl"
+LOG_FILE = "train.log"
+CHECKPOINT = Path("checkpoints") / "last.pt"
+CHECKPOINT_FORMAT = "dlir-checkpoint"
+#: exit code of a job stopped by a signal after writing its checkpoint (as shells report SIGINT)
+EXIT_STOPPED = 130
+
+
+@dataclass
+class Pair:
+    """One training or validation pair on training grids; labels ``[1, 1, D, H, W]`` when known."""
+
+    fixed: PreparedImage
+    moving: PreparedImage
+    fixed_labels: torch.Tensor | None = None
+    moving_labels: torch.Tensor | None = None
+
+
+@dataclass
+class StageRecord:
+    """Bookkeeping of one stage: its best validation and the time spent (survives resume)."""
+
+    seconds: float = 0.0
+    best_score: float = -math.inf
+    best_iteration: int = 0
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    best_weights: dict[str, torch.Tensor] | None = None
+
+
+# ----------------------------------------------------------------------------------- helpers
+def iteration_generator(seed: int, rank: int, stage: int, iteration: int) -> torch.Generator:
+    """The generator of all random draws of one iteration (so a resumed job repeats them exactly)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_009 + stage) * 10_000_019 + iteration)
+
+
+def _randint(generator: torch.Generator, n: int) -> int:
+    return int(torch.randint(n, (1,), generator=generator))
+
+
+def patch_grid(grid: Grid, offset: tuple[int, int, int], size: tuple[int, int, int]) -> Grid:
+    """The sub-grid of an axis-aligned ``grid`` starting at voxel ``offset`` (i, j, k) with ``size`` voxels."""
+    origin = tuple(o + i * s for o, i, s in zip(grid.origin, offset, grid.spacing))
+    return Grid(size, grid.spacing, origin, grid.direction)
+
+
+def similarity(spec: StageSpec, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+    """The stage's similarity per pair ``[N]`` (NCC or local NCC; 1 = perfect)."""
+    return local_ncc(fixed, warped, spec.ncc_window) if spec.similarity == "lncc" else ncc(fixed, warped)
+
+
+def dice_per_label(fixed: torch.Tensor, warped: torch.Tensor) -> dict[str, float]:
+    """Dice of every non-zero label of ``fixed`` against ``warped`` (label maps on one grid)."""
+    scores = {}
+    for value in torch.unique(fixed).tolist():
+        if value == 0:
+            continue
+        a, b = fixed == value, warped == value
+        total = int(a.sum() + b.sum())
+        scores[str(int(value))] = 2 * int((a & b).sum()) / total if total else 1.0
+    return scores
+
+
+# ----------------------------------------------------------------------------------- trainer
+class Trainer:
+    """A training job in ``job_dir``; :meth:`run` trains every remaining stage and writes the stack."""
+
+    def __init__(self, config: TrainConfig, job_dir: Path, resume: bool = False, events: EventLog | None = None,
+                 tensorboard: bool = False, show_bar: bool = False) -> None:
+        self.config = config
+        self.job_dir = job_dir
+        self.resume = resume
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.main = self.rank == 0
+        self.events = events if self.main else None
+        self.show_bar = show_bar and self.main
+        self.device = self._device()
+        self.stack: Stack = build_stack(self._manifest(), seed=config.seed).to(self.device)
+        self.records = [StageRecord() for _ in config.recipe.stages]
+        self.position = (0, 0)  # (stage index, iterations done in it)
+        self.optimiser_state: dict[str, Any] | None = None
+        self.stop_signal: str | None = None
+        self.writer = self._tensorboard() if tensorboard and self.main else None
+        self.train_images: list[TrainingImage] = []
+        self.validation: list[Pair] = []
+        self.listed: list[tuple[TrainingImage, TrainingImage]] = []
+
+    # ------------------------------------------------------------------------------- setup
+    def _device(self) -> torch.device:
+        device = resolve_device(self.config.device)
+        if device.type == "cuda" and self.world > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        return device
+
+    def _manifest(self) -> Manifest:
+        c = self.config
+        return Manifest(c.name, c.recipe, description=c.description, modality=c.modality, anatomy=c.anatomy)
+
+    def _tensorboard(self) -> Any:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise InputError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        return SummaryWriter(str(self.job_dir / "tensorboard"))
+
+    def _emit(self, event_type: str, /, **data: Any) -> None:
+        if self.events is not None:
+            self.events.emit(event_type, **data)
+
+    def load_data(self) -> None:
+        """Read every image once onto its training grid; make the fixed validation pairs."""
+        c = self.config
+        spacing = tuple(min(s.spacing_mm[a] for s in c.recipe.stages) for a in range(3))
+        min_size = max(s.min_size for s in c.recipe.stages)
+        entries = find_images(c.data.images)
+        images = [load_image(e, c.recipe.intensity, spacing, 1) for e in entries]
+        labelled = [im for im in images if im.labels is not None]
+        held_out = labelled[len(labelled) - c.data.validation_count:] if c.data.validation_count else []
+        if c.data.validation_count > len(labelled):
+            raise InputError(f"data.validation_count is {c.data.validation_count} but only {len(labelled)} images have labels")
+        self.train_images = [im for im in images if all(im is not h for h in held_out)]
+        if not self.train_images:
+            raise InputError("every image is held out for validation: lower data.validation_count")
+        for im in images:
+            if min(im.prepared.grid.size) < 2:
+                raise InputError(f"the image {im.entry.image} is too small for the recipe: {im.prepared.grid.size} voxels "
+                                 f"at {spacing} mm")
+        too_small = [im for im in self.train_images if max(im.prepared.grid.size) < min_size // 2]
+        if too_small:
+            raise InputError(f"the image {too_small[0].entry.image} is too small for the recipe ({too_small[0].prepared.grid.size} "
+                             f"voxels at {spacing} mm; the coarsest network needs about {min_size})")
+        self.listed = pair_groups(self.train_images)
+        generator = torch.Generator().manual_seed(c.seed + 7_777_777)
+        for im in held_out or labelled:
+            for _ in range(c.data.validation_pairs_per_image):
+                fixed, moving, _, fixed_labels = synthetic_pair(im.prepared.tensor, im.prepared.grid, replace(c.synthetic, noise=0.0, intensity=0.0),
+                                                                generator, im.labels)
+                self.validation.append(Pair(PreparedImage(fixed, im.prepared.grid), PreparedImage(moving, im.prepared.grid),
+                                            fixed_labels, im.labels))
+
+    # ------------------------------------------------------------------------------- pairs
+    def draw_pair(self, generator: torch.Generator) -> Pair:
+        """A synthetic, listed or random inter-image pair (see ``data.synthetic_fraction``)."""
+        c = self.config
+        images = self.train_images
+        synthetic = len(images) == 1 and not self.listed or float(torch.rand(1, generator=generator)) < c.data.synthetic_fraction
+        if synthetic:
+            im = images[_randint(generator, len(images))]
+            fixed, moving, _, _ = synthetic_pair(im.prepared.tensor, im.prepared.grid, c.synthetic, generator)
+            return Pair(PreparedImage(fixed.to(self.device), im.prepared.grid), PreparedImage(moving.to(self.device), im.prepared.grid))
+        if self.listed:
+            a, b = self.listed[_randint(generator, len(self.listed))]
+        else:
+            i = _randint(generator, len(images))
+            j = (i + 1 + _randint(generator, len(images) - 1)) % len(images)
+            a, b = images[i], images[j]
+        return Pair(PreparedImage(a.prepared.tensor.to(self.device), a.prepared.grid),
+                    PreparedImage(b.prepared.tensor.to(self.device), b.prepared.grid))
+
+    def frozen_transforms(self, k: int, pair: Pair) -> list[SpatialTransform]:
+        """``[T0, T1, ..., Tk]``: the initial alignment and the trained stages before stage ``k``."""
+        with torch.no_grad():
+            initial = alignment(self.stack, pair.fixed, pair.moving)
+            transforms, _ = run_stages(self.stack, pair.fixed, pair.moving, initial, upto=k)
+        return transforms
+
+    # ------------------------------------------------------------------------------- loss
+    def pair_loss(self, k: int, net: torch.nn.Module, pair: Pair, generator: torch.Generator) -> tuple[torch.Tensor, float, float]:
+        """(loss, similarity, bending) of stage ``k`` on one pair (a random patch for B-spline stages)."""
+        stage = self.stack.stages[k]
+        spec = stage.spec
+        grid, f, m = stage_inputs(spec, pair.fixed, pair.moving, Composite(self.frozen_transforms(k, pair)))
+        if spec.kind == "bspline":
+            cp = spec.control_point_spacing
+            size = tuple(min(max(spec.patch_size, spec.min_size), n) for n in grid.size)
+            offset = tuple(cp * _randint(generator, (n - p) // cp + 1) for n, p in zip(grid.size, size))
+            region = patch_grid(grid, offset, size)
+            (i, j, kk), (sx, sy, sz) = offset, size
+            f_patch = f[..., kk:kk + sz, j:j + sy, i:i + sx]
+            m_patch = m[..., kk:kk + sz, j:j + sy, i:i + sx]
+            transform = stage.transform(net(f_patch, m_patch), region)
+            assert isinstance(transform, DisplacementField)
+            warped = sample(m, grid, grid_points(region, 1, f.device) + transform.field.movedim(1, -1))
+            sim = similarity(spec, f_patch, warped).mean()
+            bending = bending_energy(transform.field, region.spacing).mean()
+            loss = -sim + spec.alpha * bending
+            return loss, float(sim), float(bending)
+        transform = stage.transform(net(f, m), grid)
+        warped = sample(m, grid, transform(grid_points(grid, 1, f.device)))
+        sim = similarity(spec, f, warped).mean()
+        return -sim, float(sim), 0.0
+
+    # ------------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self, k: int) -> dict[str, Any]:
+        """Stages ``0..k`` on the validation pairs: mean Dice per label, folding fraction, similarity."""
+        self.stack.eval()
+        dice: dict[str, list[float]] = {}
+        folding, sims = [], []
+        for pair in self.validation:
+            pair = Pair(PreparedImage(pair.fixed.tensor.to(self.device), pair.fixed.grid),
+                        PreparedImage(pair.moving.tensor.to(self.device), pair.moving.grid), pair.fixed_labels, pair.moving_labels)
+            transforms, _ = run_stages(self.stack, pair.fixed, pair.moving, alignment(self.stack, pair.fixed, pair.moving), upto=k + 1)
+            transform = Composite(transforms)
+            grid = pair.fixed.grid
+            points = transform(grid_points(grid, 1, self.device))
+            warped = sample(pair.moving.tensor, pair.moving.grid, points)
+            sims.append(float(ncc(pair.fixed.tensor, warped)))
+            det = jacobian_determinant(displacement_on_grid(transform, grid, 1, self.device), grid)
+            folding.append(float((det <= 0).float().mean()))
+            if pair.fixed_labels is not None and pair.moving_labels is not None:
+                warped_labels = sample(pair.moving_labels.to(self.device), pair.moving.grid, points, mode="nearest")
+                for label, value in dice_per_label(pair.fixed_labels.to(self.device), warped_labels).items():
+                    dice.setdefault(label, []).append(value)
+        self.stack.train()
+        metrics: dict[str, Any] = {"ncc": sum(sims) / len(sims), "folding": sum(folding) / len(folding)}
+        if dice:
+            metrics["dice"] = {label: sum(v) / len(v) for label, v in sorted(dice.items(), key=lambda kv: int(kv[0]))}
+            metrics["dice_mean"] = sum(metrics["dice"].values()) / len(metrics["dice"])
+        return metrics
+
+    def _score(self, metrics: dict[str, Any]) -> float:
+        """Higher is better: mean Dice when labels exist, else NCC; folding above 0.1 % is penalised."""
+        base = metrics.get("dice_mean", metrics["ncc"])
+        return base - max(0.0, metrics["folding"] - 0.001) * 10
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, k: int, done: int, optimiser: torch.optim.Optimizer | None, reason: str) -> None:
+        if not self.main:
+            return
+        path = self.job_dir / CHECKPOINT
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "format": CHECKPOINT_FORMAT, "engine_version": __version__, "name": self.config.name,
+            "stage": k, "iteration": done,
+            "weights": {n: t.detach().cpu() for n, t in self.stack.weights().items()},
+            "optimiser": optimiser.state_dict() if optimiser is not None else {},
+            "records": [{"seconds": r.seconds, "best_score": r.best_score, "best_iteration": r.best_iteration,
+                         "best_metrics": r.best_metrics,
+                         "best_weights": {n: t.detach().cpu() for n, t in r.best_weights.items()} if r.best_weights else {}}
+                        for r in self.records],
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        self._emit("checkpoint", stage=k + 1, iteration=done, path=str(path), reason=reason)
+
+    def load_checkpoint(self) -> None:
+        path = self.job_dir / CHECKPOINT
+        if not path.is_file():
+            raise InputError(f"the job {self.job_dir} has no checkpoint ({CHECKPOINT}) to resume from; start it again")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a damaged file: any unpickling or format error
+            raise InputError(f"the checkpoint {path} cannot be read ({exc}); start the job again") from exc
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("name") != self.config.name:
+            raise InputError(f"{path} is not a checkpoint of the job {self.config.name}")
+        self.stack.load_weights({n: t.to(self.device) for n, t in state["weights"].items()}, str(path))
+        self.position = (int(state["stage"]), int(state["iteration"]))
+        self.optimiser_state = state["optimiser"] or None
+        for record, saved in zip(self.records, state["records"]):
+            record.seconds = float(saved["seconds"])
+            record.best_score = float(saved["best_score"])
+            record.best_iteration = int(saved["best_iteration"])
+            record.best_metrics = dict(saved["best_metrics"])
+            record.best_weights = dict(saved["best_weights"]) or None
+
+    # ------------------------------------------------------------------------------- main loop
+    def run(self) -> Path:
+        """Train the remaining stages, write ``JOB_DIR/NAME.safetensors`` and return its path."""
+        started = time.monotonic()
+        self.load_data()
+        if self.resume:
+            self.load_checkpoint()
+        c = self.config
+        k0, done0 = self.position
+        self._emit("start", name=c.name, job=str(self.job_dir), resumed=self.resume, stage=k0 + 1, iteration=done0,
+                   stages=[{"kind": s.kind, "iterations": s.iterations, "spacing_mm": list(s.spacing_mm),
+                            **({"control_point_spacing": s.control_point_spacing} if s.kind == "bspline" else {})}
+                           for s in c.recipe.stages],
+                   images=[im.name for im in self.train_images], validation_pairs=len(self.validation),
+                   device=str(self.device), world_size=self.world)
+        bar = self._bar(sum(s.iterations for s in c.recipe.stages), sum(s.iterations for s in c.recipe.stages[:k0]) + done0)
+        try:
+            for k in range(k0, len(c.recipe.stages)):
+                self.train_stage(k, done0 if k == k0 else 0, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        path = self.job_dir / f"{c.name}.safetensors"
+        if self.main:
+            self.stack.manifest = self._final_manifest(time.monotonic() - started)
+            save_stack(self.stack, path)
+            self._emit("done", stack=str(path), seconds=round(sum(r.seconds for r in self.records), 1),
+                       validation=self.stack.manifest.validation)
+        return path
+
+    def _bar(self, total: int, initial: int) -> Any:
+        if not self.show_bar:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, unit="it", desc="training", dynamic_ncols=True)
+
+    def train_stage(self, k: int, done: int, bar: Any) -> None:
+        c = self.config
+        spec = c.recipe.stages[k]
+        stage = self.stack.stages[k]
+        for j, other in enumerate(self.stack.stages):
+            other.requires_grad_(j == k)
+        net: torch.nn.Module = stage.net
+        if self.world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(stage.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        optimiser = torch.optim.Adam(stage.net.parameters(), lr=spec.learning_rate)
+        if self.optimiser_state is not None and done > 0:
+            optimiser.load_state_dict(self.optimiser_state)
+        self.optimiser_state = None
+        record = self.records[k]
+        window_start, window_done = time.monotonic(), done
+        stage_start = time.monotonic() - record.seconds
+        remaining_after = sum(s.iterations for s in c.recipe.stages[k + 1:])
+        for it in range(done + 1, spec.iterations + 1):
+            generator = iteration_generator(c.seed, self.rank, k, it)
+            optimiser.zero_grad(set_to_none=True)
+            sims, bends = [], []
+            for _ in range(spec.batch_size):
+                loss, sim, bend = self.pair_loss(k, net, self.draw_pair(generator), generator)
+                (loss / spec.batch_size).backward()
+                sims.append(sim)
+                bends.append(bend)
+            if not math.isfinite(float(loss)):
+                raise InputError(f"stage {k + 1} diverged at iteration {it} (loss {float(loss)}); lower its learning_rate")
+            optimiser.step()
+            record.seconds = time.monotonic() - stage_start
+            if bar is not None:
+                bar.update(1)
+            if it % c.log_every == 0 or it in (1, spec.iterations):
+                now = time.monotonic()
+                rate = (it - window_done) / max(now - window_start, 1e-9)
+                window_start, window_done = now, it
+                sim, bend = sum(sims) / len(sims), sum(bends) / len(bends)
+                eta = (spec.iterations - it) / rate
+                self._emit("iteration", stage=k + 1, iteration=it, iterations=spec.iterations, loss=-sim + spec.alpha * bend,
+                           ncc=sim, bending=bend, it_per_s=round(rate, 3), eta_s=round(eta, 1),
+                           total_eta_s=round(eta + remaining_after / rate, 1), lr=spec.learning_rate)
+                if self.writer is not None:
+                    step = sum(s.iterations for s in c.recipe.stages[:k]) + it
+                    self.writer.add_scalar(f"stage{k + 1}/loss", -sim + spec.alpha * bend, step)
+                    self.writer.add_scalar(f"stage{k + 1}/ncc", sim, step)
+                    self.writer.add_scalar(f"stage{k + 1}/bending", bend, step)
+            last = it == spec.iterations
+            if c.validate_every and (it % c.validate_every == 0) or last:
+                self._validate(k, it)
+            if self._should_stop():
+                self.save_checkpoint(k, it, optimiser, "signal")
+                self._emit("stopped", stage=k + 1, iteration=it, signal=self.stop_signal)
+                raise CancelledError(f"stopped by {self.stop_signal} at stage {k + 1}, iteration {it}; "
+                                     f"`dlir train --resume {self.job_dir}` continues")
+            if it % c.checkpoint_every == 0 and not last:
+                self.save_checkpoint(k, it, optimiser, "interval")
+        if record.best_weights is not None:
+            stage.load_state_dict({n: t.to(self.device) for n, t in record.best_weights.items()})
+        self._broadcast_stage(k)
+        stage.requires_grad_(False)
+        self._emit("stage_done", stage=k + 1, kind=spec.kind, iterations=spec.iterations, seconds=round(record.seconds, 1),
+                   best={"iteration": record.best_iteration, **record.best_metrics})
+        self.save_checkpoint(k + 1, 0, None, "stage_done")
+
+    def _validate(self, k: int, it: int) -> None:
+        if not self.main or not self.validation:
+            if self.main and it == self.config.recipe.stages[k].iterations:
+                record = self.records[k]
+                record.best_iteration, record.best_weights = it, None
+            return
+        metrics = self.validate(k)
+        record = self.records[k]
+        score = self._score(metrics)
+        best = score > record.best_score
+        if best:
+            record.best_score, record.best_iteration, record.best_metrics = score, it, metrics
+            record.best_weights = {n: t.detach().cpu().clone() for n, t in self.stack.stages[k].state_dict().items()}
+        self._emit("validation", stage=k + 1, iteration=it, best=best, **metrics)
+        if self.writer is not None:
+            step = sum(s.iterations for s in self.config.recipe.stages[:k]) + it
+            if "dice_mean" in metrics:
+                self.writer.add_scalar(f"stage{k + 1}/validation_dice", metrics["dice_mean"], step)
+            self.writer.add_scalar(f"stage{k + 1}/validation_folding", metrics["folding"], step)
+
+    def _broadcast_stage(self, k: int) -> None:
+        """Every rank continues with rank 0's chosen (best) weights of stage ``k``."""
+        if self.world > 1:
+            for tensor in self.stack.stages[k].state_dict().values():
+                dist.broadcast(tensor, src=0)
+
+    def _should_stop(self) -> bool:
+        flag = self.stop_signal is not None
+        if self.world > 1:
+            t = torch.tensor([1.0 if flag else 0.0], device=self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t)
+            if t.item() > 0 and self.stop_signal is None:
+                self.stop_signal = "a stop on another rank"
+            return bool(t.item() > 0)
+        return flag
+
+    def _final_manifest(self, seconds: float) -> Manifest:
+        c = self.config
+        validation = {
+            "pairs": len(self.validation),
+            "kind": "synthetic deformations of held-out labelled images" if c.data.validation_count
+            else "synthetic deformations of the labelled training images (fixed seeds, not used for training)",
+            "stages": [{"stage": k + 1, "iteration": r.best_iteration, **r.best_metrics} for k, r in enumerate(self.records)],
+        }
+        if self.records and self.records[-1].best_metrics:
+            validation.update({key: self.records[-1].best_metrics[key] for key in ("dice", "dice_mean", "folding", "ncc")
+                               if key in self.records[-1].best_metrics})
+        training = {
+            "engine_version": __version__,
+            "images": [str(im.entry.image) for im in self.train_images],
+            "data": c.to_dict()["data"], "synthetic": c.to_dict()["synthetic"], "seed": c.seed,
+            "iterations": [s.iterations for s in c.recipe.stages],
+            "seconds_per_stage": [round(r.seconds, 1) for r in self.records],
+            "device": str(self.device), "world_size": self.world, "torch": torch.__version__,
+        }
+        return replace(self.stack.manifest, training=training, validation=validation)
+
+
+# ----------------------------------------------------------------------------------- entry point
+def _install_signal_handlers(trainer: Trainer) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        trainer.stop_signal = signal.Signals(signum).name
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def train(config: TrainConfig, job_dir: str | Path, resume: bool = False, progress: str = "auto", tensorboard: bool = False) -> Path:
+    """Run (or resume) the training job in ``job_dir``; returns the stack file.
+
+    ``progress``: ``auto`` (a bar on a terminal), ``bar``, ``jsonl`` (events also on stdout) or
+    ``none``.  Raises :class:`DLIRError` subclasses with one sentence; every failure is also an
+    ``error`` event.  A stop by SIGINT/SIGTERM writes a checkpoint and raises
+    :class:`CancelledError`.
+    """
+    from .train_events import stdout_echo
+
+    job = Path(job_dir)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    distributed = world > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo")
+    events = None
+    handler: logging.Handler | None = None
+    try:
+        config.check()
+        if rank == 0:
+            job.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                if (job / CHECKPOINT).exists() or (job / f"{config.name}.safetensors").exists():
+                    raise InputError(f"the job folder {job} already holds a job; resume it with --resume or choose another --out")
+                (job / CONFIG_FILE).write_text(config.to_toml(), encoding="utf-8")
+            handler = logging.FileHandler(job / LOG_FILE, encoding="utf-8")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logging.getLogger("dlir").addHandler(handler)
+            logging.getLogger("dlir").setLevel(logging.INFO)
+        events = EventLog(job / EVENTS_FILE if rank == 0 else None, stdout_echo(progress) if rank == 0 else None)
+        show_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
+        trainer = Trainer(config, job, resume, events, tensorboard, show_bar)
+        _install_signal_handlers(trainer)
+        log.info("training %s in %s (resume: %s) on %s", config.name, job, resume, trainer.device)
+        path = trainer.run()
+        log.info("finished: %s", path)
+        return path
+    except CancelledError:
+        raise
+    except DLIRError as exc:
+        if events is not None:
+            events.emit("error", message=str(exc), kind=type(exc).__name__)
+        log.error("%s", exc)
+        raise
+    except Exception as exc:
+        message = f"training failed unexpectedly: {type(exc).__name__}: {exc}"
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            message = "the GPU ran out of memory: lower batch_size or patch_size, or train on the CPU (--device cpu)"
+        if events is not None:
+            events.emit("error", message=message, kind=type(exc).__name__)
+        log.exception("training failed")
+        raise
+    finally:
+        if events is not None:
+            events.close()
+        if handler is not None:
+            logging.getLogger("dlir").removeHandler(handler)
+            handler.close()
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,267 @@
+"""The configuration of a training job: a TOML file, every key also a command-line flag.
+
+Layout of ``CONFIG.toml`` (every key optional except ``data.images``; defaults below)::
+
+    name = "chest-ct"                 # the stack's name (file JOB_DIR/NAME.safetensors)
+    description = ""                  # modality, anatomy: shown by `dlir info` and in Slicer
+    modality = "CT"
+    anatomy = "chest"
+    device = "auto"                   # auto | cpu | cuda | cuda:K
+    seed = 0
+    checkpoint_every = 100            # iterations between checkpoints
+    validate_every = 100              # iterations between validations (0: only at stage ends)
+    log_every = 10                    # iterations between iteration events
+
+    [data]
+    images = "images/"                # a folder, a glob or a CSV (image, labels, mask, pair)
+    validation_count = 0              # labelled images held out for validation (0: validate on
+                                      # fixed synthetic pairs of the labelled training images)
+    synthetic_fraction = 0.5          # share of synthetic pairs; the rest are listed pairs when
+                                      # the CSV has a pair column, else random inter-image pairs
+    validation_pairs_per_image = 2
+
+    [synthetic]                       # random deformations of one image (see dlir.synthetic)
+    control_point_spacing_mm = 40.0
+    displacement_mm = 4.0
+    rotation_deg = 6.0
+    scale = 0.05
+    shear = 0.03
+    translation_mm = 5.0
+    intensity = 0.1
+    noise = 0.01
+
+    [recipe]                          # dlir.recipe.Recipe: saved into the stack's manifest
+    initial_alignment = "centre"
+    [recipe.intensity]
+    kind = "window"                   # CT: HU window; MR: kind = "percentile"
+    low = -1000.0
+    high = 1000.0
+    [[recipe.stages]]                 # dlir.recipe.StageSpec, coarse to fine
+    kind = "affine"
+    spacing_mm = [4.0, 4.0, 4.0]
+    iterations = 1000
+    learning_rate = 0.001
+    ...
+
+Relative paths are relative to the configuration file.  The job folder keeps the configuration
+as run (``config.toml``, absolute paths), which ``--resume`` reads back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError, StackError
+from .recipe import IntensitySpec, Recipe, StageSpec
+from .toml_writer import dumps
+
+#: stage settings that can be given per stage on the command line (one value, or a comma list)
+STAGE_FLAGS = ("iterations", "learning_rate", "batch_size", "patch_size", "alpha")
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Random pairs from one image: a cubic B-spline displacement then a small affine about the centre.
+
+    ``control_point_spacing_mm`` (mm) and ``displacement_mm`` (standard deviation of each control
+    point's displacement, mm) make the smooth part; ``rotation_deg`` (per axis), ``scale``
+    (relative, per axis), ``shear`` and ``translation_mm`` bound the affine part (uniform);
+    ``intensity`` bounds a random gamma / contrast change and ``noise`` the Gaussian noise
+    (fractions of the [0, 1] intensity range).
+    """
+
+    control_point_spacing_mm: float = 40.0
+    displacement_mm: float = 4.0
+    rotation_deg: float = 6.0
+    scale: float = 0.05
+    shear: float = 0.03
+    translation_mm: float = 5.0
+    intensity: float = 0.1
+    noise: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.control_point_spacing_mm <= 0:
+            raise InputError("synthetic.control_point_spacing_mm must be positive")
+        for f in fields(self):
+            if getattr(self, f.name) < 0:
+                raise InputError(f"synthetic.{f.name} must not be negative")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the training images are and how pairs are drawn from them."""
+
+    images: str = ""
+    validation_count: int = 0
+    synthetic_fraction: float = 0.5
+    validation_pairs_per_image: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.synthetic_fraction <= 1:
+            raise InputError("data.synthetic_fraction must lie between 0 and 1")
+        if self.validation_count < 0 or self.validation_pairs_per_image < 0:
+            raise InputError("data.validation_count and data.validation_pairs_per_image must not be negative")
+
+
+def default_recipe() -> Recipe:
+    """Affine, then B-splines with control points every 32 mm and 16 mm, all on a 4 mm grid (MR scaling)."""
+    return Recipe(stages=(
+        StageSpec("affine", spacing_mm=(4.0, 4.0, 4.0), channels=16, iterations=500, learning_rate=1e-3),
+        StageSpec("bspline", spacing_mm=(4.0, 4.0, 4.0), control_point_spacing=8, channels=32, alpha=1.0,
+                  iterations=1000, learning_rate=1e-3, patch_size=64),
+        StageSpec("bspline", spacing_mm=(4.0, 4.0, 4.0), control_point_spacing=4, channels=32, alpha=1.0,
+                  iterations=1000, learning_rate=1e-3, patch_size=64),
+    ))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole training job (see the module docstring for the TOML layout)."""
+
+    name: str = ""
+    description: str = ""
+    modality: str = ""
+    anatomy: str = ""
+    device: str = "auto"
+    seed: int = 0
+    checkpoint_every: int = 100
+    validate_every: int = 100
+    log_every: int = 10
+    data: DataSpec = field(default_factory=DataSpec)
+    synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+    recipe: Recipe = field(default_factory=default_recipe)
+
+    def check(self) -> None:
+        """Raise :class:`InputError` naming the first unusable setting."""
+        if not self.name or any(c in self.name for c in "/\\:") or self.name.startswith("."):
+            raise InputError("give the stack a name (--name or name = ... in the config) usable as a file name")
+        if not self.data.images:
+            raise InputError("no training images: give --images (a folder, a glob or a CSV) or data.images in the config")
+        for key in ("checkpoint_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise InputError(f"{key} must be at least 1")
+        if self.validate_every < 0:
+            raise InputError("validate_every must not be negative")
+        for k, spec in enumerate(self.recipe.stages, 1):
+            if spec.iterations < 1 or spec.batch_size < 1 or spec.learning_rate <= 0 or spec.alpha < 0:
+                raise InputError(f"stage {k}: iterations and batch_size must be at least 1, learning_rate > 0 and alpha >= 0")
+            if spec.kind == "bspline" and (spec.patch_size < spec.control_point_spacing or spec.patch_size % spec.control_point_spacing):
+                raise InputError(f"stage {k}: patch_size {spec.patch_size} must be a multiple of the control-point spacing "
+                                 f"({spec.control_point_spacing} voxels)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "description": self.description, "modality": self.modality, "anatomy": self.anatomy,
+            "device": self.device, "seed": self.seed, "checkpoint_every": self.checkpoint_every,
+            "validate_every": self.validate_every, "log_every": self.log_every,
+            "data": asdict(self.data), "synthetic": asdict(self.synthetic), "recipe": self.recipe.to_dict(),
+        }
+
+    def to_toml(self) -> str:
+        return dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: Path | None = None) -> "TrainConfig":
+        """A configuration from parsed TOML; relative data paths are taken from ``base``."""
+        top = {f.name for f in fields(cls)}
+        unknown = set(data) - top
+        if unknown:
+            raise InputError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        try:
+            values = {k: v for k, v in data.items() if k not in ("data", "synthetic", "recipe")}
+            data_section = dict(data.get("data", {}))
+            if data_section.get("images") and base is not None:
+                data_section["images"] = _absolute(str(data_section["images"]), base)
+            config = cls(**values, data=_section(DataSpec, data_section, "data"),
+                         synthetic=_section(SyntheticSpec, data.get("synthetic", {}), "synthetic"),
+                         recipe=Recipe.from_dict(data["recipe"]) if "recipe" in data else default_recipe())
+        except StackError as exc:
+            raise InputError(f"the recipe in the configuration: {exc}") from exc
+        except TypeError as exc:
+            raise InputError(f"the configuration is malformed ({exc})") from exc
+        return config
+
+    @classmethod
+    def read(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"the configuration file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"the configuration file {path} is not valid TOML ({exc})") from exc
+        return cls.from_dict(data, path.resolve().parent)
+
+
+def _section(kind: type, data: Any, name: str) -> Any:
+    if not isinstance(data, dict):
+        raise InputError(f"[{name}] in the configuration must be a table")
+    known = {f.name for f in fields(kind)}
+    unknown = set(data) - known
+    if unknown:
+        raise InputError(f"unknown keys in [{name}]: {', '.join(sorted(unknown))}")
+    return kind(**data)
+
+
+def _absolute(path: str, base: Path) -> str:
+    """``path`` made absolute against ``base`` (globs keep their pattern)."""
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else base / p)
+
+
+# ----------------------------------------------------------------------------------- flags
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per configuration key (they override the config file)."""
+    g = parser.add_argument_group("configuration (each overrides the config file)")
+    for f in fields(TrainConfig):
+        if f.name in ("data", "synthetic", "recipe"):
+            continue
+        g.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.default != "" else str, default=None)
+    for f in fields(DataSpec):
+        g.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.name != "images" else str, default=None,
+                       help="data: a folder, a glob or a CSV of images" if f.name == "images" else None)
+    for f in fields(SyntheticSpec):
+        g.add_argument(f"--synthetic-{f.name.replace('_', '-')}", type=float, default=None)
+    g.add_argument("--intensity", choices=("ct", "mr"), default=None,
+                   help="intensity normalisation: ct = window -1000..1000 HU, mr = 0.5-99.5 percentiles")
+    for name in STAGE_FLAGS:
+        g.add_argument(f"--{name.replace('_', '-')}", default=None, metavar="V[,V...]",
+                       help=f"stage {name}: one value for every stage or a comma list, one per stage")
+
+
+def apply_flags(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    """``config`` with every flag given on the command line applied."""
+    top = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+           if f.name not in ("data", "synthetic", "recipe") and getattr(args, f.name, None) is not None}
+    data = {f.name: getattr(args, f.name) for f in fields(DataSpec) if getattr(args, f.name, None) is not None}
+    if data.get("images"):
+        data["images"] = _absolute(data["images"], Path.cwd())
+    synthetic = {f.name: getattr(args, f"synthetic_{f.name}") for f in fields(SyntheticSpec)
+                 if getattr(args, f"synthetic_{f.name}", None) is not None}
+    recipe = config.recipe
+    if getattr(args, "intensity", None):
+        intensity = IntensitySpec("window", -1000.0, 1000.0) if args.intensity == "ct" else IntensitySpec("percentile", 0.5, 99.5)
+        recipe = replace(recipe, intensity=intensity)
+    stages = list(recipe.stages)
+    for name in STAGE_FLAGS:
+        text = getattr(args, name, None)
+        if text is None:
+            continue
+        values = [v.strip() for v in str(text).split(",") if v.strip()]
+        if len(values) not in (1, len(stages)):
+            raise InputError(f"--{name.replace('_', '-')} takes one value or {len(stages)} (one per stage), got {len(values)}")
+        kind = float if name in ("learning_rate", "alpha") else int
+        try:
+            parsed = [kind(v) for v in values]
+        except ValueError:
+            raise InputError(f"--{name.replace('_', '-')}: {text!r} is not a list of numbers") from None
+        stages = [replace(s, **{name: parsed[0] if len(parsed) == 1 else parsed[k]}) for k, s in enumerate(stages)]
+    try:
+        return replace(config, **top, data=replace(config.data, **data), synthetic=replace(config.synthetic, **synthetic),
+                       recipe=replace(recipe, stages=tuple(stages)))
+    except StackError as exc:
+        raise InputError(str(exc)) from exc
