@@ -157,15 +157,18 @@ def jacobian_determinant(field: torch.Tensor, grid: Grid) -> torch.Tensor:
     if field.dim() != 5 or field.shape[1] != 3:
         raise ValueError(f"expected a displacement field [N, 3, D, H, W], got {tuple(field.shape)}")
     dims = [d for d, n in zip((4, 3, 2), grid.size) if n > 1]
-    grads = torch.gradient(field, dim=dims, edge_order=1)
-    by_axis = {d: g for d, g in zip(dims, grads)}
-    zero = torch.zeros_like(field)
-    # g[..., c, a] = d u_c / d index_a  for index axes a = (i, j, k)
-    g = torch.stack([by_axis.get(4, zero), by_axis.get(3, zero), by_axis.get(2, zero)], dim=-1)
-    g = g.movedim(1, -2)  # [N, D, H, W, 3 (component), 3 (index axis)]
-    inv = torch.as_tensor(grid.physical_to_index()[:3, :3], dtype=field.dtype, device=field.device)
-    jac = g @ inv + torch.eye(3, dtype=field.dtype, device=field.device)
-    a, b, c = jac[..., 0, 0], jac[..., 0, 1], jac[..., 0, 2]
-    d, e, f = jac[..., 1, 0], jac[..., 1, 1], jac[..., 1, 2]
-    h, i, k = jac[..., 2, 0], jac[..., 2, 1], jac[..., 2, 2]
+    grads = dict(zip(dims, torch.gradient(field, dim=dims, edge_order=1)))
+    # d u_c / d index_a for the index axes a = (i, j, k); d index_a / d x_p = inv[a, p]
+    per_index = [grads.get(d) for d in (4, 3, 2)]
+    inv = grid.physical_to_index()[:3, :3]
+
+    def entry(row: int, col: int) -> torch.Tensor:
+        value = torch.full_like(field[:, 0], 1.0 if row == col else 0.0)
+        for axis, g in enumerate(per_index):
+            if g is not None and inv[axis, col] != 0:
+                value = value + float(inv[axis, col]) * g[:, row]
+        return value
+
+    jac = [[entry(row, col) for col in range(3)] for row in range(3)]
+    (a, b, c), (d, e, f), (h, i, k) = jac
     return a * (e * k - f * i) - b * (d * k - f * h) + c * (d * i - e * h)
