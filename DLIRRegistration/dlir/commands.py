@@ -6,6 +6,7 @@ Each entry is ``(name, help, add_arguments(parser), run(args) -> exit code)``; s
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 EXTRA_COMMANDS: list = []
 
@@ -20,14 +21,39 @@ def _add_train(p) -> None:
     p.add_argument("--progress", choices=("auto", "bar", "jsonl", "none"), default="auto",
                    help="auto: a bar on a terminal; jsonl: the events also on stdout (for the DLIR Training module)")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to JOB_DIR/tensorboard")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads of PyTorch (default: all cores; 1 per job on a shared machine)")
     add_flags(p)
 
 
 def _run_train(args) -> int:
-    from pathlib import Path
 
-    from .errors import CancelledError, InputError
-    from .train import CONFIG_FILE, EXIT_STOPPED, train
+    from .errors import CancelledError, DLIRError
+    from .train import EXIT_STOPPED, train
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        config, job = _train_job(args)
+    except DLIRError as exc:  # also an error event where a job folder exists, for whoever watches it
+        folder = args.resume or args.out
+        _record_error(Path(folder) if folder else None, exc, args.progress)
+        raise
+    try:
+        path = train(config, job, resume=bool(args.resume), progress=args.progress, tensorboard=args.tensorboard)
+    except CancelledError as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
+    if args.progress != "jsonl":
+        print(f"stack written to {path}")
+    return 0
+
+
+def _train_job(args):
+    """(configuration, job folder) of ``dlir train`` from its arguments."""
+    from .errors import InputError
+    from .train import CONFIG_FILE
     from .train_config import TrainConfig, apply_flags
 
     if args.resume:
@@ -42,14 +68,17 @@ def _run_train(args) -> int:
             raise InputError("give the job folder with --out JOB_DIR (or --resume JOB_DIR)")
         job = Path(args.out)
         config = apply_flags(TrainConfig.read(args.config) if args.config else TrainConfig(), args)
-    try:
-        path = train(config, job, resume=bool(args.resume), progress=args.progress, tensorboard=args.tensorboard)
-    except CancelledError as exc:
-        print(f"stopped: {exc}", file=sys.stderr)
-        return EXIT_STOPPED
-    if args.progress != "jsonl":
-        print(f"stack written to {path}")
-    return 0
+    return config, job
+
+
+def _record_error(job, exc, progress: str) -> None:
+    """An ``error`` event in an existing job folder (and on stdout with ``--progress jsonl``)."""
+    from .train import EVENTS_FILE
+    from .train_events import EventLog, stdout_echo
+
+    events = EventLog(job / EVENTS_FILE if job is not None and job.is_dir() else None, stdout_echo(progress))
+    events.emit("error", message=str(exc), kind=type(exc).__name__)
+    events.close()
 
 
 # ----------------------------------------------------------------------------------- evaluate, bench

@@ -136,6 +136,7 @@ class Trainer:
         self.train_images: list[TrainingImage] = []
         self.validation: list[Pair] = []
         self.listed: list[tuple[TrainingImage, TrainingImage]] = []
+        self.baseline: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------- setup
     def _device(self) -> torch.device:
@@ -237,16 +238,19 @@ class Trainer:
             sim = similarity(spec, f_patch, warped).mean()
             bending = bending_energy(transform.field, region.spacing).mean()
             loss = -sim + spec.alpha * bending
-            return loss, float(sim), float(bending)
+            return loss, sim.item(), bending.item()
         transform = stage.transform(net(f, m), grid)
         warped = sample(m, grid, transform(grid_points(grid, 1, f.device)))
         sim = similarity(spec, f, warped).mean()
-        return -sim, float(sim), 0.0
+        return -sim, sim.item(), 0.0
 
     # ------------------------------------------------------------------------------- validation
     @torch.no_grad()
     def validate(self, k: int) -> dict[str, Any]:
-        """Stages ``0..k`` on the validation pairs: mean Dice per label, folding fraction, similarity."""
+        """Stages ``0..k`` on the validation pairs: mean Dice per label, folding fraction, similarity.
+
+        ``k = -1``: the initial alignment alone (the numbers before registration).
+        """
         self.stack.eval()
         dice: dict[str, list[float]] = {}
         folding, sims = [], []
@@ -279,6 +283,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, k: int, done: int, optimiser: torch.optim.Optimizer | None, reason: str) -> None:
+        """Write the position ``(stage index k, iterations done in it)``; a finished stage k-1 is ``(k, 0)``."""
         if not self.main:
             return
         path = self.job_dir / CHECKPOINT
@@ -296,7 +301,10 @@ class Trainer:
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
-        self._emit("checkpoint", stage=k + 1, iteration=done, path=str(path), reason=reason)
+        if reason == "stage_done":  # report the stage just finished, at its last iteration
+            self._emit("checkpoint", stage=k, iteration=self.config.recipe.stages[k - 1].iterations, path=str(path), reason=reason)
+        else:
+            self._emit("checkpoint", stage=k + 1, iteration=done, path=str(path), reason=reason)
 
     def load_checkpoint(self) -> None:
         path = self.job_dir / CHECKPOINT
@@ -327,12 +335,14 @@ class Trainer:
             self.load_checkpoint()
         c = self.config
         k0, done0 = self.position
+        baseline = self.validate(-1) if self.main and self.validation else {}
         self._emit("start", name=c.name, job=str(self.job_dir), resumed=self.resume, stage=k0 + 1, iteration=done0,
                    stages=[{"kind": s.kind, "iterations": s.iterations, "spacing_mm": list(s.spacing_mm),
                             **({"control_point_spacing": s.control_point_spacing} if s.kind == "bspline" else {})}
                            for s in c.recipe.stages],
                    images=[im.name for im in self.train_images], validation_pairs=len(self.validation),
-                   device=str(self.device), world_size=self.world)
+                   device=str(self.device), world_size=self.world, baseline=baseline)
+        self.baseline = baseline
         bar = self._bar(sum(s.iterations for s in c.recipe.stages), sum(s.iterations for s in c.recipe.stages[:k0]) + done0)
         try:
             for k in range(k0, len(c.recipe.stages)):
@@ -461,6 +471,7 @@ class Trainer:
             "pairs": len(self.validation),
             "kind": "synthetic deformations of held-out labelled images" if c.data.validation_count
             else "synthetic deformations of the labelled training images (fixed seeds, not used for training)",
+            "before": self.baseline,
             "stages": [{"stage": k + 1, "iteration": r.best_iteration, **r.best_metrics} for k, r in enumerate(self.records)],
         }
         if self.records and self.records[-1].best_metrics:

@@ -5,7 +5,9 @@ Schema (every event has ``type`` and ``time``, seconds since the epoch; ``stage`
 ``iteration`` counts within the stage, 1-based)::
 
     start       stages: [{kind, iterations, control_point_spacing?, spacing_mm}], name, job, resumed (bool),
-                stage, iteration (where a resumed run continues), images, validation_pairs, device, world_size
+                stage, iteration (where a resumed run continues), images, validation_pairs, device, world_size,
+                baseline (validation metrics before registration: the initial alignment alone; {} without
+                validation pairs)
     iteration   stage, iteration, iterations, loss, ncc, bending, it_per_s, eta_s (this stage),
                 total_eta_s (whole job), lr
     validation  stage, iteration, dice: {label: mean Dice}, dice_mean, folding (fraction of voxels with

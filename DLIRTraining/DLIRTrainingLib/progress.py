@@ -1,0 +1,231 @@
+"""Training events -> MRML: a table of the curves, plot series and chart nodes for a plot view.
+
+:class:`TrainingCurves` owns, for one job, in a given ``vtkMRMLScene``:
+
+- ``DLIR training NAME`` (vtkMRMLTableNode): one row per ``iteration`` event with ``step``
+  (iterations over all stages so far, the x axis), ``stage`` (1-based), ``iteration`` (within the
+  stage), ``loss``, ``ncc``, ``bending``, ``it_per_s`` and the validation columns ``dice`` (mean
+  over labels), ``dice_<label>`` and ``folding`` (NaN except on rows where a ``validation``
+  event came);
+- ``DLIR validation NAME`` (vtkMRMLTableNode): one row per ``validation`` event (the Dice curves
+  are plotted from it, so lines join validation points without gaps);
+- plot series for loss / NCC / bending and for mean Dice / folding, in two chart nodes
+  (``DLIR loss NAME`` and ``DLIR validation NAME``), ready for a Slicer plot view
+  (``slicer.modules.plots.logic().ShowChartInLayout(chart)`` in the application).
+
+Only MRML/VTK classes are used, so this runs headless on the ``slicer-core`` wheel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import vtk
+
+from .job import Event, stage_number
+
+TRAINING_COLUMNS = ("step", "stage", "iteration", "loss", "ncc", "bending", "it_per_s", "dice", "folding")
+VALIDATION_COLUMNS = ("step", "stage", "iteration", "dice", "folding")
+INT_COLUMNS = ("step", "stage", "iteration")
+
+#: (column, colour) of the loss chart's and the validation chart's series
+LOSS_SERIES = (("loss", (0.85, 0.33, 0.10)), ("ncc", (0.00, 0.45, 0.74)), ("bending", (0.47, 0.67, 0.19)))
+VALIDATION_SERIES = (("dice", (0.49, 0.18, 0.56)), ("folding", (0.64, 0.08, 0.18)))
+
+#: node attribute that ties our nodes to a job folder (lets a fresh widget find them again)
+JOB_ATTRIBUTE = "DLIRTraining.JobFolder"
+
+
+class TrainingCurves:
+    """The table, plot-series and chart nodes of one job's curves in ``scene``; feed it events."""
+
+    def __init__(self, scene: Any, name: str, job_folder: str | None = None) -> None:
+        self.scene = scene
+        self.name = name
+        self.job_folder = job_folder
+        self.table = self._table(f"DLIR training {name}", TRAINING_COLUMNS)
+        self.validation_table = self._table(f"DLIR validation {name}", VALIDATION_COLUMNS)
+        self.loss_chart = self._chart(f"DLIR loss {name}", f"{name}: training loss", "value")
+        self.validation_chart = self._chart(f"DLIR validation chart {name}", f"{name}: validation", "Dice / folding fraction")
+        self.series: dict[str, Any] = {}
+        for column, colour in LOSS_SERIES:
+            self.series[column] = self._series(self.loss_chart, self.table, column, colour)
+        for column, colour in VALIDATION_SERIES:
+            self.series[f"validation {column}"] = self._series(self.validation_chart, self.validation_table, column, colour,
+                                                               markers=True)
+        self._stage_offsets: dict[int, int] = {}
+        self._stage_iterations: list[int] = []
+        self._last_step = 0
+        self._last_row_of: dict[tuple[int, int], int] = {}
+
+    # ------------------------------------------------------------------------------ nodes
+    def _tag(self, node: Any) -> Any:
+        if self.job_folder:
+            node.SetAttribute(JOB_ATTRIBUTE, self.job_folder)
+        return node
+
+    def _table(self, node_name: str, columns: Iterable[str]) -> Any:
+        node = self._tag(self.scene.AddNewNodeByClass("vtkMRMLTableNode", node_name))
+        table = node.GetTable()
+        for column in columns:
+            array = vtk.vtkIntArray() if column in INT_COLUMNS else vtk.vtkDoubleArray()
+            array.SetName(column)
+            table.AddColumn(array)
+        return node
+
+    def _chart(self, node_name: str, title: str, y_title: str) -> Any:
+        chart = self._tag(self.scene.AddNewNodeByClass("vtkMRMLPlotChartNode", node_name))
+        chart.SetTitle(title)
+        chart.SetXAxisTitle("iteration (all stages)")
+        chart.SetYAxisTitle(y_title)
+        chart.SetLegendVisibility(True)
+        return chart
+
+    def _series(self, chart: Any, table: Any, column: str, colour: tuple[float, float, float], markers: bool = False) -> Any:
+        node = self._tag(self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{self.name} {column}"))
+        node.SetAndObserveTableNodeID(table.GetID())
+        node.SetXColumnName("step")
+        node.SetYColumnName(column)
+        node.SetPlotType(node.PlotTypeScatter)
+        node.SetMarkerStyle(node.MarkerStyleCircle if markers else node.MarkerStyleNone)
+        node.SetLineStyle(node.LineStyleSolid)
+        node.SetColor(*colour)
+        chart.AddAndObservePlotSeriesNodeID(node.GetID())
+        return node
+
+    def nodes(self) -> list[Any]:
+        return [self.table, self.validation_table, self.loss_chart, self.validation_chart, *self.series.values()]
+
+    def remove(self) -> None:
+        """Take every node of these curves out of the scene."""
+        for node in self.nodes():
+            if node.GetScene() is not None:
+                self.scene.RemoveNode(node)
+
+    # ------------------------------------------------------------------------------ events
+    def add_events(self, events: Iterable[Event]) -> int:
+        """Add a batch of events; the table nodes are marked modified once. Returns the rows added."""
+        nodes = (self.table, self.validation_table)
+        was_modifying = [node.StartModify() for node in nodes]
+        added = 0
+        try:
+            for event in events:
+                added += self._add(event)
+            if added:
+                for node in nodes:
+                    node.GetTable().Modified()
+        finally:
+            for node, was in zip(nodes, was_modifying):
+                node.EndModify(was)
+        return added
+
+    def add_event(self, event: Event) -> int:
+        return self.add_events([event])
+
+    def _step(self, event: Event) -> tuple[int, int, int]:
+        stage = stage_number(event) or 1
+        iteration = int(event.get("iteration", 0))
+        if stage not in self._stage_offsets:
+            if self._stage_iterations and stage - 1 <= len(self._stage_iterations):
+                self._stage_offsets[stage] = sum(self._stage_iterations[: stage - 1])
+            else:  # no plan known: a new stage starts after the last step seen
+                self._stage_offsets[stage] = self._last_step
+        return self._stage_offsets[stage] + iteration, stage, iteration
+
+    def _add(self, event: Event) -> int:
+        kind = event.get("type")
+        if kind == "start":
+            stages = event.get("stages")
+            if isinstance(stages, list):
+                self._stage_iterations = [int(s.get("iterations", 0)) if isinstance(s, dict) else 0 for s in stages]
+                if not all(self._stage_iterations):
+                    self._stage_iterations = []
+            return 0
+        if kind == "iteration":
+            step, stage, iteration = self._step(event)
+            key = (stage, iteration)
+            if key in self._last_row_of:  # a resumed run repeats iterations after the checkpoint: overwrite
+                row = self._last_row_of[key]
+            else:
+                row = self.table.GetTable().InsertNextBlankRow(math.nan)
+                self._last_row_of[key] = row
+            values = {"step": step, "stage": stage, "iteration": iteration, "loss": event.get("loss"), "ncc": event.get("ncc"),
+                      "bending": event.get("bending"), "it_per_s": event.get("it_per_s")}
+            self._set_row(self.table, row, values)
+            self._last_step = max(self._last_step, step)
+            return 1
+        if kind == "validation":
+            step, stage, iteration = self._step(event)
+            dice = _dice_per_label(event)
+            mean = event.get("dice_mean")
+            if mean is None and dice:
+                mean = sum(dice.values()) / len(dice)
+            values: dict[str, Any] = {"step": step, "stage": stage, "iteration": iteration, "dice": mean,
+                                      "folding": event.get("folding")}
+            for label, value in dice.items():
+                values[f"dice_{label}"] = value
+                for node in (self.table, self.validation_table):
+                    self._ensure_column(node, f"dice_{label}")
+            vrow = self.validation_table.GetTable().InsertNextBlankRow(math.nan)
+            self._set_row(self.validation_table, vrow, values)
+            row = self._last_row_of.get((stage, iteration))
+            if row is None:  # validation before any iteration row of that step: give it its own row
+                row = self.table.GetTable().InsertNextBlankRow(math.nan)
+                self._last_row_of[(stage, iteration)] = row
+                self._set_row(self.table, row, {"step": step, "stage": stage, "iteration": iteration})
+            self._set_row(self.table, row, {k: v for k, v in values.items() if k not in ("step", "stage", "iteration")})
+            return 1
+        return 0
+
+    @staticmethod
+    def _ensure_column(node: Any, column: str) -> None:
+        table = node.GetTable()
+        if table.GetColumnByName(column) is not None:
+            return
+        array = vtk.vtkDoubleArray()
+        array.SetName(column)
+        array.SetNumberOfTuples(table.GetNumberOfRows())
+        array.Fill(math.nan)
+        table.AddColumn(array)
+
+    @staticmethod
+    def _set_row(node: Any, row: int, values: dict[str, Any]) -> None:
+        table = node.GetTable()
+        for column, value in values.items():
+            array = table.GetColumnByName(column)
+            if array is None:
+                continue
+            if column in INT_COLUMNS:
+                array.SetValue(row, int(value or 0))
+            else:
+                array.SetValue(row, _number(value))
+
+    # ------------------------------------------------------------------------------ reading back
+    def column(self, name: str, validation: bool = False) -> list[float]:
+        """A column's values as a list (tests, exports)."""
+        table = (self.validation_table if validation else self.table).GetTable()
+        array = table.GetColumnByName(name)
+        if array is None:
+            raise KeyError(f"no column {name!r}")
+        return [array.GetValue(i) for i in range(table.GetNumberOfRows())]
+
+    @property
+    def rows(self) -> int:
+        return self.table.GetTable().GetNumberOfRows()
+
+
+def _dice_per_label(event: Event) -> dict[str, float]:
+    """``{label: mean Dice}`` of a validation event (none when the validation pairs have no labels)."""
+    dice = event.get("dice")
+    if not isinstance(dice, dict):
+        return {}
+    values = {str(label): _number(value) for label, value in dice.items()}
+    return {label: value for label, value in values.items() if not math.isnan(value)}
+
+
+def _number(value: Any) -> float:
+    try:
+        return math.nan if value is None else float(value)
+    except (TypeError, ValueError):
+        return math.nan

@@ -1,0 +1,85 @@
+"""Finished stacks into the model registry that DLIR Registration lists (``dlir.stack``).
+
+The registry (``dlir.stack.list_stacks``) looks in the user's model folder
+(``dlir.stack.user_models_dir()``: ``$DLIR_MODELS_DIR`` or ``~/.dlir/models``) and the bundled
+``Resources/Models``.  A finished job's ``NAME.safetensors`` is validated (fully loaded) and
+copied into the chosen models folder; :func:`registry_stack` makes sure DLIR Registration's
+chooser lists it (copying it into the user's model folder when it was put elsewhere).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .job import JobError
+
+
+def models_dir(chosen: str | Path | None = None, default: Path | None = None) -> Path:
+    """The folder new stacks go to: ``chosen``, else ``default``, else the user model folder of the registry."""
+    if chosen and str(chosen) not in ("", "."):
+        return Path(str(chosen)).expanduser()
+    if default is not None:
+        return Path(default)
+    from dlir.stack import user_models_dir
+
+    return user_models_dir()
+
+
+def stack_name_taken(name: str, folder: Path) -> Path | None:
+    """The file of a stack already called ``name`` (in ``folder`` or anywhere the registry looks), else None."""
+    from dlir.stack import list_stacks
+
+    candidate = folder / f"{name}.safetensors"
+    if candidate.exists():
+        return candidate
+    for info in list_stacks((folder,)):
+        if info.name == name:
+            return info.path
+    return None
+
+
+def install_stack(stack_path: Path, folder: Path, overwrite: bool = False) -> Path:
+    """Validate ``stack_path`` and copy it into ``folder`` as ``NAME.safetensors`` (atomically); returns the new file."""
+    from dlir.errors import StackError
+    from dlir.stack import load_stack, read_manifest
+
+    try:
+        load_stack(stack_path)
+        manifest = read_manifest(stack_path)
+    except StackError as exc:
+        raise JobError(f"the trained stack cannot be used: {exc}") from exc
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{manifest.name}.safetensors"
+    if target.resolve() == stack_path.resolve():
+        return target
+    if target.exists() and not overwrite:
+        raise JobError(f"a stack file {target.name} already exists in {folder}; the new stack stays in its job folder {stack_path.parent}")
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.copyfile(stack_path, tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def registry_stack(stack_path: Path) -> Path:
+    """The file under which the registry (and so DLIR Registration's chooser) lists the stack ``stack_path``.
+
+    A stack installed outside the registry's folders is copied into the user's model folder first.
+    Raises :class:`JobError` when the registry lists a different stack under the same name.
+    """
+    from dlir.errors import StackError
+    from dlir.stack import list_stacks, read_manifest, user_models_dir
+
+    try:
+        name = read_manifest(stack_path).name
+    except StackError as exc:
+        raise JobError(f"the trained stack cannot be used: {exc}") from exc
+    for info in list_stacks():
+        if info.name != name:
+            continue
+        if info.path.resolve() == stack_path.resolve() or info.path.read_bytes() == stack_path.read_bytes():
+            return info.path
+        raise JobError(f"DLIR Registration already lists another stack named {name} ({info.path}); "
+                       f"rename or remove it to use the new one ({stack_path})")
+    return install_stack(stack_path, user_models_dir())

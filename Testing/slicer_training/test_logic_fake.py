@@ -1,0 +1,84 @@
+"""TrainingLogic end to end against the fake trainer: folder, request, curves in the scene, restart."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from DLIRTrainingLib.job import REQUEST_FILE, JobState
+from DLIRTrainingLib.logic import TrainingLogic
+from DLIRTrainingLib.settings import DataSource, SettingsError, TrainingSettings
+
+
+def run(logic: TrainingLogic, job, timeout: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (job.state.active or job.state == JobState.QUEUED) and time.monotonic() < deadline:
+        logic.poll()
+        time.sleep(0.05)
+    logic.poll()
+    assert not job.state.active, f"{job} still running after {timeout} s"
+
+
+@pytest.fixture
+def logic(scene, tmp_path: Path, fake_trainer: list[str]):
+    env = dict(os.environ, FAKE_MODE="ok")
+    logic = TrainingLogic(scene, tmp_path / "jobs", env=env, launcher=fake_trainer, stop_timeout=30,
+                          default_models_dir=tmp_path / "models")
+    yield logic
+    logic.shutdown(timeout=10)
+
+
+def test_start_writes_the_request_and_fills_the_curves(logic: TrainingLogic, scene, tmp_path: Path) -> None:
+    import slicer.util
+
+    volume = slicer.util.addVolumeFromArray(np.zeros((8, 8, 8), np.float32), ijkToRAS=np.diag([2, 2, 2, 1.0]), name="vol")
+    settings = TrainingSettings(dataSource=DataSource.SCENE, stackName="fake-stack", bsplineSpacings="16", gridSpacing=4.0,
+                                patchSize=16, device="cpu")
+    job = logic.start(settings, [volume])
+    assert job.folder == (tmp_path / "jobs" / "fake-stack").resolve()
+    request = tomllib.loads((job.folder / REQUEST_FILE).read_text(encoding="utf-8"))
+    assert request["name"] == "fake-stack" and request["device"] == "cpu"
+    assert Path(request["data"]["images"]).is_file()  # the exported scene volume list
+    run(logic, job)
+    assert job.state == JobState.FINISHED
+    curves = logic.curves(job)
+    assert curves.rows == 10 and curves.column("step")[-1] == 10
+    assert curves.validation_table.GetTable().GetNumberOfRows() == 3
+    # the fake writes no real stack: the job finishes, installing it fails with a clear message
+    assert "cannot be used" in logic.install_errors[job.folder]
+    assert job.folder not in logic.installed and "finished, but" in job.message
+
+
+def test_names_and_bad_settings_are_refused_before_anything_runs(logic: TrainingLogic, tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "taken.safetensors").write_bytes(b"x")
+    with pytest.raises(SettingsError, match="already exists"):
+        logic.start(TrainingSettings(dataFolder=tmp_path, stackName="taken"))
+    with pytest.raises(SettingsError, match="does not exist"):
+        logic.start(TrainingSettings(dataFolder=tmp_path / "nope", stackName="fine"))
+    with pytest.raises(SettingsError, match="no scene volume"):
+        logic.start(TrainingSettings(dataSource=DataSource.SCENE, stackName="fine"))
+    assert not any((tmp_path / "jobs").glob("fine*")), "a refused job leaves no folder behind"
+
+
+def test_a_fresh_logic_lists_jobs_and_rebuilds_their_curves(logic: TrainingLogic, tmp_path: Path, fake_trainer: list[str]) -> None:
+    import slicer
+
+    job = logic.start(TrainingSettings(dataFolder=tmp_path, stackName="again", bsplineSpacings="16", gridSpacing=4.0,
+                                       patchSize=16, device="cpu"))
+    run(logic, job)
+    other_scene = slicer.vtkMRMLScene()  # Slicer restarted: a new scene, a new logic
+    fresh = TrainingLogic(other_scene, tmp_path / "jobs", launcher=fake_trainer)
+    jobs = fresh.jobs()
+    assert [j.name for j in jobs] == ["again"] and jobs[0].state == JobState.FINISHED
+    curves = fresh.curves(jobs[0])
+    assert curves.rows == 10 and curves.table.GetScene() is other_scene
+    assert fresh.curves(jobs[0]) is curves  # made once
+    with pytest.raises(Exception, match="finished"):
+        fresh.resume(jobs[0])
