@@ -76,8 +76,8 @@ class DLIRTrainingParameterNode:
     gridSpacing: Annotated[float, WithinRange(0.25, 32.0)] = 4.0
     patchSize: Annotated[int, WithinRange(8, 512)] = 64
     batchSize: Annotated[int, WithinRange(1, 256)] = 1
-    alpha: Annotated[float, WithinRange(0.0, 100.0)] = 0.05
-    learningRate: Annotated[float, WithinRange(0.0, 1.0)] = 1e-4
+    alpha: Annotated[float, WithinRange(0.0, 100.0)] = 5.0
+    learningRate: Annotated[float, WithinRange(0.0, 1.0)] = 1e-3
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     seed: Annotated[int, Minimum(0)] = 0
     checkpointEvery: Annotated[int, WithinRange(1, 1000000)] = 100

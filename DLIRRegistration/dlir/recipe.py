@@ -39,7 +39,7 @@ class StageSpec:
     ncc_window: int = 9
     alpha: float = 0.0
     iterations: int = 1000
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-3
     batch_size: int = 1
     patch_size: int = 64
 

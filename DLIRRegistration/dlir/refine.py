@@ -2,9 +2,12 @@
 output (instance optimisation).  Trades a second or so for accuracy on hard pairs.
 
 Only the LAST stage's output is refined (B-spline control points in voxels, or the 12 affine
-parameters), on exactly the inputs that stage saw: the fixed image and the moving image warped
-by all earlier stages, on the stage's grid.  Loss: ``-similarity + alpha * bending energy`` with
-the stage's own similarity measure and alpha.  Earlier stages stay as the networks made them.
+parameters); earlier stages stay as the networks made them.  The loss is the stage's own
+``-similarity + alpha * bending energy``, but the similarity is measured on a finer grid than the
+stage's: three quarters of its spacing (not finer than the fixed image's finest spacing), so detail the
+network grid averages away (thin structures, sharp edges) drives the refinement.  On that grid the
+moving image is resampled once through the earlier stages, then through the refined stage at
+every step.
 """
 
 from __future__ import annotations
@@ -13,39 +16,53 @@ import torch
 
 from .geometry import Grid, sample
 from .losses import bending_energy, local_ncc, ncc
+from .pipeline import PreparedImage
+from .preprocess import network_grid, to_grid
 from .stages import Stage
 from .transforms import DisplacementField, SpatialTransform, grid_points
 
 #: Adam step sizes for B-spline control points (voxels of their grid) and affine raw parameters
-LEARNING_RATE = {"bspline": 0.1, "affine": 0.005}
+LEARNING_RATE = {"bspline": 0.3, "affine": 0.005}
+#: the similarity grid's spacing as a fraction of the stage's (measured on mni_iso2mm, 50 steps:
+#: Dice 0.927 at 1.0 with step 0.1, 0.949 at 0.75 with step 0.3, 0.958 at 0.5 for 2.7x the time)
+SPACING_FRACTION = 0.75
 
 
-def refine(stage: Stage, raw: torch.Tensor, grid: Grid, fixed: torch.Tensor, moving: torch.Tensor, steps: int) -> SpatialTransform:
-    """Optimise a stage's output ``raw`` for ``steps`` Adam steps and return its refined transform.
+def refinement_grid(stage: Stage, fixed_grid: Grid) -> Grid:
+    """The grid the refinement's similarity is measured on (LPS, axis-aligned, over the fixed image)."""
+    finest = min(fixed_grid.spacing)
+    spacing = tuple(max(SPACING_FRACTION * s, finest) for s in stage.spec.spacing_mm)
+    return network_grid(fixed_grid, spacing)  # type: ignore[arg-type]
 
-    ``fixed`` and ``moving`` ``[1, 1, D, H, W]`` are the stage's inputs on ``grid`` (LPS mm);
-    the moving image is resampled at ``T(x)`` for the voxel centres x, where ``T`` is the stage's
-    transform (for a B-spline stage ``x + u(x)`` exactly, since its field lives on ``grid``).
+
+def refine(
+    stage: Stage, raw: torch.Tensor, stage_grid: Grid, earlier: SpatialTransform, fixed: PreparedImage, moving: PreparedImage, steps: int
+) -> SpatialTransform:
+    """Optimise a stage's output ``raw`` (on ``stage_grid``) for ``steps`` Adam steps; return its refined transform.
+
+    ``earlier`` is the composition of all stages before this one (fixed -> moving, LPS mm): the
+    full transform is ``earlier o T_stage``.  ``fixed`` and ``moving`` are the normalised images.
     """
     spec = stage.spec
+    grid = refinement_grid(stage, fixed.grid)
+    f = to_grid(fixed.smoothed(grid.spacing), fixed.grid, None, grid)
+    with torch.no_grad():  # the moving image through the earlier stages, on a box with margin for this stage's motion
+        margin = 4 * max(spec.spacing_mm)
+        lower, upper = grid.bounding_box()
+        outer = Grid.axis_aligned_box(lower - margin, upper + margin, grid.spacing)
+        m = to_grid(moving.smoothed(grid.spacing), moving.grid, earlier, outer)
     variable = raw.detach().clone().requires_grad_(True)
     optimiser = torch.optim.Adam([variable], lr=LEARNING_RATE[spec.kind])
-    points = grid_points(grid, 1, fixed.device)
+    points = grid_points(grid, 1, f.device)
     for _ in range(steps):
-        transform = stage.transform(variable, grid)
-        if isinstance(transform, DisplacementField):
-            mapped = points + transform.field.movedim(1, -1)
-        else:
-            mapped = transform(points)
-        warped = sample(moving, grid, mapped)
-        if spec.similarity == "lncc":
-            loss = -local_ncc(fixed, warped, spec.ncc_window).mean()
-        else:
-            loss = -ncc(fixed, warped).mean()
+        transform = stage.transform(variable, stage_grid)
+        warped = sample(m, outer, transform(points))
+        similarity = local_ncc(f, warped, spec.ncc_window) if spec.similarity == "lncc" else ncc(f, warped)
+        loss = -similarity.mean()
         if isinstance(transform, DisplacementField) and spec.alpha > 0:
-            loss = loss + spec.alpha * bending_energy(transform.field, grid.spacing).mean()
+            loss = loss + spec.alpha * bending_energy(transform.field, stage_grid.spacing).mean()
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
     with torch.no_grad():
-        return stage.transform(variable, grid)
+        return stage.transform(variable, stage_grid)

@@ -184,7 +184,7 @@ def _register(
 
     if refine_steps > 0:
         with steps.step(f"refine ({refine_steps} steps)"):
-            transforms[-1] = refine(stack.stages[-1], raw, grid, f, m, refine_steps)
+            transforms[-1] = refine(stack.stages[-1], raw, grid, Composite(transforms[:-1]), fixed_p, moving_p, refine_steps)
 
     transform = Composite(transforms)
     with torch.no_grad():

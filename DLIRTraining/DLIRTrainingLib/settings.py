@@ -64,8 +64,8 @@ class TrainingSettings:
     gridSpacing: float = 4.0
     patchSize: int = 64
     batchSize: int = 1
-    alpha: float = 0.05
-    learningRate: float = 1e-4
+    alpha: float = 5.0
+    learningRate: float = 1e-3
     device: str = "auto"
     seed: int = 0
     checkpointEvery: int = 100
