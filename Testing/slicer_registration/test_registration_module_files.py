@@ -28,7 +28,7 @@ def ui_widgets() -> dict[str, ET.Element]:
 
 def used_ui_names() -> set[str]:
     names = set()
-    for node in ast.walk(ast.parse(SCRIPT.read_text())):
+    for node in ast.walk(ast.parse(SCRIPT.read_text(encoding="utf-8"))):
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
                 and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
             names.add(node.attr)
@@ -36,7 +36,7 @@ def used_ui_names() -> set[str]:
 
 
 def parameter_node_fields() -> list[str]:
-    tree = ast.parse(SCRIPT.read_text())
+    tree = ast.parse(SCRIPT.read_text(encoding="utf-8"))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DLIRRegistrationParameterNode")
     return [n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)]
 
@@ -74,7 +74,7 @@ def test_parameter_names_match_the_parameter_node() -> None:
 
 def test_library_is_qt_free() -> None:
     for path in (MODULE / "DLIRRegistrationLib").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 modules = [a.name.split(".")[0] for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -87,7 +87,7 @@ def test_library_is_qt_free() -> None:
 
 
 def test_cmake_lists_every_script_and_resource() -> None:
-    cmake = (MODULE / "CMakeLists.txt").read_text()
+    cmake = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     for path in sorted((MODULE / "DLIRRegistrationLib").glob("*.py")):
         assert f"${{MODULE_NAME}}Lib/{path.name}" in cmake, f"{path.name} missing from DLIRRegistration/CMakeLists.txt"
     assert "${CMAKE_CURRENT_SOURCE_DIR}/dlir/*.py" in cmake and "${DLIR_ENGINE_SCRIPTS}" in cmake
@@ -95,16 +95,16 @@ def test_cmake_lists_every_script_and_resource() -> None:
         assert resource in cmake and (MODULE / resource.replace("${MODULE_NAME}", "DLIRRegistration")).is_file()
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in cmake
     assert (MODULE / "Testing" / "CMakeLists.txt").is_file() and (MODULE / "Testing" / "Python" / "CMakeLists.txt").is_file()
-    top = (REPO / "CMakeLists.txt").read_text()
+    top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     for line in (r"add_subdirectory\(DLIRRegistration\)", r"add_subdirectory\(DLIRTraining\)", r'set\(EXTENSION_DEPENDS "PyTorch"\)',
                  r'set\(EXTENSION_CATEGORY "Registration"\)', r"include\(\$\{Slicer_EXTENSION_CPACK\}\)"):
         assert re.search(line, top), line
 
 
 def test_requirements_are_the_engine_pins_without_torch_and_simpleitk() -> None:
-    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     expected = {p for p in pins if not p.lower().startswith(("torch", "simpleitk"))}
-    lines = {line.strip() for line in (MODULE / "Resources" / "requirements.txt").read_text().splitlines()
+    lines = {line.strip() for line in (MODULE / "Resources" / "requirements.txt").read_text(encoding="utf-8").splitlines()
              if line.strip() and not line.startswith("#")}
     assert lines == expected
 
@@ -112,7 +112,7 @@ def test_requirements_are_the_engine_pins_without_torch_and_simpleitk() -> None:
 def test_icon_is_a_128_png_and_module_classes_exist() -> None:
     data = (MODULE / "Resources" / "Icons" / "DLIRRegistration.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == (128, 128)
-    classes = {n.name for n in ast.parse(SCRIPT.read_text()).body if isinstance(n, ast.ClassDef)}
+    classes = {n.name for n in ast.parse(SCRIPT.read_text(encoding="utf-8")).body if isinstance(n, ast.ClassDef)}
     assert {"DLIRRegistration", "DLIRRegistrationParameterNode", "DLIRRegistrationWidget", "DLIRRegistrationLogic",
             "DLIRRegistrationTest"} <= classes
-    assert "import torch" not in SCRIPT.read_text(), "nothing is imported from PyTorch when Slicer loads the module"
+    assert "import torch" not in SCRIPT.read_text(encoding="utf-8"), "nothing is imported from PyTorch when Slicer loads the module"

@@ -74,7 +74,7 @@ def test_job_runs_to_the_end(tmp_path: Path, fake_trainer: list[str]) -> None:
     assert "plain log line from the fake trainer" in job.log_lines
     assert "a warning on stderr" in job.log_lines
     assert not any(line.startswith('{"type"') for line in job.log_lines)
-    meta = json.loads((job.folder / METADATA_FILE).read_text())
+    meta = json.loads((job.folder / METADATA_FILE).read_text(encoding="utf-8"))
     assert meta["state"] == "finished" and meta["pid"] is None
 
 
