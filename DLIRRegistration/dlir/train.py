@@ -356,6 +356,8 @@ class Trainer:
             save_stack(self.stack, path)
             self._emit("done", stack=str(path), seconds=round(sum(r.seconds for r in self.records), 1),
                        validation=self.stack.manifest.validation)
+        if self.world > 1:
+            dist.barrier()  # every rank leaves together: no rank tears the group down under another
         return path
 
     def _bar(self, total: int, initial: int) -> Any:
@@ -382,6 +384,8 @@ class Trainer:
         window_start, window_done = time.monotonic(), done
         stage_start = time.monotonic() - record.seconds
         remaining_after = sum(s.iterations for s in c.recipe.stages[k + 1:])
+        if done == 0:  # the untrained stage is the identity (zero output layer): training must beat it to be kept
+            self._validate(k, 0)
         for it in range(done + 1, spec.iterations + 1):
             generator = iteration_generator(c.seed, self.rank, k, it)
             optimiser.zero_grad(set_to_none=True)
@@ -391,7 +395,7 @@ class Trainer:
                 (loss / spec.batch_size).backward()
                 sims.append(sim)
                 bends.append(bend)
-            if not math.isfinite(float(loss)):
+            if not math.isfinite(loss.item()):
                 raise InputError(f"stage {k + 1} diverged at iteration {it} (loss {float(loss)}); lower its learning_rate")
             optimiser.step()
             record.seconds = time.monotonic() - stage_start
@@ -430,6 +434,7 @@ class Trainer:
         self.save_checkpoint(k + 1, 0, None, "stage_done")
 
     def _validate(self, k: int, it: int) -> None:
+        """Validate stages ``0..k`` after ``it`` iterations of stage ``k``; keep the stage's best weights."""
         if not self.main or not self.validation:
             if self.main and it == self.config.recipe.stages[k].iterations:
                 record = self.records[k]

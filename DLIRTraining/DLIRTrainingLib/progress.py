@@ -169,6 +169,8 @@ class TrainingCurves:
                     self._ensure_column(node, f"dice_{label}")
             vrow = self.validation_table.GetTable().InsertNextBlankRow(math.nan)
             self._set_row(self.validation_table, vrow, values)
+            if iteration == 0:  # the stage before training (its identity): a validation row only
+                return 1
             row = self._last_row_of.get((stage, iteration))
             if row is None:  # validation before any iteration row of that step: give it its own row
                 row = self.table.GetTable().InsertNextBlankRow(math.nan)

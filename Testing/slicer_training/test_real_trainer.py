@@ -156,7 +156,7 @@ def test_a_tiny_job_trains_fills_the_table_installs_and_registers(logic: Trainin
     assert curves.column("stage") == [1] * 6 + [2] * 8
     assert all(math.isfinite(v) for v in curves.column("loss") + curves.column("ncc"))
     dice = curves.column("dice", validation=True)
-    assert len(dice) == 2 and all(0 < d <= 1 for d in dice)  # one validation per stage end, with labels
+    assert len(dice) == 4 and all(0 < d <= 1 for d in dice)  # per stage: before training and at its end, with labels
     assert scene.GetNodeByID(curves.loss_chart.GetID()) is not None
 
     installed = models / "tiny-brain.safetensors"
