@@ -151,6 +151,7 @@ class Trainer:
         return Manifest(c.name, c.recipe, description=c.description, modality=c.modality, anatomy=c.anatomy)
 
     def _tensorboard(self) -> Any:
+        """A TensorBoard writer into ``JOB_DIR/tensorboard`` (scalars per logged iteration, image snapshots per validation)."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -453,6 +454,18 @@ class Trainer:
             if "dice_mean" in metrics:
                 self.writer.add_scalar(f"stage{k + 1}/validation_dice", metrics["dice_mean"], step)
             self.writer.add_scalar(f"stage{k + 1}/validation_folding", metrics["folding"], step)
+            self.writer.add_image(f"stage{k + 1}/fixed_moving_warped", self.snapshot(k), step, dataformats="HW")
+
+    @torch.no_grad()
+    def snapshot(self, k: int) -> torch.Tensor:
+        """The central axial slices of the first validation pair side by side: fixed, moving, moving warped by stages 0..k."""
+        pair = self.validation[0]
+        fixed = PreparedImage(pair.fixed.tensor.to(self.device), pair.fixed.grid)
+        moving = PreparedImage(pair.moving.tensor.to(self.device), pair.moving.grid)
+        transforms, _ = run_stages(self.stack, fixed, moving, alignment(self.stack, fixed, moving), upto=k + 1)
+        warped = sample(moving.tensor, moving.grid, Composite(transforms)(grid_points(fixed.grid, 1, self.device)))
+        middle = fixed.tensor.shape[2] // 2
+        return torch.cat([fixed.tensor[0, 0, middle], moving.tensor[0, 0, middle], warped[0, 0, middle]], dim=1).cpu()
 
     def _broadcast_stage(self, k: int) -> None:
         """Every rank continues with rank 0's chosen (best) weights of stage ``k``."""

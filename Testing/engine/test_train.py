@@ -250,6 +250,18 @@ def test_bad_data_ends_with_an_error_event_and_exit_code(tmp_path: Path, kind: s
         assert word in error["message"] and word in lines[0], (word, error["message"])
 
 
+def test_tensorboard_gets_scalars_and_image_snapshots(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = dlir_train("--config", write_config(tmp_path), "--out", tmp_path / "job", "--tensorboard", "--progress", "none")
+    assert result.returncode == 0, result.stderr
+    events = EventAccumulator(str(tmp_path / "job" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"stage1/ncc", "stage2/loss", "stage2/bending", "stage2/validation_dice"} <= set(events.Tags()["scalars"])
+    assert {"stage1/fixed_moving_warped", "stage2/fixed_moving_warped"} <= set(events.Tags()["images"])
+    assert len(events.Scalars("stage2/ncc")) == 8  # one per logged iteration
+
+
 def test_resume_without_a_job_is_one_sentence(tmp_path: Path) -> None:
     result = dlir_train("--resume", tmp_path, timeout=60)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "not a training job folder" in result.stderr
