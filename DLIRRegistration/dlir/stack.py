@@ -149,6 +149,9 @@ def save_stack(stack: Stack, path: str | Path) -> Path:
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in stack.weights().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"dlir": json.dumps(stack.manifest.to_dict())})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # an ordinary data file (the writer makes it private)
     os.replace(tmp, path)
     return path
 
