@@ -497,8 +497,8 @@ class Trainer:
                                if key in self.records[-1].best_metrics})
         training = {
             "engine_version": __version__,
-            "images": [str(im.entry.image) for im in self.train_images],
-            "data": c.to_dict()["data"], "synthetic": c.to_dict()["synthetic"], "seed": c.seed,
+            "images": [f"{im.entry.image.parent.name}/{im.entry.image.name}" for im in self.train_images],  # no local paths
+            "data": {**c.to_dict()["data"], "images": Path(c.data.images).name}, "synthetic": c.to_dict()["synthetic"], "seed": c.seed,
             "iterations": [s.iterations for s in c.recipe.stages],
             "seconds_per_stage": [round(r.seconds, 1) for r in self.records],
             "device": str(self.device), "world_size": self.world, "torch": torch.__version__,
