@@ -30,14 +30,28 @@ def normalise_intensity(image: torch.Tensor, spec: IntensitySpec) -> torch.Tenso
         flat = image.flatten()
         step = max(1, flat.numel() // _PERCENTILE_SAMPLES)
         subset = flat[::step].double()
-        q = torch.quantile(subset, torch.tensor([spec.low / 100, spec.high / 100], dtype=torch.float64, device=subset.device))
-        low, high = float(q[0]), float(q[1])
+        low, high = percentiles(subset, (spec.low, spec.high))
         if high <= low:
             high = float(subset.max())
             low = float(subset.min())
         if high <= low:
             raise InputError("the image is constant: there is nothing to register")
     return ((image - low) / (high - low)).clamp(0, 1)
+
+
+def percentiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[float]:
+    """The ``qs``-th percentiles of a 1D tensor, linear between order statistics (as ``torch.quantile``
+    and ``numpy.percentile``), by one partial partition instead of a full sort."""
+    data = values.detach().cpu().numpy()
+    positions = [q / 100 * (data.size - 1) for q in qs]
+    ranks = sorted({int(p) for p in positions} | {min(int(p) + 1, data.size - 1) for p in positions})
+    part = np.partition(data, ranks)
+    out = []
+    for p in positions:
+        lower = int(p)
+        upper = min(lower + 1, data.size - 1)
+        out.append(float(part[lower] + (p - lower) * (part[upper] - part[lower])))
+    return out
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
