@@ -250,6 +250,32 @@ def test_bad_data_ends_with_an_error_event_and_exit_code(tmp_path: Path, kind: s
         assert word in error["message"] and word in lines[0], (word, error["message"])
 
 
+def test_listed_pairs_train_without_synthetic_pairs(tmp_path: Path) -> None:
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("image,labels,pair\n"
+                   f"{SAMPLE / 'sample_fixed.nii.gz'},{SAMPLE / 'sample_fixed_labels.nii.gz'},p1\n"
+                   f"{SAMPLE / 'sample_moving.nii.gz'},{SAMPLE / 'sample_moving_labels.nii.gz'},p1\n", encoding="utf-8")
+    config = write_config(tmp_path, images=str(csv))
+    result = dlir_train("--config", config, "--out", tmp_path / "job", "--synthetic-fraction", "0", "--progress", "none")
+    assert result.returncode == 0, result.stderr
+    start = events_of(tmp_path / "job")[0]
+    assert start["images"] == ["sample_fixed", "sample_moving"] and start["validation_pairs"] == 2
+    assert load_stack(tmp_path / "job" / "tiny.safetensors").manifest.training["data"]["synthetic_fraction"] == 0.0
+
+    from dataclasses import replace
+
+    from dlir.train import Trainer
+
+    trainer = Trainer(replace(TrainConfig.read(config), data=replace(TrainConfig.read(config).data, synthetic_fraction=0.0)),
+                      tmp_path / "unused")
+    trainer.load_data()
+    fixed, moving = trainer.listed[0]
+    assert (fixed.name, moving.name) == ("sample_fixed", "sample_moving")
+    for seed in range(5):
+        pair = trainer.draw_pair(torch.Generator().manual_seed(seed))
+        assert torch.equal(pair.fixed.tensor, fixed.prepared.tensor) and torch.equal(pair.moving.tensor, moving.prepared.tensor)
+
+
 def test_tensorboard_gets_scalars_and_image_snapshots(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
