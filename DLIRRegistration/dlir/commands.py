@@ -5,6 +5,7 @@ Each entry is ``(name, help, add_arguments(parser), run(args) -> exit code)``; s
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +48,13 @@ def _run_train(args) -> int:
         return EXIT_STOPPED
     if args.progress != "jsonl":
         print(f"stack written to {path}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every rank is done and rank 0 has written the stack. The gloo backend's threads can abort
+        # the interpreter's normal teardown ("terminate called without an active exception"), so a
+        # distributed rank leaves without running it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -20,6 +20,7 @@ rank 0 writes files and events.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -426,6 +427,9 @@ class Trainer:
                                      f"`dlir train --resume {self.job_dir}` continues")
             if it % c.checkpoint_every == 0 and not last:
                 self.save_checkpoint(k, it, optimiser, "interval")
+        if self.world > 1:  # drop the DDP wrapper (and its reducer's hooks and threads) before the next stage
+            del net
+            gc.collect()
         if record.best_weights is not None:
             stage.load_state_dict({n: t.to(self.device) for n, t in record.best_weights.items()})
         self._broadcast_stage(k)
