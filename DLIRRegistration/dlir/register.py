@@ -72,7 +72,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("no CUDA GPU is available to PyTorch here; use --device cpu (or auto)")
+        raise DeviceError("no CUDA GPU is available to PyTorch here; choose the CPU (device 'cpu') or 'auto'")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise DeviceError(f"unknown device {device!r}: use auto, cpu or cuda")
     return torch.device(device)
@@ -117,7 +117,7 @@ def register(
     except torch.cuda.OutOfMemoryError as exc:
         torch.cuda.empty_cache()
         if device != "auto":
-            raise DeviceError("the GPU ran out of memory for this pair; run on the CPU (--device cpu) or free GPU memory") from exc
+            raise DeviceError("the GPU ran out of memory for this pair; choose the CPU (device 'cpu') or free GPU memory") from exc
         log.warning("GPU out of memory; registering on the CPU instead")
         return _register(fixed_f, moving_f, stack, moving_labels, fixed_mask, torch.device("cpu"), refine_steps,
                          initial_alignment, label_interpolation, progress, cancel)
