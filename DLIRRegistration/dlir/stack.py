@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .errors import StackError
 from .recipe import Recipe
-from .stages import Stage, build_stage
+from .stages import build_stage
 
 FORMAT = "dlir-stack"
 FORMAT_VERSION = 1
