@@ -314,10 +314,12 @@ class DLIRRegistrationLogic(ScriptedLoadableModuleLogic):
             slicer.util.showStatusMessage(_("Installing PyTorch (one time, may take minutes)..."))
             if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT) is None:
                 raise RuntimeError(_("DLIR Registration cannot run without PyTorch (installation declined)."))
-        if hasattr(slicer, "packaging"):
-            import slicer.packaging
+        import importlib.util
 
-            slicer.packaging.pip_ensure(slicer.packaging.load_requirements(requirementsFile), requester="DLIRRegistration")
+        if importlib.util.find_spec("slicer.packaging") is not None:  # Slicer >= 5.9
+            from slicer import packaging  # not "import slicer.packaging": that would make slicer local here
+
+            packaging.pip_ensure(packaging.load_requirements(requirementsFile), requester="DLIRRegistration")
             return
         missing = DLIRRegistrationLogic._missingRequirements(requirementsFile)
         if missing:
