@@ -47,17 +47,6 @@ def stack_file(tmp_path_factory: pytest.TempPathFactory, stack) -> Path:
 
 
 @pytest.fixture
-def scene():
-    """A fresh MRML scene, also set as ``slicer.mrmlScene`` (as in the application)."""
-    import slicer
-
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    yield scene
-    scene.Clear(1)
-
-
-@pytest.fixture
 def user_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty user model folder (``$DLIR_MODELS_DIR``), so a developer's own stacks never matter."""
     folder = tmp_path / "models"

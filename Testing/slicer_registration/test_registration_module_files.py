@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import ast
 import re
-import struct
 import tomllib
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+import scripted_module_checks
+from scripted_module_checks import parameter_node_fields, png_size, qt_and_application_uses, used_ui_names
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "DLIRRegistration"
@@ -16,34 +18,13 @@ UI = MODULE / "Resources" / "UI" / "DLIRRegistration.ui"
 SCRIPT = MODULE / "DLIRRegistration.py"
 
 
-def ui_widgets() -> dict[str, ET.Element]:
-    root = ET.parse(UI).getroot()
-    assert root.tag == "ui" and root.get("version") == "4.0"
-    top = root.find("widget")
-    assert top is not None and top.get("class") == "qMRMLWidget" and top.get("name") == "DLIRRegistration"
-    names = [w.get("name") for w in root.iter("widget")]
-    assert len(names) == len(set(names)), "widget names in the .ui must be unique"
-    return {w.get("name"): w for w in root.iter("widget")}
-
-
-def used_ui_names() -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(SCRIPT.read_text(encoding="utf-8"))):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
-                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
-            names.add(node.attr)
-    return names
-
-
-def parameter_node_fields() -> list[str]:
-    tree = ast.parse(SCRIPT.read_text(encoding="utf-8"))
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DLIRRegistrationParameterNode")
-    return [n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)]
+def ui_widgets() -> dict:
+    return scripted_module_checks.ui_widgets(UI, "DLIRRegistration")
 
 
 def test_ui_is_valid_and_has_every_widget_the_widget_uses() -> None:
     widgets = ui_widgets()
-    used = used_ui_names()
+    used = used_ui_names(SCRIPT)
     assert {"applyButton", "cancelButton", "progressBar", "stackComboBox", "resultsLabel"} <= used
     missing = sorted(used - set(widgets))
     assert not missing, f"DLIRRegistration.py uses widgets the .ui lacks: {missing}"
@@ -62,7 +43,7 @@ def test_parameter_names_match_the_parameter_node() -> None:
                 bound[widget.get("name")] = prop.findtext("string")
     assert len(bound.values()) == len(set(bound.values())), "one widget per parameter"
     # stackPath is synchronised by hand (the stack list is dynamic); every other field has a widget
-    assert set(bound.values()) == set(parameter_node_fields()) - {"stackPath"}
+    assert set(bound.values()) == set(parameter_node_fields(SCRIPT, "DLIRRegistrationParameterNode")) - {"stackPath"}
     declared = {c.findtext("class") for c in root.iter("customwidget")}
     receivers = {c.findtext("receiver") for c in root.iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
     for widget in root.iter("widget"):
@@ -73,17 +54,7 @@ def test_parameter_names_match_the_parameter_node() -> None:
 
 
 def test_library_is_qt_free() -> None:
-    for path in (MODULE / "DLIRRegistrationLib").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                modules = [a.name.split(".")[0] for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                modules = [(node.module or "").split(".")[0]]
-            else:
-                modules = []
-            assert not {"qt", "ctk", "PythonQt"} & set(modules), f"{path.name} imports Qt"
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "slicer":
-                assert node.attr not in ("app", "modules", "mrmlScene"), f"{path.name} uses slicer.{node.attr}"
+    assert qt_and_application_uses(MODULE / "DLIRRegistrationLib") == []
 
 
 def test_cmake_lists_every_script_and_resource() -> None:
@@ -110,8 +81,7 @@ def test_requirements_are_the_engine_pins_without_torch_and_simpleitk() -> None:
 
 
 def test_icon_is_a_128_png_and_module_classes_exist() -> None:
-    data = (MODULE / "Resources" / "Icons" / "DLIRRegistration.png").read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == (128, 128)
+    assert png_size(MODULE / "Resources" / "Icons" / "DLIRRegistration.png") == (128, 128)
     classes = {n.name for n in ast.parse(SCRIPT.read_text(encoding="utf-8")).body if isinstance(n, ast.ClassDef)}
     assert {"DLIRRegistration", "DLIRRegistrationParameterNode", "DLIRRegistrationWidget", "DLIRRegistrationLogic",
             "DLIRRegistrationTest"} <= classes

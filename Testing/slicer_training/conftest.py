@@ -23,17 +23,6 @@ if str(REPO / "DLIRRegistration") not in sys.path:
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-@pytest.fixture
-def scene():
-    """A fresh MRML scene, also set as ``slicer.mrmlScene`` (as in the application)."""
-    import slicer
-
-    scene = slicer.vtkMRMLScene()
-    slicer.mrmlScene = scene
-    yield scene
-    scene.Clear(1)
-
-
 FAKE_TRAINER = r'''
 """A stand-in for `dlir train`: JSON-lines events on stdout and in events.jsonl; FAKE_MODE picks the behaviour."""
 import json, os, signal, sys, time

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import ast
 import re
-import struct
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import scripted_module_checks
 from DLIRTrainingLib.settings import TrainingSettings
+from scripted_module_checks import parameter_node_fields, png_size, qt_and_application_uses, used_ui_names
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -18,36 +19,13 @@ UI = MODULE / "Resources" / "UI" / "DLIRTraining.ui"
 SCRIPT = MODULE / "DLIRTraining.py"
 
 
-def ui_widgets() -> dict[str, ET.Element]:
-    root = ET.parse(UI).getroot()
-    assert root.tag == "ui" and root.get("version") == "4.0"
-    top = root.find("widget")
-    assert top is not None and top.get("class") == "qMRMLWidget" and top.get("name") == "DLIRTraining"
-    names = [w.get("name") for w in root.iter("widget")]
-    assert len(names) == len(set(names)), "widget names in the .ui must be unique"
-    return {w.get("name"): w for w in root.iter("widget")}
-
-
-def used_ui_names() -> set[str]:
-    tree = ast.parse(SCRIPT.read_text(encoding="utf-8"))
-    names = set()
-    for node in ast.walk(tree):
-        # self.ui.NAME
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
-                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
-            names.add(node.attr)
-    return names
-
-
-def parameter_node_fields() -> list[str]:
-    tree = ast.parse(SCRIPT.read_text(encoding="utf-8"))
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DLIRTrainingParameterNode")
-    return [n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)]
+def ui_widgets() -> dict:
+    return scripted_module_checks.ui_widgets(UI, "DLIRTraining")
 
 
 def test_ui_is_valid_and_has_every_widget_the_widget_uses() -> None:
     widgets = ui_widgets()
-    used = used_ui_names()
+    used = used_ui_names(SCRIPT)
     assert {"startButton", "stopButton", "resumeButton", "stageProgressBar", "logTextEdit", "useInRegistrationButton"} <= used
     missing = sorted(used - set(widgets))
     assert not missing, f"DLIRTraining.py uses widgets the .ui lacks: {missing}"
@@ -73,27 +51,14 @@ def test_parameter_names_match_the_parameter_node_and_the_settings() -> None:
         for prop in widget.findall("property"):
             if prop.get("name") == "SlicerParameterName":
                 bound[name] = prop.findtext("string")
-    fields = parameter_node_fields()
+    fields = parameter_node_fields(SCRIPT, "DLIRTrainingParameterNode")
     assert sorted(bound.values()) == sorted(set(bound.values())), "one widget per parameter"
     assert set(bound.values()) == set(fields), "every parameter-node field has exactly one widget and vice versa"
     assert fields == TrainingSettings.field_names(), "the parameter node and TrainingSettings must list the same fields in order"
 
 
 def test_library_is_qt_free() -> None:
-    for path in (MODULE / "DLIRTrainingLib").glob("*.py"):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                modules = [a.name.split(".")[0] for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                modules = [(node.module or "").split(".")[0]]
-            else:
-                modules = []
-            assert not {"qt", "ctk", "PythonQt"} & set(modules), f"{path.name} imports Qt"
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "slicer":
-                assert node.attr not in ("app", "modules", "mrmlScene"), f"{path.name} uses slicer.{node.attr}"
-            if isinstance(node, ast.Attribute) and node.attr in ("loadUI", "launchConsoleProcess", "tempDirectory"):
-                raise AssertionError(f"{path.name} uses the application-only slicer.util.{node.attr}")
+    assert qt_and_application_uses(MODULE / "DLIRTrainingLib") == []
 
 
 def test_cmake_lists_every_file_and_the_extension_adds_the_module() -> None:
@@ -110,10 +75,7 @@ def test_cmake_lists_every_file_and_the_extension_adds_the_module() -> None:
 
 
 def test_icon_is_a_128_png() -> None:
-    data = (MODULE / "Resources" / "Icons" / "DLIRTraining.png").read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
-    assert (width, height) == (128, 128)
+    assert png_size(MODULE / "Resources" / "Icons" / "DLIRTraining.png") == (128, 128)
 
 
 def test_module_script_compiles_and_names_its_classes() -> None:
