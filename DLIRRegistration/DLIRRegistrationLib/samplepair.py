@@ -90,7 +90,7 @@ def selfTestStack():
     A fresh stack (seeded) checks the plumbing and geometry, not accuracy.
     """
     from dlir.recipe import Recipe, StageSpec
-    from dlir.stack import Manifest, bundled_models_dir, build_stack, list_stacks, load_stack
+    from dlir.stack import Manifest, build_stack, bundled_models_dir, list_stacks, load_stack
 
     bundled = [info for info in list_stacks() if info.path.parent == bundled_models_dir()]
     if bundled:

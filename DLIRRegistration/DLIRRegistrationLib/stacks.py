@@ -7,15 +7,13 @@ user's model folder (``$DLIR_MODELS_DIR`` or ``~/.dlir/models``) and the bundled
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from dlir.errors import StackError
-from dlir.stack import SUFFIX, Stack, StackInfo, describe, list_stacks, load_stack, read_manifest, user_models_dir
+from dlir.stack import Stack, StackInfo, describe, install_stack, list_stacks, load_stack
 
 
 def listStacks(extraDirs: tuple[Path, ...] = ()) -> list[StackInfo]:
@@ -40,25 +38,12 @@ def stackDetails(info: StackInfo) -> str:
 
 
 def addStackFromFile(path: str | Path, modelsFolder: str | Path | None = None, overwrite: bool = False) -> StackInfo:
-    """Validate a stack file (fully loaded) and copy it into the user's model folder as ``NAME.safetensors``.
+    """Validate a stack file and copy it into the user's model folder (``dlir.stack.install_stack``).
 
     Raises :class:`dlir.errors.StackError` with one sentence when the file is not a usable stack or
     a different file of that name is already there (unless ``overwrite``).
     """
-    source = Path(path)
-    load_stack(source)
-    manifest = read_manifest(source)
-    folder = Path(modelsFolder) if modelsFolder else user_models_dir()
-    target = folder / f"{manifest.name}{SUFFIX}"
-    if target.exists() and target.resolve() == source.resolve():
-        return StackInfo(manifest.name, target, manifest)
-    if target.exists() and not overwrite:
-        raise StackError(f"a stack named {manifest.name} is already in {folder}; rename or remove it first")
-    folder.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(target.name + ".tmp")
-    shutil.copyfile(source, temporary)
-    os.replace(temporary, target)
-    return StackInfo(manifest.name, target, manifest)
+    return install_stack(path, modelsFolder, overwrite)
 
 
 class StackCache:

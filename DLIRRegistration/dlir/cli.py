@@ -1,7 +1,9 @@
-"""The ``dlir`` command: ``dlir register | info`` (and the commands other modules add).
+"""The ``dlir`` command: ``dlir register | info | train | evaluate | bench``.
 
-Every user-caused failure ends with ``error: <one sentence>`` on stderr and exit code 2;
-input files are only ever read.
+The top layer of the engine: it parses arguments and calls the engine (:mod:`dlir.outputs`,
+:mod:`dlir.stack`, :mod:`dlir.training`, :mod:`dlir.evaluation`), importing each only when its
+command runs, so ``dlir --help`` starts without PyTorch.  Every user-caused failure ends with
+``error: <one sentence>`` on stderr and exit code 2; input files are only ever read.
 """
 
 from __future__ import annotations
@@ -10,18 +12,16 @@ import argparse
 import csv
 import json
 import logging
+import os
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Sequence
-
-import SimpleITK as sitk
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import __version__
 from .errors import DLIRError, InputError
-from .io import read_image, write_image, write_transform
-from .stack import Stack, describe, list_stacks, load_stack, read_manifest, resolve_stack
+
+if TYPE_CHECKING:
+    from .stack import Stack
 
 EXIT_USER_ERROR = 2
 
@@ -45,76 +45,13 @@ def _add_register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-interpolation", choices=("nearest", "one-hot-linear"), default="nearest")
 
 
-def register_pair(
-    stack: Stack,
-    fixed_path: str | Path,
-    moving_path: str | Path,
-    out: Path,
-    *,
-    moving_labels: str | Path | None = None,
-    fixed_mask: str | Path | None = None,
-    fixed_labels: str | Path | None = None,
-    device: str = "auto",
-    refine_steps: int = 0,
-    initial_alignment: str | None = None,
-    label_interpolation: str = "nearest",
-    show_progress: bool = True,
-) -> dict[str, object]:
-    """Read, register and write one pair into ``out``; returns the contents of ``result.json``."""
-    from .register import register
-
-    t0 = time.perf_counter()
-    fixed = read_image(fixed_path, "fixed image")
-    moving = read_image(moving_path, "moving image")
-    labels = None if moving_labels is None else read_image(moving_labels, "moving label map")
-    mask = None if fixed_mask is None else read_image(fixed_mask, "fixed mask")
-    reference = None if fixed_labels is None else read_image(fixed_labels, "fixed label map")
-    read_s = time.perf_counter() - t0
-
-    with tqdm(total=100, desc="register", unit="%", disable=not show_progress, leave=False,
-              bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}") as bar:
-        def progress(step: str, fraction: float) -> None:
-            bar.set_postfix_str(step)
-            bar.update(round(100 * fraction) - bar.n)
-
-        reg = register(fixed, moving, stack, moving_labels=labels, fixed_mask=mask, device=device,
-                       refine_steps=refine_steps, initial_alignment=initial_alignment,
-                       label_interpolation=label_interpolation, progress=progress)
-
-    t1 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    write_image(reg.warped, out / "warped.nii.gz")
-    write_image(reg.jacobian, out / "jacobian.nii.gz")
-    write_transform(reg.itk_transform(), out / "transform.h5")
-    if reg.warped_labels is not None:
-        write_image(reg.warped_labels, out / "labels.nii.gz")
-    timings = {"read": read_s, **reg.timings, "write": time.perf_counter() - t1}
-    result: dict[str, object] = {
-        **reg.summary(),
-        "fixed": str(fixed_path),
-        "moving": str(moving_path),
-        "timings_s": {k: round(v, 4) for k, v in timings.items()},
-        "total_s": round(sum(timings.values()), 4),
-    }
-    if reference is not None and labels is not None and reg.warped_labels is not None:
-        result["dice"] = _dice_before_after(reference, labels, reg.warped_labels)
-    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return result
-
-
-def _dice_before_after(reference: sitk.Image, moving_labels: sitk.Image, warped_labels: sitk.Image) -> dict[str, dict[str, float]]:
-    """Dice per label of the fixed labels against the moving labels (resampled as is) and the warped ones."""
-    from .metrics import dice
-
-    identity = sitk.Resample(moving_labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    before, after = dice(reference, identity), dice(reference, warped_labels)
-    return {str(k): {"before": before[k], "after": after[k]} for k in sorted(after)}
-
-
 def _run_register(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is an existing file; give a folder for the results")
+    from .outputs import register_pair
+    from .stack import load_stack
+
     stack = load_stack(args.stack)
     options = dict(device=args.device, refine_steps=args.refine, initial_alignment=args.initial_alignment,
                    label_interpolation=args.label_interpolation)
@@ -141,6 +78,9 @@ def _print_result(result: dict, out: Path) -> None:
 
 def _register_cohort(stack: Stack, source: Path, out: Path, options: dict) -> int:
     """Register every pair of a CSV or a folder of pair folders (see :mod:`dlir.pairs`) into ``out/ID``."""
+    from tqdm import tqdm
+
+    from .outputs import register_pair
     from .pairs import read_pairs
 
     pairs = read_pairs(source)
@@ -174,6 +114,8 @@ def _add_info(p: argparse.ArgumentParser) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    from .stack import describe, list_stacks, load_stack, read_manifest, resolve_stack
+
     if args.list or not args.stack:
         stacks = list_stacks()
         if not stacks:
@@ -189,33 +131,173 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------- train
+def _add_train(p: argparse.ArgumentParser) -> None:
+    from .training.config import add_flags
+
+    p.add_argument("--config", help="training configuration (TOML; see dlir.training.config); flags override its keys")
+    p.add_argument("--out", help="job folder: config.toml, events.jsonl, train.log, checkpoints/, NAME.safetensors")
+    p.add_argument("--resume", metavar="JOB_DIR", help="continue a stopped job from its last checkpoint")
+    p.add_argument("--progress", choices=("auto", "bar", "jsonl", "none"), default="auto",
+                   help="auto: a bar on a terminal; jsonl: the events also on stdout (for the DLIR Training module)")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to JOB_DIR/tensorboard")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads of PyTorch (default: all cores; 1 per job on a shared machine)")
+    add_flags(p)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .errors import CancelledError
+    from .training.trainer import EXIT_STOPPED, train
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        config, job = _train_job(args)
+    except DLIRError as exc:  # also an error event where a job folder exists, for whoever watches it
+        folder = args.resume or args.out
+        _record_error(Path(folder) if folder else None, exc, args.progress)
+        raise
+    try:
+        path = train(config, job, resume=bool(args.resume), progress=args.progress, tensorboard=args.tensorboard)
+    except CancelledError as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
+    if args.progress != "jsonl":
+        print(f"stack written to {path}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every rank is done and rank 0 has written the stack. The gloo backend's threads can abort
+        # the interpreter's normal teardown ("terminate called without an active exception"), so a
+        # distributed rank leaves without running it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+def _train_job(args: argparse.Namespace):
+    """(configuration, job folder) of ``dlir train`` from its arguments."""
+    from .training.config import TrainConfig, apply_flags
+    from .training.jobfolder import CONFIG_FILE
+
+    if args.resume:
+        if args.config or args.out:
+            raise InputError("--resume JOB_DIR continues a job with its own configuration: leave out --config and --out")
+        job = Path(args.resume)
+        if not (job / CONFIG_FILE).is_file():
+            raise InputError(f"{job} is not a training job folder (it has no {CONFIG_FILE})")
+        config = TrainConfig.read(job / CONFIG_FILE)
+    else:
+        if not args.out:
+            raise InputError("give the job folder with --out JOB_DIR (or --resume JOB_DIR)")
+        job = Path(args.out)
+        config = apply_flags(TrainConfig.read(args.config) if args.config else TrainConfig(), args)
+    return config, job
+
+
+def _record_error(job: Path | None, exc: DLIRError, progress: str) -> None:
+    """An ``error`` event in an existing job folder (and on stdout with ``--progress jsonl``)."""
+    from .training.events import EventLog, stdout_echo
+    from .training.jobfolder import EVENTS_FILE
+
+    events = EventLog(job / EVENTS_FILE if job is not None and job.is_dir() else None, stdout_echo(progress))
+    events.emit("error", message=str(exc), kind=type(exc).__name__)
+    events.close()
+
+
+# ----------------------------------------------------------------------------------- evaluate, bench
+def _require_matplotlib() -> None:
+    from importlib.util import find_spec
+
+
+    if find_spec("matplotlib") is None:
+        raise InputError('the plots need matplotlib: install it with `pip install matplotlib==3.11.2` '
+                         '(or `pip install -e ".[bench]"`), or pass --no-plots')
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pairs", required=True, help="a folder of pair folders (fixed.nii.gz, moving.nii.gz, fixed_labels, "
+                   "moving_labels, landmarks.csv, gt_displacement) or a CSV with those columns (and id)")
+    p.add_argument("--stack", required=True, action="append", metavar="[PATTERN=]STACK",
+                   help="stage stack (file or registry name); repeat with PATTERN= (e.g. 'lung*=chest-ct') to choose by pair id")
+    p.add_argument("--out", required=True, help="output folder: metrics.csv, timings.csv, summary.md, plots, panels/")
+    p.add_argument("--refine", type=int, default=0, metavar="N", help="test-time refinement steps (default 0)")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    p.add_argument("--no-plots", action="store_true", help="write the tables only")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.evaluate import evaluate_command, summary_table
+
+    if not args.no_plots:
+        _require_matplotlib()
+    out = Path(args.out)
+    scores = evaluate_command(args.pairs, args.stack, out, args.refine, args.device, plots=not args.no_plots)
+    print("\n".join(summary_table(scores)))
+    print(f"report in {out} (summary.md, metrics.csv, timings.csv{'' if args.no_plots else ', plots'})")
+    return 0
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pairs", help="pairs as for dlir evaluate (default: the bundled sample pair)")
+    p.add_argument("--stack", required=True, action="append", metavar="[PATTERN=]STACK",
+                   help="stage stack (file or registry name); repeat with PATTERN= to choose by pair id")
+    p.add_argument("--refine", type=int, default=0, metavar="N", help="also run DLIR with N test-time refinement steps")
+    p.add_argument("--quick", action="store_true",
+                   help="few elastix iterations and small scaling sizes (a smoke test, not numbers)")
+    p.add_argument("--sizes", type=int, nargs="*", metavar="N",
+                   help="cubic sizes of the scaling table (default 64 128 192 256; none to skip)")
+    p.add_argument("--scaling-pair", metavar="ID", help="the pair resampled for the scaling table (default: the first)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for DLIR and elastix (default 2)")
+    p.add_argument("--repeats", type=int, nargs=2, default=(3, 1), metavar=("DLIR", "ELASTIX"),
+                   help="timed runs per registration (default 3 1); the fastest counts (DLIR: after the first)")
+    p.add_argument("--out", help="output folder (default: a new temporary folder)")
+    p.add_argument("--no-plots", action="store_true", help="write the tables only")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .evaluation.bench import bench_command
+
+    if not args.no_plots:
+        _require_matplotlib()
+    comparison, scaling, out = bench_command(
+        args.pairs, args.stack, Path(args.out) if args.out else None, args.refine, args.quick, args.sizes, args.threads,
+        args.scaling_pair, tuple(args.repeats), plots=not args.no_plots,
+        log=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    print("\n".join(comparison))
+    if scaling:
+        print("\nScaling (one pair resampled to cubic grids; time end to end, peak RSS of the process):")
+        print("\n".join(scaling))
+    print(f"\nreport in {out} (bench.md, summary.md, metrics.csv, plots, runs/)")
+    return 0
+
+
 COMMANDS: list[Command] = [
     ("register", "register a pair (or a cohort) with a stage stack", _add_register, _run_register),
     ("info", "show a stack's manifest, or list the registry", _add_info, _run_info),
+    ("train", "train a stage stack, stage by stage, with checkpoints, resume and progress events", _add_train, _run_train),
+    ("evaluate", "paper-style evaluation of a stack on pairs: Dice, HD, ASD, TRE, folding, time; tables and plots",
+     _add_evaluate, _run_evaluate),
+    ("bench", "DLIR against elastix on the same pairs: one comparison table and a scaling table", _add_bench, _run_bench),
 ]
 
 
-def build_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlir", description="DLIR: deep-learning image registration (de Vos et al. 2019)")
     parser.add_argument("--version", action="version", version=f"dlir {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text, add, run in commands or COMMANDS:
+    for name, help_text, add, run in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add(p)
         p.set_defaults(run=run)
     return parser
 
 
-def all_commands() -> list[Command]:
-    """The built-in commands plus those of the training and evaluation modules."""
-    from .commands import EXTRA_COMMANDS
-
-    return COMMANDS + EXTRA_COMMANDS
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser(all_commands()).parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return int(args.run(args))

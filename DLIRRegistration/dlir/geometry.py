@@ -89,10 +89,6 @@ class Grid:
         return (self.size[2], self.size[1], self.size[0])
 
     @property
-    def num_voxels(self) -> int:
-        return int(np.prod(self.size))
-
-    @property
     def direction_matrix(self) -> np.ndarray:
         return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
 
@@ -121,15 +117,6 @@ class Grid:
         """Axis-aligned LPS box (lower, upper) in mm enclosing all voxel centres."""
         c = self.corners()
         return c.min(axis=0), c.max(axis=0)
-
-    def with_spacing(self, spacing: Vec3) -> "Grid":
-        """A grid with the same direction and physical extent (voxel-centre box) at another spacing."""
-        extent = (np.asarray(self.size) - 1) * np.asarray(self.spacing)
-        size = np.maximum(np.round(extent / np.asarray(spacing)).astype(int) + 1, 1)
-        new_extent = (size - 1) * np.asarray(spacing)
-        shift = self.direction_matrix @ ((extent - new_extent) / 2)
-        return Grid(tuple(int(s) for s in size), tuple(float(s) for s in spacing),
-                    tuple(float(o) for o in np.asarray(self.origin) + shift), self.direction)
 
     def apply_to(self, image: sitk.Image) -> sitk.Image:
         """Set this grid's spacing, origin and direction on ``image`` (whose size must match)."""

@@ -1,4 +1,5 @@
-"""Registration losses: global and local normalised cross-correlation, bending energy.
+"""Registration losses: global and local normalised cross-correlation, bending energy, and THE
+stage objective that training and test-time refinement both minimise.
 
 Images are ``[N, C, D, H, W]``; displacement fields ``[N, 3, D, H, W]`` in mm.  The DLIR loss is
 ``-NCC + alpha * bending energy`` (paper eq. 1).
@@ -6,8 +7,12 @@ Images are ``[N, C, D, H, W]``; displacement fields ``[N, 3, D, H, W]`` in mm.  
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+from .recipe import StageSpec
 
 
 def ncc(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
@@ -82,3 +87,37 @@ def bending_energy(field: torch.Tensor, spacing: tuple[float, float, float]) -> 
             cross = d1(d1(u, da, ha), db, hb)
             total = total + 2 * crop(cross, (da, db)).pow(2).flatten(1).mean(1)
     return 3 * total  # each mean ran over components too: x3 gives the sum over components
+
+
+def similarity(spec: StageSpec, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+    """A stage's similarity per pair ``[N]`` (1 = perfect): global NCC, or local NCC over ``spec.ncc_window`` voxels."""
+    return local_ncc(fixed, warped, spec.ncc_window) if spec.similarity == "lncc" else ncc(fixed, warped)
+
+
+class StageLoss(NamedTuple):
+    """The stage objective and its two terms, each averaged over the batch."""
+
+    loss: torch.Tensor  # -similarity + alpha * bending, to minimise
+    similarity: torch.Tensor
+    bending: torch.Tensor  # mm^-2; 0 for an affine stage
+
+
+def stage_loss(
+    spec: StageSpec,
+    fixed: torch.Tensor,
+    warped: torch.Tensor,
+    displacement: torch.Tensor | None = None,
+    spacing: tuple[float, float, float] | None = None,
+) -> StageLoss:
+    """``-similarity(fixed, warped) + spec.alpha * bending energy(displacement)`` (paper eq. 1), batch means.
+
+    ``displacement`` ``[N, 3, D, H, W]`` (mm) on a grid of ``spacing`` (x, y, z mm) is the stage's
+    own field (B-spline stages); ``None`` for an affine stage, which has no bending term.
+    """
+    sim = similarity(spec, fixed, warped).mean()
+    if displacement is None:
+        return StageLoss(-sim, sim, torch.zeros((), dtype=sim.dtype, device=sim.device))
+    if spacing is None:
+        raise ValueError("the bending energy of a displacement needs its grid spacing")
+    bending = bending_energy(displacement, spacing).mean()
+    return StageLoss(-sim + spec.alpha * bending, sim, bending)

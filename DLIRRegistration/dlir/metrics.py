@@ -221,26 +221,37 @@ def transform_points_with_field(points_lps: np.ndarray, displacement: sitk.Image
 
 
 # ------------------------------------------------------------------------------------- Jacobian
-def _inside(det: LabelImage, mask: LabelImage | None) -> np.ndarray:
-    values = _array(det)
+#: a Jacobian-determinant map: an image, a ``[k, j, i]`` array or a tensor of any shape (on any device)
+DeterminantMap = sitk.Image | np.ndarray | torch.Tensor
+
+
+def _as_tensor(values: DeterminantMap | LabelImage) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values
+    return torch.from_numpy(np.array(_array(values)))  # a copy: SimpleITK's view is read-only
+
+
+def _inside(det: DeterminantMap, mask: DeterminantMap | None) -> torch.Tensor:
+    """The determinant values inside ``mask`` (its non-zero voxels), or all of them, as a flat tensor."""
+    values = _as_tensor(det)
     if mask is None:
-        return values.ravel()
-    m = _array(mask) != 0
+        return values.reshape(-1)
+    m = _as_tensor(mask).to(values.device) != 0
     if m.shape != values.shape:
         raise InputError("the mask is not on the Jacobian determinant's grid")
     return values[m]
 
 
-def folding_fraction(det: LabelImage, mask: LabelImage | None = None) -> float:
+def folding_fraction(det: DeterminantMap, mask: DeterminantMap | None = None) -> float:
     """Share (0..1) of voxels, inside ``mask`` (non-zero voxels) or the whole grid, where det J <= 0; NaN for an empty mask."""
     values = _inside(det, mask)
-    return float(np.count_nonzero(values <= 0) / values.size) if values.size else math.nan
+    return float((values <= 0).double().mean()) if values.numel() else math.nan
 
 
-def jacobian_std(det: LabelImage, mask: LabelImage | None = None) -> float:
+def jacobian_std(det: DeterminantMap, mask: DeterminantMap | None = None) -> float:
     """Standard deviation (sample, ddof=1) of det J, inside ``mask`` (non-zero voxels) or the whole grid; NaN below 2 voxels."""
-    values = _inside(det, mask).astype(np.float64)
-    return float(values.std(ddof=1)) if values.size > 1 else math.nan
+    values = _inside(det, mask)
+    return float(values.double().std()) if values.numel() > 1 else math.nan
 
 
 def jacobian_determinant_image(displacement: sitk.Image, slab_voxels: int = 1 << 21) -> sitk.Image:

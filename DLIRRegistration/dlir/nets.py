@@ -40,7 +40,7 @@ class AffineNet(nn.Module):
     rotation, shear, scale, translation (see :func:`dlir.transforms.affine_from_parameters`).
     """
 
-    def __init__(self, channels: int = 32, depth: int = 5) -> None:
+    def __init__(self, channels: int, depth: int) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         in_ch = 1
@@ -66,7 +66,7 @@ class BSplineNet(nn.Module):
     spacing in voxels); channels are the (x, y, z) displacement of each control point.
     """
 
-    def __init__(self, levels: int = 3, channels: int = 32) -> None:
+    def __init__(self, levels: int, channels: int) -> None:
         super().__init__()
         if levels < 1:
             raise ValueError("a B-spline network needs at least one downsampling level")

@@ -1,12 +1,13 @@
 """Running a stage stack on a pair: the preprocessing of each stage's inputs and the stage loop.
 
-Shared by inference (:mod:`dlir.register`) and training (:mod:`dlir.train`), so both see exactly
+Shared by inference (:mod:`dlir.register`) and training (:mod:`dlir.training.trainer`), so both see exactly
 the same inputs.  Stage ``k`` sees the fixed image and the moving image warped by
 ``T0 o T1 o ... o T(k-1)`` (``T0`` = initial alignment), both on the stage's network grid.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -17,6 +18,9 @@ from .preprocess import initial_alignment, network_grid, normalise_intensity, sm
 from .recipe import IntensitySpec, StageSpec
 from .stack import Stack
 from .transforms import Composite, SpatialTransform
+
+#: ``step(name)``: a context around one named step (progress, cancel and timing in inference)
+StepHook = Callable[[str], AbstractContextManager[None]]
 
 
 @dataclass
@@ -65,21 +69,21 @@ def run_stages(
     moving: PreparedImage,
     initial: SpatialTransform,
     upto: int | None = None,
-    on_stage: Callable[[int, StageSpec], None] | None = None,
+    step: StepHook | None = None,
 ) -> tuple[list[SpatialTransform], list[torch.Tensor]]:
-    """Run stages ``0 .. upto-1`` (all by default).
+    """Run stages ``0 .. upto-1`` (all by default): THE stage loop of inference and training.
 
     Returns the transforms ``[T0, T1, ..., Tn]`` (``T0`` = ``initial``) and each stage's raw
-    network output.  ``on_stage(k, spec)`` is called before stage ``k`` (progress, cancel).
+    network output.  Each stage runs inside ``step("stage k/n (kind)")`` when given: the hook
+    through which inference reports progress, polls cancel and times the stage.
     """
     transforms: list[SpatialTransform] = [initial]
     raws: list[torch.Tensor] = []
     stages = list(stack.stages)[: upto if upto is not None else len(stack.stages)]
     for k, stage in enumerate(stages):
-        if on_stage is not None:
-            on_stage(k, stage.spec)
-        grid, f, m = stage_inputs(stage.spec, fixed, moving, Composite(transforms))
-        raw = stage.predict(f, m)
-        raws.append(raw)
-        transforms.append(stage.transform(raw, grid))
+        with step(f"stage {k + 1}/{len(stack.stages)} ({stage.spec.kind})") if step is not None else nullcontext():
+            grid, f, m = stage_inputs(stage.spec, fixed, moving, Composite(transforms))
+            raw = stage.predict(f, m)
+            raws.append(raw)
+            transforms.append(stage.transform(raw, grid))
     return transforms, raws

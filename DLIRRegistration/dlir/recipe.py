@@ -12,6 +12,9 @@ from .errors import StackError
 
 StageKind = Literal["affine", "bspline"]
 
+#: the bending-energy weight (per mm^2) of a B-spline stage whose recipe does not set one
+DEFAULT_BENDING_WEIGHT = 5.0
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -37,7 +40,7 @@ class StageSpec:
     max_scale: float = 1.5
     similarity: Literal["ncc", "lncc"] = "ncc"
     ncc_window: int = 9
-    alpha: float = 0.0
+    alpha: float | None = None  # None: 0 for an affine stage, DEFAULT_BENDING_WEIGHT for a B-spline stage
     iterations: int = 1000
     learning_rate: float = 1e-3
     batch_size: int = 1
@@ -47,6 +50,8 @@ class StageSpec:
         object.__setattr__(self, "spacing_mm", tuple(float(s) for s in self.spacing_mm))
         if self.kind not in ("affine", "bspline"):
             raise StackError(f"unknown stage kind {self.kind!r}: expected 'affine' or 'bspline'")
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", DEFAULT_BENDING_WEIGHT if self.kind == "bspline" else 0.0)
         if len(self.spacing_mm) != 3 or min(self.spacing_mm) <= 0:
             raise StackError(f"a stage's spacing_mm must be three positive numbers, got {self.spacing_mm}")
         f = self.control_point_spacing
@@ -117,6 +122,19 @@ class IntensitySpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "IntensitySpec":
         return cls(**data)
+
+
+    def describe(self) -> str:
+        """One line for people: ``window -1000..1000`` or ``percentiles 0.5..99.5``."""
+        what = "window" if self.kind == "window" else "percentiles"
+        return f"{what} {self.low:g}..{self.high:g}"
+
+
+#: the intensity normalisations offered by name: ``dlir train --intensity``, the DLIR Training module
+INTENSITY_PRESETS: dict[str, IntensitySpec] = {
+    "ct": IntensitySpec("window", -1000.0, 1000.0),  # Hounsfield units
+    "mr": IntensitySpec("percentile", 0.5, 99.5),
+}
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ output (instance optimisation).  Trades a second or so for accuracy on hard pair
 
 Only the LAST stage's output is refined (B-spline control points in voxels, or the 12 affine
 parameters); earlier stages stay as the networks made them.  The loss is the stage's own
-``-similarity + alpha * bending energy``, but the similarity is measured on a finer grid than the
+objective (:func:`dlir.losses.stage_loss`), but the similarity is measured on a finer grid than the
 stage's: three quarters of its spacing (not finer than the fixed image's finest spacing), so detail the
 network grid averages away (thin structures, sharp edges) drives the refinement.  On that grid the
 moving image is resampled once through the earlier stages, then through the refined stage at
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .geometry import Grid, sample
-from .losses import bending_energy, local_ncc, ncc
+from .losses import stage_loss
 from .pipeline import PreparedImage
 from .preprocess import network_grid, to_grid
 from .stages import Stage
@@ -57,10 +57,8 @@ def refine(
     for _ in range(steps):
         transform = stage.transform(variable, stage_grid)
         warped = sample(m, outer, transform(points))
-        similarity = local_ncc(f, warped, spec.ncc_window) if spec.similarity == "lncc" else ncc(f, warped)
-        loss = -similarity.mean()
-        if isinstance(transform, DisplacementField) and spec.alpha > 0:
-            loss = loss + spec.alpha * bending_energy(transform.field, stage_grid.spacing).mean()
+        field = transform.field if isinstance(transform, DisplacementField) else None
+        loss = stage_loss(spec, f, warped, field, stage_grid.spacing).loss
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

@@ -19,10 +19,12 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .device import resolve_device
 from .errors import CancelledError, DeviceError, InputError
 from .geometry import Grid, image_to_tensor, sample, tensor_to_image
 from .io import check_image, check_label_map
-from .pipeline import PreparedImage, alignment, stage_inputs
+from .metrics import folding_fraction, jacobian_std
+from .pipeline import PreparedImage, alignment, run_stages, stage_grid
 from .refine import refine
 from .stack import Stack
 from .transforms import Composite, SpatialTransform, jacobian_determinant
@@ -65,17 +67,6 @@ class Registration:
             "jacobian_std": self.jacobian_std,
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
         }
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("no CUDA GPU is available to PyTorch here; choose the CPU (device 'cpu') or 'auto'")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise DeviceError(f"unknown device {device!r}: use auto, cpu or cuda")
-    return torch.device(device)
 
 
 def register(
@@ -174,17 +165,13 @@ def _register(
         initial = alignment(stack, fixed_p, moving_p, initial_mode)
 
     with torch.no_grad():
-        transforms: list[SpatialTransform] = [initial]
-        for k, stage in enumerate(stack.stages):
-            with steps.step(f"stage {k + 1}/{n_stages} ({stage.spec.kind})"):
-                # one stage at a time so that progress and cancel work between stages
-                grid, f, m = stage_inputs(stage.spec, fixed_p, moving_p, Composite(transforms))
-                raw = stage.predict(f, m)
-                transforms.append(stage.transform(raw, grid))
+        transforms, raws = run_stages(stack, fixed_p, moving_p, initial, step=steps.step)
 
     if refine_steps > 0:
         with steps.step(f"refine ({refine_steps} steps)"):
-            transforms[-1] = refine(stack.stages[-1], raw, grid, Composite(transforms[:-1]), fixed_p, moving_p, refine_steps)
+            last = stack.stages[-1]
+            transforms[-1] = refine(last, raws[-1], stage_grid(last.spec, fixed_grid), Composite(transforms[:-1]),
+                                    fixed_p, moving_p, refine_steps)
 
     transform = Composite(transforms)
     with torch.no_grad():
@@ -195,11 +182,10 @@ def _register(
         with steps.step("jacobian"):
             det = jacobian_determinant(displacement, fixed_grid)[0]
             mask = None if fixed_mask is None else torch.from_numpy(sitk.GetArrayFromImage(fixed_mask) > 0).to(device)
-            inside = det if mask is None else det[mask]
-            if inside.numel() == 0:
+            if mask is not None and not bool(mask.any()):
                 raise InputError("the fixed mask is empty: no voxel to compute folding on")
-            folding = float((inside <= 0).double().mean())
-            jac_std = float(inside.double().std()) if inside.numel() > 1 else 0.0
+            folding = folding_fraction(det, mask)
+            jac_std = jacobian_std(det, mask)
 
     return Registration(
         displacement=tensor_to_image(displacement[0].movedim(0, -1), fixed_grid),

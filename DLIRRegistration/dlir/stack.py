@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,30 @@ def resolve_stack(stack: str | Path, extra_dirs: tuple[Path, ...] = ()) -> Path:
             return info.path
     names = ", ".join(i.name for i in list_stacks(extra_dirs)) or "none"
     raise StackError(f"no stack named {stack!r} in the registry (available: {names}); give a path to a .safetensors file")
+
+
+def install_stack(source: str | Path, folder: str | Path | None = None, overwrite: bool = False) -> StackInfo:
+    """Validate a stack file (fully loaded) and copy it into ``folder`` as ``NAME.safetensors``, atomically.
+
+    ``folder`` defaults to the user's model folder (:func:`user_models_dir`), where the registry
+    finds it.  Installing a file onto itself does nothing.  Raises :class:`StackError` with one
+    sentence when the file is not a usable stack, or when another file of that name is already
+    there (unless ``overwrite``).
+    """
+    source = Path(source)
+    load_stack(source)
+    manifest = read_manifest(source)
+    folder = Path(folder) if folder else user_models_dir()
+    target = folder / f"{manifest.name}{SUFFIX}"
+    if target.exists() and target.resolve() == source.resolve():
+        return StackInfo(manifest.name, target, manifest)
+    if target.exists() and not overwrite:
+        raise StackError(f"a stack named {manifest.name} already exists in {folder} ({target.name}); rename or remove it first")
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(target.name + ".tmp")
+    shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
+    return StackInfo(manifest.name, target, manifest)
 
 
 def describe(manifest: Manifest, path: Path | None = None) -> str:

@@ -26,11 +26,6 @@ class SpatialTransform(Protocol):
     def __call__(self, points: torch.Tensor) -> torch.Tensor: ...
 
 
-def _broadcast(vec: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-batch ``[N, 3]`` vector to broadcast against points ``[N, ..., 3]``."""
-    return vec.reshape(vec.shape[0], *([1] * (points.dim() - 2)), 3)
-
-
 @dataclass
 class AffineTransform:
     """``T(x) = A x + b`` with ``matrix`` A ``[N, 3, 3]`` and ``offset`` b ``[N, 3]`` (LPS mm)."""

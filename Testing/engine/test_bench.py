@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from dlir.bench import ELASTIX, ScalingRow, comparison_table, resample_cubic, scaling_table
+
 from dlir.cli import main
-from dlir.elastix import ElastixMissingError, elastix_available, require_elastix
-from dlir.evaluate import IDENTITY, Score
-from dlir.measure import Measurement
+from dlir.evaluation.bench import ELASTIX, ScalingRow, comparison_table, resample_cubic, scaling_table
+from dlir.evaluation.elastix import ElastixMissingError, elastix_available, require_elastix
+from dlir.evaluation.measure import Measurement
+from dlir.evaluation.scores import IDENTITY, Score
 from dlir.recipe import Recipe, StageSpec
 from dlir.stack import Manifest, build_stack, save_stack
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from dlir.cli import main
-from dlir.evaluate import stack_chooser
+from dlir.evaluation.evaluate import stack_chooser
 from dlir.pairs import Pair, read_pairs
 from dlir.recipe import Recipe, StageSpec
 from dlir.stack import Manifest, build_stack, save_stack

@@ -7,11 +7,12 @@ import pytest
 import SimpleITK as sitk
 
 from dlir.errors import CancelledError, DeviceError, InputError
+from dlir.geometry import image_to_tensor
 from dlir.losses import ncc
 from dlir.recipe import Recipe, StageSpec
-from dlir.register import register, resolve_device
+from dlir.device import resolve_device
+from dlir.register import register
 from dlir.stack import Manifest, build_stack
-from dlir.geometry import image_to_tensor
 
 
 def blob_image(shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0), origin=(-20.0, -20.0, -16.0)) -> sitk.Image:

@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 from dlir.geometry import Grid, image_to_tensor, sample
 from dlir.register import register
 from dlir.stack import load_stack
-from dlir.synthetic import synthetic_pair
-from dlir.train_config import SyntheticSpec, TrainConfig
-from dlir.train_events import EVENT_TYPES
+from dlir.training.config import SyntheticSpec, TrainConfig
+from dlir.training.events import EVENT_TYPES
+from dlir.training.synthetic import synthetic_pair
 from dlir.transforms import grid_points
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,7 +147,7 @@ def test_config_as_run_resolves_paths_and_flags_override(tmp_path: Path) -> None
     assert Path(config.data.images).is_absolute()
     from argparse import ArgumentParser
 
-    from dlir.train_config import add_flags, apply_flags
+    from dlir.training.config import add_flags, apply_flags
 
     parser = ArgumentParser()
     add_flags(parser)
@@ -264,7 +264,7 @@ def test_listed_pairs_train_without_synthetic_pairs(tmp_path: Path) -> None:
 
     from dataclasses import replace
 
-    from dlir.train import Trainer
+    from dlir.training.trainer import Trainer
 
     trainer = Trainer(replace(TrainConfig.read(config), data=replace(TrainConfig.read(config).data, synthetic_fraction=0.0)),
                       tmp_path / "unused")

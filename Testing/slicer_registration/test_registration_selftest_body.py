@@ -30,7 +30,7 @@ def test_stack_chooser_lists_summarises_and_adds(user_models, stack_file, tmp_pa
     summary = stacks.stackSummary(listed["fresh-small"])
     assert summary.startswith("fresh-small | any modality, any anatomy | affine 8x8x8 mm, bspline 4x4x4 mm")
     assert "name:        fresh-small" in stacks.stackDetails(listed["fresh-small"])
-    with pytest.raises(StackError, match="already in"):
+    with pytest.raises(StackError, match="already exists in"):
         stacks.addStackFromFile(_copy(stack_file, tmp_path))
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"x" * 64)

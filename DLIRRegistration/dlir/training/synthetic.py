@@ -16,10 +16,10 @@ import math
 
 import torch
 
-from .geometry import Grid, sample
-from .nets import cubic_bspline
-from .train_config import SyntheticSpec
-from .transforms import AffineTransform, Composite, DisplacementField, grid_points
+from ..geometry import Grid, sample
+from ..nets import cubic_bspline
+from ..transforms import AffineTransform, Composite, DisplacementField, grid_points
+from .config import SyntheticSpec
 
 
 def _uniform(generator: torch.Generator, bound: float, n: int = 3) -> torch.Tensor:

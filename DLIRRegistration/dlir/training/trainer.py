@@ -1,7 +1,7 @@
 """Training a stage stack the DLIR way: one stage at a time, coarse to fine, earlier stages frozen.
 
 Each iteration draws ``batch_size`` pairs (synthetic, listed or random inter-image, see
-:mod:`dlir.train_config`), runs the frozen earlier stages exactly as inference does
+:mod:`dlir.training.config`), runs the frozen earlier stages exactly as inference does
 (:mod:`dlir.pipeline`), and minimises ``-similarity(fixed, warped) + alpha * bending energy`` for
 the current stage with Adam.  B-spline stages train on random patches of the stage grid (cut at
 control-point boundaries, so the control-point lattice is the one inference uses); the affine
@@ -34,33 +34,30 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import __version__
-from .errors import CancelledError, DLIRError, InputError
-from .geometry import Grid, sample
-from .losses import bending_energy, local_ncc, ncc
-from .pipeline import PreparedImage, alignment, run_stages, stage_inputs
-from .recipe import StageSpec
-from .register import resolve_device
-from .stack import Manifest, Stack, build_stack, save_stack
+from .. import __version__
+from ..device import resolve_device
+from ..errors import CancelledError, DLIRError, InputError
+from ..geometry import Grid, sample
+from ..losses import ncc, stage_loss
+from ..metrics import dice, folding_fraction
+from ..pipeline import PreparedImage, alignment, run_stages, stage_inputs
+from ..stack import Manifest, Stack, build_stack, save_stack
+from ..transforms import Composite, DisplacementField, SpatialTransform, displacement_on_grid, grid_points, jacobian_determinant
+from .config import TrainConfig
+from .data import TrainingImage, find_images, load_image, pair_groups
+from .events import EventLog
+from .jobfolder import CHECKPOINT, CONFIG_FILE, EVENTS_FILE, LOG_FILE, stack_file
 from .synthetic import synthetic_pair
-from .train_config import TrainConfig
-from .train_data import TrainingImage, find_images, load_image, pair_groups
-from .train_events import EventLog
-from .transforms import Composite, DisplacementField, SpatialTransform, displacement_on_grid, grid_points, jacobian_determinant
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.toml"
-EVENTS_FILE = "events.jsonl"
-LOG_FILE = "train.log"
-CHECKPOINT = Path("checkpoints") / "last.pt"
 CHECKPOINT_FORMAT = "dlir-checkpoint"
 #: exit code of a job stopped by a signal after writing its checkpoint (as shells report SIGINT)
 EXIT_STOPPED = 130
 
 
 @dataclass
-class Pair:
+class TrainingPair:
     """One training or validation pair on training grids; labels ``[1, 1, D, H, W]`` when known."""
 
     fixed: PreparedImage
@@ -96,21 +93,24 @@ def patch_grid(grid: Grid, offset: tuple[int, int, int], size: tuple[int, int, i
     return Grid(size, grid.spacing, origin, grid.direction)
 
 
-def similarity(spec: StageSpec, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
-    """The stage's similarity per pair ``[N]`` (NCC or local NCC; 1 = perfect)."""
-    return local_ncc(fixed, warped, spec.ncc_window) if spec.similarity == "lncc" else ncc(fixed, warped)
+@torch.no_grad()
+def validation_scores(pair: TrainingPair, transform: SpatialTransform) -> tuple[float, float, dict[int, float]]:
+    """(NCC, folding fraction, Dice per label of the fixed labels) of ``transform`` (fixed -> moving, LPS mm) on a pair.
 
-
-def dice_per_label(fixed: torch.Tensor, warped: torch.Tensor) -> dict[str, float]:
-    """Dice of every non-zero label of ``fixed`` against ``warped`` (label maps on one grid)."""
-    scores = {}
-    for value in torch.unique(fixed).tolist():
-        if value == 0:
-            continue
-        a, b = fixed == value, warped == value
-        total = int(a.sum() + b.sum())
-        scores[str(int(value))] = 2 * int((a & b).sum()) / total if total else 1.0
-    return scores
+    Everything on the fixed image's grid, with the one implementation of the metrics
+    (:mod:`dlir.metrics`) that inference and evaluation use; labels are warped by nearest neighbour.
+    """
+    grid, device = pair.fixed.grid, pair.fixed.tensor.device
+    points = transform(grid_points(grid, 1, device))
+    warped = sample(pair.moving.tensor, pair.moving.grid, points)
+    det = jacobian_determinant(displacement_on_grid(transform, grid, 1, device), grid)
+    scores: dict[int, float] = {}
+    if pair.fixed_labels is not None and pair.moving_labels is not None:
+        warped_labels = sample(pair.moving_labels.to(device), pair.moving.grid, points, mode="nearest")
+        reference = pair.fixed_labels[0, 0].cpu().numpy()
+        present = [int(v) for v in torch.unique(pair.fixed_labels).tolist() if v != 0]  # the fixed image's labels
+        scores = dice(reference, warped_labels[0, 0].cpu().numpy(), present)
+    return float(ncc(pair.fixed.tensor, warped)), folding_fraction(det), scores
 
 
 # ----------------------------------------------------------------------------------- trainer
@@ -135,7 +135,7 @@ class Trainer:
         self.stop_signal: str | None = None
         self.writer = self._tensorboard() if tensorboard and self.main else None
         self.train_images: list[TrainingImage] = []
-        self.validation: list[Pair] = []
+        self.validation: list[TrainingPair] = []
         self.listed: list[tuple[TrainingImage, TrainingImage]] = []
         self.baseline: dict[str, Any] = {}
 
@@ -191,11 +191,11 @@ class Trainer:
             for _ in range(c.data.validation_pairs_per_image):
                 fixed, moving, _, fixed_labels = synthetic_pair(im.prepared.tensor, im.prepared.grid, replace(c.synthetic, noise=0.0, intensity=0.0),
                                                                 generator, im.labels)
-                self.validation.append(Pair(PreparedImage(fixed, im.prepared.grid), PreparedImage(moving, im.prepared.grid),
+                self.validation.append(TrainingPair(PreparedImage(fixed, im.prepared.grid), PreparedImage(moving, im.prepared.grid),
                                             fixed_labels, im.labels))
 
     # ------------------------------------------------------------------------------- pairs
-    def draw_pair(self, generator: torch.Generator) -> Pair:
+    def draw_pair(self, generator: torch.Generator) -> TrainingPair:
         """A synthetic, listed or random inter-image pair (see ``data.synthetic_fraction``)."""
         c = self.config
         images = self.train_images
@@ -203,17 +203,17 @@ class Trainer:
         if synthetic:
             im = images[_randint(generator, len(images))]
             fixed, moving, _, _ = synthetic_pair(im.prepared.tensor, im.prepared.grid, c.synthetic, generator)
-            return Pair(PreparedImage(fixed.to(self.device), im.prepared.grid), PreparedImage(moving.to(self.device), im.prepared.grid))
+            return TrainingPair(PreparedImage(fixed.to(self.device), im.prepared.grid), PreparedImage(moving.to(self.device), im.prepared.grid))
         if self.listed:
             a, b = self.listed[_randint(generator, len(self.listed))]
         else:
             i = _randint(generator, len(images))
             j = (i + 1 + _randint(generator, len(images) - 1)) % len(images)
             a, b = images[i], images[j]
-        return Pair(PreparedImage(a.prepared.tensor.to(self.device), a.prepared.grid),
+        return TrainingPair(PreparedImage(a.prepared.tensor.to(self.device), a.prepared.grid),
                     PreparedImage(b.prepared.tensor.to(self.device), b.prepared.grid))
 
-    def frozen_transforms(self, k: int, pair: Pair) -> list[SpatialTransform]:
+    def frozen_transforms(self, k: int, pair: TrainingPair) -> list[SpatialTransform]:
         """``[T0, T1, ..., Tk]``: the initial alignment and the trained stages before stage ``k``."""
         with torch.no_grad():
             initial = alignment(self.stack, pair.fixed, pair.moving)
@@ -221,7 +221,7 @@ class Trainer:
         return transforms
 
     # ------------------------------------------------------------------------------- loss
-    def pair_loss(self, k: int, net: torch.nn.Module, pair: Pair, generator: torch.Generator) -> tuple[torch.Tensor, float, float]:
+    def pair_loss(self, k: int, net: torch.nn.Module, pair: TrainingPair, generator: torch.Generator) -> tuple[torch.Tensor, float, float]:
         """(loss, similarity, bending) of stage ``k`` on one pair (a random patch for B-spline stages)."""
         stage = self.stack.stages[k]
         spec = stage.spec
@@ -237,14 +237,12 @@ class Trainer:
             transform = stage.transform(net(f_patch, m_patch), region)
             assert isinstance(transform, DisplacementField)
             warped = sample(m, grid, grid_points(region, 1, f.device) + transform.field.movedim(1, -1))
-            sim = similarity(spec, f_patch, warped).mean()
-            bending = bending_energy(transform.field, region.spacing).mean()
-            loss = -sim + spec.alpha * bending
-            return loss, sim.item(), bending.item()
-        transform = stage.transform(net(f, m), grid)
-        warped = sample(m, grid, transform(grid_points(grid, 1, f.device)))
-        sim = similarity(spec, f, warped).mean()
-        return -sim, sim.item(), 0.0
+            terms = stage_loss(spec, f_patch, warped, transform.field, region.spacing)
+        else:
+            transform = stage.transform(net(f, m), grid)
+            warped = sample(m, grid, transform(grid_points(grid, 1, f.device)))
+            terms = stage_loss(spec, f, warped)
+        return terms.loss, terms.similarity.item(), terms.bending.item()
 
     # ------------------------------------------------------------------------------- validation
     @torch.no_grad()
@@ -254,27 +252,21 @@ class Trainer:
         ``k = -1``: the initial alignment alone (the numbers before registration).
         """
         self.stack.eval()
-        dice: dict[str, list[float]] = {}
+        dice_scores: dict[str, list[float]] = {}
         folding, sims = [], []
         for pair in self.validation:
-            pair = Pair(PreparedImage(pair.fixed.tensor.to(self.device), pair.fixed.grid),
+            pair = TrainingPair(PreparedImage(pair.fixed.tensor.to(self.device), pair.fixed.grid),
                         PreparedImage(pair.moving.tensor.to(self.device), pair.moving.grid), pair.fixed_labels, pair.moving_labels)
             transforms, _ = run_stages(self.stack, pair.fixed, pair.moving, alignment(self.stack, pair.fixed, pair.moving), upto=k + 1)
-            transform = Composite(transforms)
-            grid = pair.fixed.grid
-            points = transform(grid_points(grid, 1, self.device))
-            warped = sample(pair.moving.tensor, pair.moving.grid, points)
-            sims.append(float(ncc(pair.fixed.tensor, warped)))
-            det = jacobian_determinant(displacement_on_grid(transform, grid, 1, self.device), grid)
-            folding.append(float((det <= 0).float().mean()))
-            if pair.fixed_labels is not None and pair.moving_labels is not None:
-                warped_labels = sample(pair.moving_labels.to(self.device), pair.moving.grid, points, mode="nearest")
-                for label, value in dice_per_label(pair.fixed_labels.to(self.device), warped_labels).items():
-                    dice.setdefault(label, []).append(value)
+            similarity, pair_folding, pair_dice = validation_scores(pair, Composite(transforms))
+            sims.append(similarity)
+            folding.append(pair_folding)
+            for label, value in pair_dice.items():
+                dice_scores.setdefault(str(label), []).append(value)
         self.stack.train()
         metrics: dict[str, Any] = {"ncc": sum(sims) / len(sims), "folding": sum(folding) / len(folding)}
-        if dice:
-            metrics["dice"] = {label: sum(v) / len(v) for label, v in sorted(dice.items(), key=lambda kv: int(kv[0]))}
+        if dice_scores:
+            metrics["dice"] = {label: sum(v) / len(v) for label, v in sorted(dice_scores.items(), key=lambda kv: int(kv[0]))}
             metrics["dice_mean"] = sum(metrics["dice"].values()) / len(metrics["dice"])
         return metrics
 
@@ -352,7 +344,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        path = self.job_dir / f"{c.name}.safetensors"
+        path = stack_file(self.job_dir, c.name)
         if self.main:
             self.stack.manifest = self._final_manifest(time.monotonic() - started)
             save_stack(self.stack, path)
@@ -527,7 +519,7 @@ def train(config: TrainConfig, job_dir: str | Path, resume: bool = False, progre
     ``error`` event.  A stop by SIGINT/SIGTERM writes a checkpoint and raises
     :class:`CancelledError`.
     """
-    from .train_events import stdout_echo
+    from .events import stdout_echo
 
     job = Path(job_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -542,7 +534,7 @@ def train(config: TrainConfig, job_dir: str | Path, resume: bool = False, progre
         if rank == 0:
             job.mkdir(parents=True, exist_ok=True)
             if not resume:
-                if (job / CHECKPOINT).exists() or (job / f"{config.name}.safetensors").exists():
+                if (job / CHECKPOINT).exists() or stack_file(job, config.name).exists():
                     raise InputError(f"the job folder {job} already holds a job; resume it with --resume or choose another --out")
                 (job / CONFIG_FILE).write_text(config.to_toml(), encoding="utf-8")
             handler = logging.FileHandler(job / LOG_FILE, encoding="utf-8")

@@ -14,9 +14,9 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .evaluate import IDENTITY, MethodOutput, Score, display_name, methods_in_order
-from .metrics import jacobian_determinant_image
-from .pairs import PairData
+from ..metrics import jacobian_determinant_image
+from ..pairs import PairData
+from .scores import IDENTITY, MethodOutput, Score, display_name, methods_in_order
 
 
 def _pyplot():
@@ -118,6 +118,12 @@ def jacobian_histograms(scores: Sequence[Score], path: Path) -> Path | None:
         ax.axis("off")
     fig.suptitle("Jacobian determinant inside the evaluation mask (red line: folding at det J <= 0)", fontsize=10)
     return _save(fig, path, plt)
+
+
+def pair_panels(data: PairData, outputs: dict[str, MethodOutput], folder: Path) -> list[Path]:
+    """One :func:`pair_panel` per registration method of a pair (not the identity): ``folder/PAIR_METHOD.png``."""
+    return [pair_panel(data, method, output, folder / f"{data.pair.id}_{method}.png")
+            for method, output in outputs.items() if method != IDENTITY]
 
 
 def pair_panel(data: PairData, method: str, output: MethodOutput, path: Path) -> Path:

@@ -1,12 +1,12 @@
 """``dlir bench``: DLIR against elastix on the same pairs, one after the other in one run.
 
-Each method runs in its own fresh process (:mod:`dlir.measure`): read, register, write, with its
-peak memory.  All are scored by the same code (:mod:`dlir.evaluate`).  Printed: one comparison
+Each method runs in its own fresh process (:mod:`dlir.evaluation.measure`): read, register, write, with its
+peak memory.  All are scored by the same code (:mod:`dlir.evaluation.evaluate`).  Printed: one comparison
 table (Dice, HD95, TRE, folding, time and the speed ratio elastix / method) and a scaling table
 (time and peak memory of each method for one pair resampled to several cubic sizes).
 
 Methods: DLIR on the CPU (and on the GPU when PyTorch sees one), DLIR with test-time refinement
-when ``refine`` > 0, elastix with the paper's settings (:mod:`dlir.elastix`).
+when ``refine`` > 0, elastix with the paper's settings (:mod:`dlir.evaluation.elastix`).
 """
 
 from __future__ import annotations
@@ -21,22 +21,13 @@ from typing import Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__
+from .. import __version__
+from ..errors import InputError
+from ..pairs import Pair, load_pair, read_pairs, sample_pair
 from .elastix import INSTALL_HINT, ElastixMissingError, ElastixSettings, elastix_available
-from .errors import InputError
-from .evaluate import (
-    IDENTITY,
-    MethodOutput,
-    Score,
-    display_name,
-    identity_output,
-    method_name,
-    score,
-    stack_chooser,
-    write_report,
-)
+from .evaluate import identity_output, method_name, score, stack_chooser, write_report
 from .measure import Measurement, RunSpec, measure
-from .pairs import Pair, load_pair, read_pairs, sample_pair
+from .scores import IDENTITY, MethodOutput, Score, display_name
 
 ELASTIX = "elastix"
 #: cubic grid sizes (voxels per side) of the scaling table
@@ -101,7 +92,7 @@ def _specs(config: BenchConfig, pair: Pair, folder: Path, stack: Path) -> dict[s
 
 
 def read_run_output(folder: Path, measurement: Measurement) -> MethodOutput:
-    """The outputs a measured run wrote (see :mod:`dlir.measure`) as a :class:`MethodOutput`."""
+    """The outputs a measured run wrote (see :mod:`dlir.evaluation.measure`) as a :class:`MethodOutput`."""
     transform = sitk.ReadTransform(str(folder / "transform.h5"))
     if isinstance(transform, sitk.CompositeTransform):
         transform = transform.GetNthTransform(0)
@@ -334,11 +325,9 @@ def bench_command(
 
     def panels(data, outputs: dict[str, MethodOutput], _scores) -> None:
         if plots:
-            from .plots import pair_panel
+            from .plots import pair_panels
 
-            for key, output in outputs.items():
-                if key != IDENTITY:
-                    pair_panel(data, key, output, config.out / "panels" / f"{data.pair.id}_{key}.png")
+            pair_panels(data, outputs, config.out / "panels")
 
     scores, measurements = run_pairs(config, log, panels)
     comparison = comparison_table(scores, measurements)

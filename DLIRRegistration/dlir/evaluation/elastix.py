@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import DLIRError
+from ..errors import DLIRError
 
 ELASTIX_REQUIREMENT = "itk-elastix==0.25.4"
 INSTALL_HINT = (

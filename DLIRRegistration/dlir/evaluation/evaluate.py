@@ -12,7 +12,7 @@ mask (the fixed mask, else the fixed labels, else the whole fixed image), and ti
 Outputs (:func:`write_report`): ``metrics.csv`` (one row per pair x label x method, plus one
 ``all`` row per pair x method with the pair's means and pair-level numbers), ``timings.csv``,
 ``summary.md`` (mean ± std over pairs, like the paper's tables) and the plots of
-:mod:`dlir.plots`.
+:mod:`dlir.evaluation.plots`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import math
 import time
-from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -28,8 +27,9 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
-from .metrics import (
+from ..device import resolve_device
+from ..errors import InputError
+from ..metrics import (
     folding_fraction,
     jacobian_determinant_image,
     jacobian_std,
@@ -37,65 +37,13 @@ from .metrics import (
     target_registration_error,
     transform_points_with_field,
 )
-from .pairs import Pair, PairData, load_pair, read_pairs
-from .register import register, resolve_device
-from .stack import Stack, load_stack, resolve_stack
+from ..pairs import Pair, PairData, load_pair, read_pairs
+from ..register import register
+from ..stack import Stack, load_stack, resolve_stack
+from .scores import IDENTITY, LABEL_METRICS, MethodOutput, Score, display_name, methods_in_order
 
-IDENTITY = "identity"
-#: label metrics, in table order
-LABEL_METRICS = ("dice", "hd", "hd95", "asd")
 #: at most this many Jacobian values per pair and method are kept for the histograms
 _HISTOGRAM_SAMPLES = 200_000
-
-
-@dataclass
-class MethodOutput:
-    """What one method produced for one pair, on the fixed grid (LPS mm).
-
-    ``displacement`` is ``None`` for the identity (before registration).  ``timings`` are seconds
-    per step; ``total_s`` is the end-to-end time when it was measured as a whole (read, register,
-    write), else the sum of the steps.  ``peak_rss_mb`` is the peak memory of the process that ran
-    the method, when it ran in its own process (``dlir bench``).
-    """
-
-    displacement: sitk.Image | None
-    warped: sitk.Image
-    warped_labels: sitk.Image | None
-    timings: dict[str, float] = field(default_factory=dict)
-    total_s: float | None = None
-    peak_rss_mb: float | None = None
-
-    @property
-    def time_s(self) -> float:
-        return self.total_s if self.total_s is not None else float(sum(self.timings.values()))
-
-
-@dataclass
-class Score:
-    """The numbers of one method on one pair (distances in mm, times in s)."""
-
-    pair: str
-    method: str
-    labels: dict[int, dict[str, float]]  # label -> dice, hd, hd95, asd
-    tre: np.ndarray | None  # per landmark, mm
-    gt_error: dict[str, float]  # mean, max (fixed image); mask_mean, mask_max (evaluation mask)
-    folding_fraction: float  # det J <= 0, share of the evaluation mask (NaN for the identity)
-    folding_fraction_image: float  # det J <= 0, share of the whole fixed image
-    jacobian_std: float  # inside the evaluation mask
-    jacobian_sample: np.ndarray | None  # det J values inside the mask (subsampled), for histograms
-    timings: dict[str, float]
-    time_s: float
-    peak_rss_mb: float | None = None
-
-    def label_mean(self, metric: str) -> float:
-        """Mean of ``metric`` over this pair's labels (NaN without labels)."""
-        values = [v[metric] for v in self.labels.values()]
-        return float(np.mean(values)) if values else math.nan
-
-    def tre_stat(self, stat: str) -> float:
-        if self.tre is None or len(self.tre) == 0:
-            return math.nan
-        return float({"mean": np.mean, "median": np.median, "max": np.max}[stat](self.tre))
 
 
 # ------------------------------------------------------------------------------------- scoring
@@ -287,17 +235,6 @@ def write_timings_csv(scores: Sequence[Score], path: Path) -> Path:
     return path
 
 
-def display_name(method: str) -> str:
-    """A method key as the tables show it."""
-    if method == IDENTITY:
-        return "Before registration"
-    base, _, device = method.partition("@")
-    name = "elastix" if base == "elastix" else "DLIR"
-    if base.startswith("dlir+refine"):
-        name += f" + refine {base[len('dlir+refine'):]}"
-    return f"{name} ({device})" if device else name
-
-
 def mean_std(values: Iterable[float], scale: float = 1.0, digits: int = 2) -> str:
     """``mean ± std`` of the finite values (``–`` when there are none)."""
     finite = np.asarray([v * scale for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
@@ -306,10 +243,6 @@ def mean_std(values: Iterable[float], scale: float = 1.0, digits: int = 2) -> st
     if finite.size == 1:
         return f"{finite[0]:.{digits}f}"
     return f"{finite.mean():.{digits}f} ± {finite.std(ddof=1):.{digits}f}"
-
-
-def methods_in_order(scores: Sequence[Score]) -> list[str]:
-    return list(dict.fromkeys(s.method for s in scores))
 
 
 def summary_table(scores: Sequence[Score]) -> list[str]:
@@ -442,11 +375,9 @@ def evaluate_command(pairs_source: str, stacks: Sequence[str], out: Path, refine
 
     def on_pair(data: PairData, outputs: dict[str, MethodOutput], pair_scores: list[Score]) -> None:
         if plots and panels:
-            from .plots import pair_panel
+            from .plots import pair_panels
 
-            for method, output in outputs.items():
-                if method != IDENTITY:
-                    pair_panel(data, method, output, out / "panels" / f"{data.pair.id}_{method}.png")
+            pair_panels(data, outputs, out / "panels")
 
     scores = evaluate_pairs(pairs, methods, on_pair)
     used = sorted({str(choose(p.id)) for p in pairs})

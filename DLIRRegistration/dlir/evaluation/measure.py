@@ -1,6 +1,6 @@
 """One registration in a fresh process, measured: end-to-end time and peak memory.
 
-``dlir bench`` runs every method this way (``python -m dlir.measure SPEC.json``), so each run
+``dlir bench`` runs every method this way (``python -m dlir.evaluation.measure SPEC.json``), so each run
 starts from the same state and its peak resident memory (RSS of the whole process: PyTorch and
 ITK allocations included, which ``tracemalloc`` would miss) is its own.
 
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import DLIRError
+from ..errors import DLIRError
 
 if TYPE_CHECKING:
     from .elastix import ElastixSettings
@@ -86,8 +86,8 @@ def _peak_rss_mb() -> float:
 def _run_dlir(spec: RunSpec) -> Measurement:
     import torch
 
-    from .cli import register_pair
-    from .stack import load_stack
+    from ..outputs import register_pair
+    from ..stack import load_stack
 
     torch.set_num_threads(spec.threads)
     t = time.perf_counter()
@@ -125,9 +125,9 @@ def _elastix_once(spec: RunSpec, settings: ElastixSettings) -> tuple[float, dict
     """
     import SimpleITK as sitk
 
+    from ..io import read_image, write_image, write_transform
+    from ..metrics import jacobian_determinant_image
     from .elastix import register_elastix
-    from .io import read_image, write_image, write_transform
-    from .metrics import jacobian_determinant_image
 
     out = Path(spec.out)
     t0 = time.perf_counter()
@@ -165,7 +165,7 @@ def measure(spec: RunSpec, timeout_s: float | None = None) -> Measurement:
     spec_path = out / "spec.json"
     spec_path.write_text(json.dumps(asdict(spec), indent=2), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads)}
-    proc = subprocess.run([sys.executable, "-m", "dlir.measure", str(spec_path)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "dlir.evaluation.measure", str(spec_path)], capture_output=True, text=True,
                           timeout=timeout_s, env=env)
     if proc.returncode != 0:
         lines = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()
@@ -176,7 +176,7 @@ def measure(spec: RunSpec, timeout_s: float | None = None) -> Measurement:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m dlir.measure SPEC.json", file=sys.stderr)
+        print("usage: python -m dlir.evaluation.measure SPEC.json", file=sys.stderr)
         return 2
     spec = RunSpec(**json.loads(Path(args[0]).read_text(encoding="utf-8")))
     try:

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
-from .geometry import Grid, image_to_tensor, sample
-from .io import IMAGE_SUFFIXES, check_image, check_label_map, read_image
-from .pipeline import PreparedImage
-from .preprocess import network_grid, normalise_intensity, smooth_for_spacing
-from .recipe import IntensitySpec
-from .transforms import grid_points
+from ..errors import InputError
+from ..geometry import Grid, image_to_tensor, sample
+from ..io import IMAGE_SUFFIXES, check_image, check_label_map, read_image
+from ..pipeline import PreparedImage
+from ..preprocess import network_grid, normalise_intensity, smooth_for_spacing
+from ..recipe import IntensitySpec
+from ..transforms import grid_points
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ Layout of ``CONFIG.toml`` (every key optional except ``data.images``; defaults b
                                       # the CSV has a pair column, else random inter-image pairs
     validation_pairs_per_image = 2
 
-    [synthetic]                       # random deformations of one image (see dlir.synthetic)
+    [synthetic]                       # random deformations of one image (see dlir.training.synthetic)
     control_point_spacing_mm = 40.0
     displacement_mm = 4.0
     rotation_deg = 6.0
@@ -50,17 +50,18 @@ as run (``config.toml``, absolute paths), which ``--resume`` reads back.
 from __future__ import annotations
 
 import argparse
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, StackError
-from .recipe import IntensitySpec, Recipe, StageSpec
+from ..errors import InputError, StackError
+from ..recipe import DEFAULT_BENDING_WEIGHT, INTENSITY_PRESETS, Recipe, StageSpec
 from .toml_writer import dumps
 
 #: stage settings that can be given per stage on the command line (one value, or a comma list)
-STAGE_FLAGS = ("iterations", "learning_rate", "batch_size", "patch_size", "alpha")
+STAGE_FLAGS = ("iterations", "learning_rate", "batch_size", "patch_size", "alpha", "channels")
 
 
 @dataclass(frozen=True)
@@ -107,15 +108,66 @@ class DataSpec:
             raise InputError("data.validation_count and data.validation_pairs_per_image must not be negative")
 
 
+@dataclass(frozen=True)
+class Outline:
+    """A stack's recipe from the few choices a user makes: THE defaults of ``dlir train`` and of
+    the DLIR Training module (which builds its configuration through this class).
+
+    An affine stage (``affine``) on a grid of twice ``grid_spacing_mm``, then one B-spline stage
+    per entry of ``control_points_mm`` (control-point spacings in mm, coarse to fine), all on a
+    ``grid_spacing_mm`` (mm) grid, so each must be the grid spacing times a power of two (>= 2).
+    ``channels`` kernels per convolution; iterations per affine and per B-spline stage; the
+    learning rate, batch size and patch size (voxels of the stage grid) of every stage; the bending
+    weight ``alpha`` of the B-spline stages (per mm^2); ``intensity`` a name of
+    :data:`dlir.recipe.INTENSITY_PRESETS`.
+    """
+
+    affine: bool = True
+    control_points_mm: tuple[float, ...] = (32.0, 16.0)
+    grid_spacing_mm: float = 4.0
+    channels: int = StageSpec.channels
+    affine_iterations: int = StageSpec.iterations
+    bspline_iterations: int = StageSpec.iterations
+    learning_rate: float = StageSpec.learning_rate
+    batch_size: int = StageSpec.batch_size
+    patch_size: int = StageSpec.patch_size
+    alpha: float = DEFAULT_BENDING_WEIGHT
+    intensity: str = "mr"
+
+    def recipe(self) -> Recipe:
+        """The recipe; raises :class:`InputError` with one sentence naming the first unusable choice."""
+        g = float(self.grid_spacing_mm)
+        if not (math.isfinite(g) and g > 0):
+            raise InputError("the grid spacing must be a positive number of mm")
+        if not self.affine and not self.control_points_mm:
+            raise InputError("the recipe has no stage: keep the affine stage or give B-spline control-point spacings")
+        if self.intensity not in INTENSITY_PRESETS:
+            raise InputError(f"unknown intensity normalisation {self.intensity!r}: choose {' or '.join(INTENSITY_PRESETS)}")
+        previous = math.inf
+        for mm in self.control_points_mm:
+            factor = mm / g
+            if not math.isfinite(factor) or mm <= 0 or abs(factor - round(factor)) > 1e-6 or round(factor) < 2 \
+                    or round(factor) & (round(factor) - 1):
+                allowed = ", ".join(f"{g * 2 ** n:g}" for n in range(1, 5))
+                raise InputError(f"a B-spline control-point spacing of {mm:g} mm does not fit the {g:g} mm grid: "
+                                 f"it must be the grid spacing times a power of two ({allowed} mm)")
+            if mm > previous:
+                raise InputError("list the B-spline control-point spacings coarse to fine (largest first), e.g. '32, 16'")
+            previous = mm
+        common = dict(channels=int(self.channels), learning_rate=float(self.learning_rate),
+                      batch_size=int(self.batch_size), patch_size=int(self.patch_size))
+        stages = [StageSpec("affine", spacing_mm=(2 * g,) * 3, iterations=int(self.affine_iterations), **common)] if self.affine else []
+        stages += [StageSpec("bspline", spacing_mm=(g,) * 3, control_point_spacing=int(round(mm / g)), alpha=float(self.alpha),
+                             iterations=int(self.bspline_iterations), **common) for mm in self.control_points_mm]
+        try:
+            return Recipe(stages=tuple(stages), intensity=INTENSITY_PRESETS[self.intensity])
+        except StackError as exc:
+            raise InputError(str(exc)) from exc
+
+
 def default_recipe() -> Recipe:
-    """Affine, then B-splines with control points every 32 mm and 16 mm, all on a 4 mm grid (MR scaling)."""
-    return Recipe(stages=(
-        StageSpec("affine", spacing_mm=(4.0, 4.0, 4.0), channels=16, iterations=500, learning_rate=1e-3),
-        StageSpec("bspline", spacing_mm=(4.0, 4.0, 4.0), control_point_spacing=8, channels=32, alpha=1.0,
-                  iterations=1000, learning_rate=1e-3, patch_size=64),
-        StageSpec("bspline", spacing_mm=(4.0, 4.0, 4.0), control_point_spacing=4, channels=32, alpha=1.0,
-                  iterations=1000, learning_rate=1e-3, patch_size=64),
-    ))
+    """The recipe of the default :class:`Outline`: affine (8 mm grid), B-splines every 32 and 16 mm (4 mm grid), MR scaling."""
+    return Outline().recipe()
 
 
 @dataclass(frozen=True)
@@ -226,8 +278,14 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                        help="data: a folder, a glob or a CSV of images" if f.name == "images" else None)
     for f in fields(SyntheticSpec):
         g.add_argument(f"--synthetic-{f.name.replace('_', '-')}", type=float, default=None)
-    g.add_argument("--intensity", choices=("ct", "mr"), default=None,
-                   help="intensity normalisation: ct = window -1000..1000 HU, mr = 0.5-99.5 percentiles")
+    g.add_argument("--intensity", choices=tuple(INTENSITY_PRESETS), default=None,
+                   help="intensity normalisation: " + ", ".join(f"{k} = {v.describe()}" for k, v in INTENSITY_PRESETS.items()))
+    g.add_argument("--control-points-mm", default=None, metavar="MM[,MM...]",
+                   help="a new recipe (dlir.training.config.Outline): one B-spline stage per control-point spacing (mm), "
+                        f"coarse to fine (default {','.join(f'{v:g}' for v in Outline.control_points_mm)})")
+    g.add_argument("--grid-spacing-mm", type=float, default=None,
+                   help=f"a new recipe: the B-spline stages' grid spacing in mm (default {Outline.grid_spacing_mm:g}; the affine stage's is twice it)")
+    g.add_argument("--no-affine", action="store_true", help="a new recipe without the affine stage")
     for name in STAGE_FLAGS:
         g.add_argument(f"--{name.replace('_', '-')}", default=None, metavar="V[,V...]",
                        help=f"stage {name}: one value for every stage or a comma list, one per stage")
@@ -243,9 +301,10 @@ def apply_flags(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
     synthetic = {f.name: getattr(args, f"synthetic_{f.name}") for f in fields(SyntheticSpec)
                  if getattr(args, f"synthetic_{f.name}", None) is not None}
     recipe = config.recipe
+    if any(getattr(args, name, None) not in (None, False) for name in ("control_points_mm", "grid_spacing_mm", "no_affine")):
+        recipe = replace(_outline_from_flags(args).recipe(), intensity=recipe.intensity)
     if getattr(args, "intensity", None):
-        intensity = IntensitySpec("window", -1000.0, 1000.0) if args.intensity == "ct" else IntensitySpec("percentile", 0.5, 99.5)
-        recipe = replace(recipe, intensity=intensity)
+        recipe = replace(recipe, intensity=INTENSITY_PRESETS[args.intensity])
     stages = list(recipe.stages)
     for name in STAGE_FLAGS:
         text = getattr(args, name, None)
@@ -265,3 +324,17 @@ def apply_flags(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
                        recipe=replace(recipe, stages=tuple(stages)))
     except StackError as exc:
         raise InputError(str(exc)) from exc
+
+
+def _outline_from_flags(args: argparse.Namespace) -> Outline:
+    """The :class:`Outline` of ``--control-points-mm``, ``--grid-spacing-mm`` and ``--no-affine`` (other choices default)."""
+    choices: dict[str, Any] = {"affine": not getattr(args, "no_affine", False)}
+    if getattr(args, "grid_spacing_mm", None) is not None:
+        choices["grid_spacing_mm"] = args.grid_spacing_mm
+    text = getattr(args, "control_points_mm", None)
+    if text is not None:
+        try:
+            choices["control_points_mm"] = tuple(float(v) for v in str(text).replace(";", ",").split(",") if v.strip())
+        except ValueError:
+            raise InputError(f"--control-points-mm: {text!r} is not a list of spacings in mm such as '32,16'") from None
+    return Outline(**choices)
