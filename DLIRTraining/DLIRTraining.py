@@ -29,7 +29,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from DLIRTrainingLib.job import JobState, format_duration
+from DLIRTrainingLib.job import JobState, formatDuration
 from DLIRTrainingLib.settings import DataSource, Intensity, TrainingSettings
 
 #: Slicer setting holding the jobs folder (the module's default when the GUI field is empty)
@@ -62,30 +62,32 @@ class DLIRTraining(ScriptedLoadableModule):
 #
 @parameterNodeWrapper
 class DLIRTrainingParameterNode:
-    """Every GUI choice; the same names as DLIRTrainingLib.settings.TrainingSettings."""
+    """Every GUI choice; the same names as DLIRTrainingLib.settings.TrainingSettings, whose defaults (the
+    engine's, ``dlir.training.config``) are these defaults.  The ranges only bound the widgets: the
+    engine checks the values (``DLIRTrainingLib.settings.buildConfig``)."""
 
-    dataSource: DataSource = DataSource.FOLDER
+    dataSource: DataSource = TrainingSettings.dataSource
     dataFolder: pathlib.Path
     dataCsv: pathlib.Path
-    validationCount: Annotated[int, WithinRange(0, 1000)] = 0
-    intensity: Intensity = Intensity.MR
-    affineStage: bool = True
-    affineIterations: Annotated[int, WithinRange(1, 1000000)] = 2000
-    bsplineSpacings: str = "32, 16"
-    bsplineIterations: Annotated[int, WithinRange(1, 1000000)] = 2000
-    gridSpacing: Annotated[float, WithinRange(0.25, 32.0)] = 4.0
-    patchSize: Annotated[int, WithinRange(8, 512)] = 64
-    batchSize: Annotated[int, WithinRange(1, 256)] = 1
-    alpha: Annotated[float, WithinRange(0.0, 100.0)] = 5.0
-    learningRate: Annotated[float, WithinRange(0.0, 1.0)] = 1e-3
-    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
-    seed: Annotated[int, Minimum(0)] = 0
-    checkpointEvery: Annotated[int, WithinRange(1, 1000000)] = 100
-    validateEvery: Annotated[int, WithinRange(1, 1000000)] = 100
-    syntheticFraction: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
-    channels: Annotated[int, WithinRange(1, 256)] = 32
-    stackName: str = ""
-    description: str = ""
+    validationCount: Annotated[int, WithinRange(0, 1000)] = TrainingSettings.validationCount
+    intensity: Intensity = TrainingSettings.intensity
+    affineStage: bool = TrainingSettings.affineStage
+    affineIterations: Annotated[int, WithinRange(1, 1000000)] = TrainingSettings.affineIterations
+    bsplineSpacings: str = TrainingSettings.bsplineSpacings
+    bsplineIterations: Annotated[int, WithinRange(1, 1000000)] = TrainingSettings.bsplineIterations
+    gridSpacing: Annotated[float, WithinRange(0.25, 32.0)] = TrainingSettings.gridSpacing
+    patchSize: Annotated[int, WithinRange(8, 512)] = TrainingSettings.patchSize
+    batchSize: Annotated[int, WithinRange(1, 256)] = TrainingSettings.batchSize
+    alpha: Annotated[float, WithinRange(0.0, 100.0)] = TrainingSettings.alpha
+    learningRate: Annotated[float, WithinRange(0.0, 1.0)] = TrainingSettings.learningRate
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = TrainingSettings.device
+    seed: Annotated[int, Minimum(0)] = TrainingSettings.seed
+    checkpointEvery: Annotated[int, WithinRange(1, 1000000)] = TrainingSettings.checkpointEvery
+    validateEvery: Annotated[int, WithinRange(0, 1000000)] = TrainingSettings.validateEvery
+    syntheticFraction: Annotated[float, WithinRange(0.0, 1.0)] = TrainingSettings.syntheticFraction
+    channels: Annotated[int, WithinRange(1, 256)] = TrainingSettings.channels
+    stackName: str = TrainingSettings.stackName
+    description: str = TrainingSettings.description
     outputFolder: pathlib.Path
     jobsFolder: pathlib.Path
 
@@ -156,7 +158,7 @@ class DLIRTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
-        self.logic.core.forget_curves()
+        self.logic.core.forgetCurves()
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -191,7 +193,7 @@ class DLIRTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------------------ actions
     def onStart(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to start the training job."), waitCursor=True):
-            settings = TrainingSettings.from_object(self._parameterNode)
+            settings = TrainingSettings.fromObject(self._parameterNode)
             volumes = self.ui.sceneVolumesComboBox.checkedNodes() if settings.dataSource == DataSource.SCENE else []
             labels = self.ui.sceneLabelMapsComboBox.checkedNodes() if settings.dataSource == DataSource.SCENE else []
             job = self.logic.start(settings, volumes, labels)
@@ -214,7 +216,7 @@ class DLIRTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._selectedJob is None:
             return
         curves = self.logic.core.curves(self._selectedJob)
-        slicer.modules.plots.logic().ShowChartInLayout(curves.loss_chart)
+        slicer.modules.plots.logic().ShowChartInLayout(curves.lossChart)
 
     def onUseInRegistration(self) -> None:
         if self._selectedJob is None:
@@ -233,7 +235,7 @@ class DLIRTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------------------ jobs view
     def refreshJobs(self, *args, select=None) -> None:
         if self._parameterNode and str(self._parameterNode.jobsFolder) not in ("", "."):
-            self.logic.core.set_jobs_root(self._parameterNode.jobsFolder)
+            self.logic.core.setJobsRoot(self._parameterNode.jobsFolder)
         self._jobs = self.logic.core.jobs()
         self.updateJobsTable()
         if select is not None and select in self._jobs:
@@ -245,7 +247,7 @@ class DLIRTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table = self.ui.jobsTableWidget
         table.setRowCount(len(jobs))
         for row, job in enumerate(jobs):
-            progress = f"{100 * job.progress.overall_fraction:.0f} %" if job.progress.stage else ""
+            progress = f"{100 * job.progress.overallFraction:.0f} %" if job.progress.stage else ""
             for column, text in enumerate((job.name, job.state.value, progress, job.message)):
                 item = table.item(row, column)
                 if item is None:
@@ -261,8 +263,8 @@ class DLIRTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.clear()
         if self._selectedJob is not None:
             self.logic.core.curves(self._selectedJob)
-            if not self._selectedJob.log_lines and self._selectedJob.log_path.is_file():
-                self.ui.logTextEdit.setPlainText(self._selectedJob.log_path.read_text(errors="replace")[-200000:])
+            if not self._selectedJob.logLines and self._selectedJob.logPath.is_file():
+                self.ui.logTextEdit.setPlainText(self._selectedJob.logPath.read_text(errors="replace")[-200000:])
         self.updateJobView()
 
     def updateJobView(self) -> None:
@@ -280,15 +282,15 @@ class DLIRTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = f"{job.name}: {job.state.value}. {job.message}"
         p = job.progress
         text = p.text()
-        if p.total_eta_s is not None and job.state.active:
-            text += f"; about {format_duration(p.total_eta_s)} left in all"
+        if p.totalEtaSeconds is not None and job.state.active:
+            text += f"; about {formatDuration(p.totalEtaSeconds)} left in all"
         self.ui.stageLabel.text = text
-        self.ui.stageProgressBar.value = int(round(100 * p.stage_fraction))
-        self.ui.overallProgressBar.value = 100 if job.state == JobState.FINISHED else int(round(100 * p.overall_fraction))
-        new_lines = job.log_lines[self._shownLogLines:]
-        if new_lines:
-            self.ui.logTextEdit.appendPlainText("\n".join(new_lines))
-            self._shownLogLines = len(job.log_lines)
+        self.ui.stageProgressBar.value = int(round(100 * p.stageFraction))
+        self.ui.overallProgressBar.value = 100 if job.state == JobState.FINISHED else int(round(100 * p.overallFraction))
+        newLines = job.logLines[self._shownLogLines:]
+        if newLines:
+            self.ui.logTextEdit.appendPlainText("\n".join(newLines))
+            self._shownLogLines = len(job.logLines)
 
 
 #
@@ -314,14 +316,14 @@ class DLIRTrainingLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def jobsFolder() -> pathlib.Path:
-        from DLIRTrainingLib.jobs import default_jobs_root
+        from DLIRTrainingLib.jobs import defaultJobsRoot
 
         value = slicer.app.settings().value(JOBS_FOLDER_SETTING, "") if hasattr(slicer, "app") else ""
-        return pathlib.Path(value) if value else default_jobs_root()
+        return pathlib.Path(value) if value else defaultJobsRoot()
 
     def start(self, settings: TrainingSettings, volumes=(), labelMaps=()):
         job = self.core.start(settings, volumes, labelMaps)
-        slicer.app.settings().setValue(JOBS_FOLDER_SETTING, str(self.core.jobs_root))
+        slicer.app.settings().setValue(JOBS_FOLDER_SETTING, str(self.core.jobsRoot))
         return job
 
     def resume(self, job, modelsFolder=None):
@@ -330,7 +332,7 @@ class DLIRTrainingLogic(ScriptedLoadableModuleLogic):
 
     def useInRegistration(self, job) -> None:
         """Open DLIR Registration with the job's stack selected (copied into the registry first if needed)."""
-        stack = self.core.registry_stack_of(job)
+        stack = self.core.registryStackOf(job)
         slicer.util.selectModule("DLIRRegistration")
         slicer.modules.dlirregistration.widgetRepresentation().self().selectStack(str(stack))
 
@@ -376,7 +378,7 @@ class DLIRTrainingTest(ScriptedLoadableModuleTest):
             ijkToRAS = np.diag([4.0, 4.0, 4.0, 1.0])
             volumes.append(slicer.util.addVolumeFromArray(array, ijkToRAS=ijkToRAS, name=f"tiny{k}"))
         env = dict(os.environ, DLIR_MODELS_DIR=str(tmp / "models"))
-        core = TrainingLogic(slicer.mrmlScene, tmp / "jobs", python=sys.executable, env=env, stop_timeout=60)
+        core = TrainingLogic(slicer.mrmlScene, tmp / "jobs", python=sys.executable, env=env, stopTimeout=60)
         settings = TrainingSettings(dataSource=DataSource.SCENE, stackName="slicer-selftest", affineIterations=6,
                                     bsplineSpacings="16", bsplineIterations=6, gridSpacing=8.0, patchSize=16, channels=8,
                                     checkpointEvery=2, validateEvery=3, device="cpu", outputFolder=tmp / "models")
@@ -389,5 +391,5 @@ class DLIRTrainingTest(ScriptedLoadableModuleTest):
         core.poll()
         self.assertEqual(job.state, JobState.FINISHED, job.message)
         self.assertGreater(core.curves(job).rows, 0)
-        self.assertTrue(core.stack_of(job).is_file())
+        self.assertTrue(core.stackOf(job).is_file())
         self.delayDisplay("Tiny job finished")

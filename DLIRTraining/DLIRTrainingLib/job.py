@@ -1,8 +1,9 @@
 """One training job: ``dlir train`` in a separate process, its JSON-lines events and its state.
 
-A :class:`TrainingJob` owns one job folder (the trainer's ``--out``): the trainer writes
-``config.toml`` (as run), ``events.jsonl``, ``train.log``, ``checkpoints/`` and the final
-``NAME.safetensors`` there; this module adds ``dlir-job.json`` (who started it, with which
+A :class:`TrainingJob` owns one job folder (the trainer's ``--out``): the trainer writes the
+files of :mod:`dlir.training.jobfolder` there (the configuration as run, the events, the log, the
+checkpoints and the final ``NAME.safetensors``); this module adds ``request.toml`` (the
+configuration it asked for) and ``dlir-job.json`` (who started it, with which
 Python, on which device, the last known state) so a fresh Slicer lists the job again.
 
 The process runs with the given Python (inside Slicer: ``sys.executable``, i.e. PythonSlicer) in
@@ -11,7 +12,7 @@ of the trainer never touches the caller.  Two reader threads put stdout events /
 a queue; :meth:`TrainingJob.poll` (call it from the GUI thread, e.g. a timer) drains the queue,
 updates the state and calls the listeners, so MRML is only ever touched from the caller's thread.
 
-The events are those of ``dlir.train_events`` (``stage`` 1-based, ``iteration`` within the stage).
+The events are those of ``dlir.training.events`` (``stage`` 1-based, ``iteration`` within the stage).
 States::
 
     queued -> running -> finished                 (a ``done`` event: ``stack`` is the file written)
@@ -40,16 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from dlir.training.jobfolder import CHECKPOINTS_DIR, EVENTS_FILE, LOG_FILE
+
 log = logging.getLogger(__name__)
 
-#: this module's own record in a job folder
+#: this module's own record in a job folder (the trainer's files are named in ``dlir.training.jobfolder``)
 METADATA_FILE = "dlir-job.json"
-#: the trainer's files in a job folder
-EVENTS_FILE = "events.jsonl"
-LOG_FILE = "train.log"
-CONFIG_FILE = "config.toml"
-CHECKPOINTS_DIR = "checkpoints"
-#: the configuration this module asked for (the trainer writes the one it ran as config.toml)
+#: the configuration this module asked for (the trainer writes the one it ran as ``jobfolder.CONFIG_FILE``)
 REQUEST_FILE = "request.toml"
 
 Event = dict[str, Any]
@@ -78,7 +76,7 @@ class JobState(str, enum.Enum):
         return self in (JobState.STOPPED, JobState.FINISHED, JobState.FAILED)
 
 
-def parse_event(line: str) -> Event | None:
+def parseEvent(line: str) -> Event | None:
     """The event of one JSON-lines line, or None when the line is not an event (plain log output)."""
     text = line.strip()
     if not text.startswith("{"):
@@ -92,20 +90,20 @@ def parse_event(line: str) -> Event | None:
     return data
 
 
-def read_events(path: Path) -> list[Event]:
+def readEvents(path: Path) -> list[Event]:
     """All events of an ``events.jsonl`` file (an unfinished last line is skipped)."""
     if not path.is_file():
         return []
     events = []
     with path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
-            event = parse_event(line)
+            event = parseEvent(line)
             if event is not None:
                 events.append(event)
     return events
 
 
-def describe_returncode(code: int | None) -> str:
+def describeReturnCode(code: int | None) -> str:
     """'exit code 3' or 'killed by signal SIGKILL' (POSIX negative codes)."""
     if code is None:
         return "no exit code"
@@ -117,7 +115,7 @@ def describe_returncode(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def checkpoint_files(folder: Path) -> list[Path]:
+def checkpointFiles(folder: Path) -> list[Path]:
     """The job's checkpoint files, oldest first."""
     directory = folder / CHECKPOINTS_DIR
     if not directory.is_dir():
@@ -125,7 +123,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return sorted((p for p in directory.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
 
 
-def engine_pythonpath() -> str | None:
+def enginePythonPath() -> str | None:
     """The folder holding the ``dlir`` package as this process imports it (so the child finds the same engine)."""
     from importlib.util import find_spec
 
@@ -141,43 +139,43 @@ class Progress:
 
     stage: int = 0
     stages: int = 0
-    stage_kind: str = ""
+    stageKind: str = ""
     iteration: int = 0
     iterations: int = 0
-    it_per_s: float = 0.0
-    eta_s: float | None = None
-    total_eta_s: float | None = None
+    itPerSecond: float = 0.0
+    etaSeconds: float | None = None
+    totalEtaSeconds: float | None = None
     loss: float | None = None
-    stage_iterations: list[int] = field(default_factory=list)
-    stage_kinds: list[str] = field(default_factory=list)
+    stageIterations: list[int] = field(default_factory=list)
+    stageKinds: list[str] = field(default_factory=list)
 
     @property
-    def stage_fraction(self) -> float:
+    def stageFraction(self) -> float:
         return min(1.0, self.iteration / self.iterations) if self.iterations else 0.0
 
     @property
-    def overall_fraction(self) -> float:
-        total = sum(self.stage_iterations)
+    def overallFraction(self) -> float:
+        total = sum(self.stageIterations)
         if not total or not self.stage:
             return 0.0
-        done = sum(self.stage_iterations[: self.stage - 1]) + min(self.iteration, self.iterations or self.iteration)
+        done = sum(self.stageIterations[: self.stage - 1]) + min(self.iteration, self.iterations or self.iteration)
         return min(1.0, done / total)
 
     def text(self) -> str:
         """'Stage 2/3 (bspline): 150/500 iterations, 3.2 it/s, about 2 min left'."""
         if not self.stage:
             return "waiting for the first iteration"
-        kind = f" ({self.stage_kind})" if self.stage_kind else ""
+        kind = f" ({self.stageKind})" if self.stageKind else ""
         of = f"/{self.iterations}" if self.iterations else ""
         parts = [f"Stage {self.stage}/{self.stages or '?'}{kind}: {self.iteration}{of} iterations"]
-        if self.it_per_s:
-            parts.append(f"{self.it_per_s:.2g} it/s")
-        if self.eta_s is not None:
-            parts.append(f"about {format_duration(self.eta_s)} left in this stage")
+        if self.itPerSecond:
+            parts.append(f"{self.itPerSecond:.2g} it/s")
+        if self.etaSeconds is not None:
+            parts.append(f"about {formatDuration(self.etaSeconds)} left in this stage")
         return ", ".join(parts)
 
 
-def format_duration(seconds: float) -> str:
+def formatDuration(seconds: float) -> str:
     """12 s, 3 min 20 s, 2 h 05 min."""
     seconds = max(0.0, float(seconds))
     if seconds < 60:
@@ -193,7 +191,7 @@ class TrainingJob:
     ``python``: the interpreter that runs ``-m dlir`` (default ``sys.executable``; inside Slicer
     that is PythonSlicer).  ``env``: the environment of the process (default ``os.environ``);
     the folder of the engine this process imports is put in front of ``PYTHONPATH``.
-    ``stop_timeout``: seconds a stopping trainer gets to write its checkpoint before SIGTERM, and
+    ``stopTimeout``: seconds a stopping trainer gets to write its checkpoint before SIGTERM, and
     again before SIGKILL.  ``launcher``: the command that stands for ``python -m dlir`` (default
     ``[python, "-m", "dlir"]``; e.g. an installed ``dlir`` script).
     """
@@ -206,8 +204,8 @@ class TrainingJob:
         device: str = "cpu",
         python: str | None = None,
         env: dict[str, str] | None = None,
-        extra_args: Sequence[str] = (),
-        stop_timeout: float = 60.0,
+        extraArgs: Sequence[str] = (),
+        stopTimeout: float = 60.0,
         launcher: Sequence[str] | None = None,
     ) -> None:
         self.folder = Path(folder).resolve()
@@ -215,56 +213,55 @@ class TrainingJob:
         self.device = device
         self.python = python or sys.executable
         self.env = env
-        self.extra_args = list(extra_args)
-        self.stop_timeout = stop_timeout
+        self.extraArgs = list(extraArgs)
+        self.stopTimeout = stopTimeout
         self.launcher = list(launcher) if launcher else None
         self.state = JobState.QUEUED
         self.message = ""
         self.returncode: int | None = None
         self.progress = Progress()
         self.events: list[Event] = []  # events of this session's runs (stdout)
-        self.log_lines: list[str] = []
-        self.stack_path: Path | None = None
+        self.logLines: list[str] = []
+        self.stackPath: Path | None = None
         self.pid: int | None = None
-        self.pending_action = "start"  # what a queued job does when its device frees up
-        self.waiting_for_device = False
+        self.pendingAction = "start"  # what a queued job does when its device frees up
+        self.waitingForDevice = False
         self.created = time.time()
         self._listeners: list[Listener] = []
-        self._log_listeners: list[Callable[["TrainingJob", str], None]] = []
         self._proc: subprocess.Popen | None = None
         self._queue: queue.Queue = queue.Queue()
-        self._last_error_line = ""  # the last line the trainer wrote to stderr (a crash says why there)
+        self._lastErrorLine = ""  # the last line the trainer wrote to stderr (a crash says why there)
         self._threads: list[threading.Thread] = []
-        self._stop_requested_at: float | None = None
-        self._terminated_at: float | None = None
-        self._leader_exited_at: float | None = None
+        self._stopRequestedAt: float | None = None
+        self._terminatedAt: float | None = None
+        self._leaderExitedAt: float | None = None
         self._killed = False
-        self._seen_done: Event | None = None
-        self._seen_error: Event | None = None
-        self._seen_stopped: Event | None = None
+        self._seenDone: Event | None = None
+        self._seenError: Event | None = None
+        self._seenStopped: Event | None = None
 
     # ------------------------------------------------------------------------------ files
     @property
-    def events_path(self) -> Path:
+    def eventsPath(self) -> Path:
         return self.folder / EVENTS_FILE
 
     @property
-    def log_path(self) -> Path:
+    def logPath(self) -> Path:
         return self.folder / LOG_FILE
 
     @property
-    def request_path(self) -> Path:
+    def requestPath(self) -> Path:
         return self.folder / REQUEST_FILE
 
-    def has_checkpoint(self) -> bool:
-        return bool(checkpoint_files(self.folder))
+    def hasCheckpoint(self) -> bool:
+        return bool(checkpointFiles(self.folder))
 
     @property
     def resumable(self) -> bool:
         """A stopped or failed job with a checkpoint can go on."""
-        return self.state in (JobState.STOPPED, JobState.FAILED) and self.has_checkpoint()
+        return self.state in (JobState.STOPPED, JobState.FAILED) and self.hasCheckpoint()
 
-    def save_metadata(self) -> None:
+    def saveMetadata(self) -> None:
         """Write ``dlir-job.json`` (atomically)."""
         data = {
             "name": self.name,
@@ -275,7 +272,7 @@ class TrainingJob:
             "message": self.message,
             "pid": self.pid if self.state.active else None,
             "returncode": self.returncode,
-            "stack": str(self.stack_path) if self.stack_path else None,
+            "stack": str(self.stackPath) if self.stackPath else None,
         }
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / (METADATA_FILE + ".tmp")
@@ -301,28 +298,28 @@ class TrainingJob:
         return job
 
     def _restore(self, meta: dict[str, Any]) -> None:
-        events = read_events(self.events_path)
+        events = readEvents(self.eventsPath)
         for event in events:
-            self._update_progress(event)
+            self._updateProgress(event)
         done = next((e for e in reversed(events) if e.get("type") == "done"), None)
         error = next((e for e in reversed(events) if e.get("type") == "error"), None)
         last = events[-1] if events else None
         pid = meta.get("pid")
         if done is not None and last is done:
             self.state = JobState.FINISHED
-            self.stack_path = self._stack_from(done)
-            self.message = f"finished; stack {self.stack_path.name if self.stack_path else '?'}"
+            self.stackPath = self._stackFrom(done)
+            self.message = f"finished; stack {self.stackPath.name if self.stackPath else '?'}"
         elif error is not None and last is error:
             self.state = JobState.FAILED
             self.message = str(error.get("message") or "the trainer reported an error")
-        elif pid and _process_alive(int(pid), self.folder):
+        elif pid and _processAlive(int(pid), self.folder):
             self.state = JobState.RUNNING
             self.pid = int(pid)
             self.message = f"running in another process (pid {pid}); its progress is in {EVENTS_FILE}"
         elif meta.get("state") == JobState.QUEUED.value and not events:
             self.state = JobState.QUEUED
             self.message = "queued"
-        elif self.has_checkpoint():
+        elif self.hasCheckpoint():
             self.state = JobState.STOPPED
             where = self.progress.text() if self.progress.stage else "before its first iteration"
             self.message = meta.get("message") or f"interrupted ({where}); resume continues from the last checkpoint"
@@ -331,12 +328,9 @@ class TrainingJob:
             self.message = meta.get("message") or "the job ended before writing a checkpoint; start it again"
 
     # ------------------------------------------------------------------------------ listeners
-    def add_listener(self, callback: Listener) -> None:
+    def addListener(self, callback: Listener) -> None:
         """``callback(job, event)`` for every event (and a synthetic ``{"type": "state"}`` on state changes)."""
         self._listeners.append(callback)
-
-    def add_log_listener(self, callback: Callable[["TrainingJob", str], None]) -> None:
-        self._log_listeners.append(callback)
 
     # ------------------------------------------------------------------------------ control
     def command(self, resume: bool) -> list[str]:
@@ -345,12 +339,12 @@ class TrainingJob:
         if resume:
             args = ["--resume", str(self.folder)]
         else:
-            args = ["--config", str(self.request_path), "--out", str(self.folder)]
-        return base + args + ["--progress", "jsonl"] + self.extra_args
+            args = ["--config", str(self.requestPath), "--out", str(self.folder)]
+        return base + args + ["--progress", "jsonl"] + self.extraArgs
 
     def start(self) -> None:
         """Start a new run from ``request.toml`` in the job folder."""
-        if not self.request_path.is_file():
+        if not self.requestPath.is_file():
             raise JobError(f"the job folder {self.folder} has no {REQUEST_FILE}; create the job with its settings first")
         self._launch(resume=False)
 
@@ -360,7 +354,7 @@ class TrainingJob:
             raise JobError(f"the job {self.name} is still running")
         if self.state == JobState.FINISHED:
             raise JobError(f"the job {self.name} has finished; there is nothing to resume")
-        if not self.has_checkpoint():
+        if not self.hasCheckpoint():
             raise JobError(f"the job {self.name} has no checkpoint to resume from; start it again")
         self._launch(resume=True)
 
@@ -369,7 +363,7 @@ class TrainingJob:
             raise JobError(f"the job {self.name} is already running")
         self.folder.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ if self.env is None else self.env)
-        engine = engine_pythonpath()
+        engine = enginePythonPath()
         if engine:
             env["PYTHONPATH"] = os.pathsep.join([engine] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         env["PYTHONUNBUFFERED"] = "1"
@@ -380,47 +374,47 @@ class TrainingJob:
         else:
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
         cmd = self.command(resume)
-        self._reset_run()
+        self._resetRun()
         try:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           env=env, cwd=str(self.folder), text=True, encoding="utf-8", errors="replace",
                                           bufsize=1, **kwargs)
         except OSError as exc:
-            self._set_state(JobState.FAILED, f"could not start the trainer with {self.python}: {exc}")
+            self._setState(JobState.FAILED, f"could not start the trainer with {self.python}: {exc}")
             return
         self.pid = self._proc.pid
         self._log(f"$ {' '.join(cmd)}")
-        self._set_state(JobState.RUNNING, "resuming from the last checkpoint" if resume else "starting")
+        self._setState(JobState.RUNNING, "resuming from the last checkpoint" if resume else "starting")
         out = threading.Thread(target=self._read, args=(self._proc.stdout, True), daemon=True, name=f"dlir-{self.name}-out")
         err = threading.Thread(target=self._read, args=(self._proc.stderr, False), daemon=True, name=f"dlir-{self.name}-err")
-        waiter = threading.Thread(target=self._wait_exit, args=(self._proc, out, err), daemon=True, name=f"dlir-{self.name}-wait")
+        waiter = threading.Thread(target=self._waitExit, args=(self._proc, out, err), daemon=True, name=f"dlir-{self.name}-wait")
         self._threads = [out, err, waiter]
         for t in self._threads:
             t.start()
 
-    def _reset_run(self) -> None:
+    def _resetRun(self) -> None:
         self._queue = queue.Queue()
-        self._last_error_line = ""
-        self._stop_requested_at = None
-        self._terminated_at = None
-        self._leader_exited_at = None
+        self._lastErrorLine = ""
+        self._stopRequestedAt = None
+        self._terminatedAt = None
+        self._leaderExitedAt = None
         self._killed = False
-        self._seen_done = None
-        self._seen_error = None
-        self._seen_stopped = None
+        self._seenDone = None
+        self._seenError = None
+        self._seenStopped = None
         self.returncode = None
 
     def stop(self) -> None:
-        """Ask the trainer to write a checkpoint and exit (SIGINT; escalated by :meth:`poll` after ``stop_timeout``)."""
+        """Ask the trainer to write a checkpoint and exit (SIGINT; escalated by :meth:`poll` after ``stopTimeout``)."""
         if self.state == JobState.QUEUED:
-            self.waiting_for_device = False
-            self._set_state(JobState.STOPPED if self.has_checkpoint() else JobState.FAILED, "removed from the queue before it ran")
+            self.waitingForDevice = False
+            self._setState(JobState.STOPPED if self.hasCheckpoint() else JobState.FAILED, "removed from the queue before it ran")
             return
         if self.state != JobState.RUNNING or self._proc is None:
             return
-        self._stop_requested_at = time.monotonic()
+        self._stopRequestedAt = time.monotonic()
         self._signal(signal.SIGINT if os.name == "posix" else signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
-        self._set_state(JobState.STOPPING, "stopping: the trainer writes a checkpoint and exits")
+        self._setState(JobState.STOPPING, "stopping: the trainer writes a checkpoint and exits")
 
     def kill(self) -> None:
         """End the process group at once (SIGKILL); the job can resume from its last checkpoint."""
@@ -441,14 +435,14 @@ class TrainingJob:
             pass
 
     # ------------------------------------------------------------------------------ threads
-    def _read(self, stream: Any, is_stdout: bool) -> None:
+    def _read(self, stream: Any, isStdout: bool) -> None:
         try:
             for line in iter(stream.readline, ""):
-                event = parse_event(line) if is_stdout else None
+                event = parseEvent(line) if isStdout else None
                 if event is not None:
                     self._queue.put(("event", event))
                 else:
-                    self._queue.put(("line" if is_stdout else "error_line", line.rstrip("\r\n")))
+                    self._queue.put(("line" if isStdout else "error_line", line.rstrip("\r\n")))
         except (OSError, ValueError) as exc:  # closed pipe
             self._queue.put(("line", f"(output stream closed: {exc})"))
         finally:
@@ -457,7 +451,7 @@ class TrainingJob:
             except OSError:
                 pass
 
-    def _wait_exit(self, proc: subprocess.Popen, *readers: threading.Thread) -> None:
+    def _waitExit(self, proc: subprocess.Popen, *readers: threading.Thread) -> None:
         code = proc.wait()
         self._queue.put(("leader_exit", code))
         # the launcher (PythonSlicer) may exit before the interpreter it started: the run ends when the pipes close
@@ -476,17 +470,17 @@ class TrainingJob:
                 break
             if kind == "event":
                 new.append(payload)
-                self._on_event(payload)
+                self._onEvent(payload)
             elif kind in ("line", "error_line"):
                 self._log(payload)
                 if kind == "error_line" and payload.strip():
-                    self._last_error_line = payload
+                    self._lastErrorLine = payload
             elif kind == "leader_exit":
-                self._leader_exited_at = time.monotonic()
+                self._leaderExitedAt = time.monotonic()
             elif kind == "exit":
-                self._on_exit(int(payload))
-        self._escalate_stop()
-        self._reap_orphans()
+                self._onExit(int(payload))
+        self._escalateStop()
+        self._reapOrphans()
         return new
 
     def wait(self, timeout: float, interval: float = 0.1) -> JobState:
@@ -500,7 +494,7 @@ class TrainingJob:
                 raise TimeoutError(f"the job {self.name} is still {self.state.value} after {timeout:.0f} s")
             time.sleep(interval)
 
-    def wait_for(self, predicate: Callable[[Event], bool], timeout: float, interval: float = 0.05) -> Event:
+    def waitFor(self, predicate: Callable[[Event], bool], timeout: float, interval: float = 0.05) -> Event:
         """Poll until an event satisfies ``predicate``; returns it (TimeoutError otherwise, JobError when the job ends first)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -513,74 +507,74 @@ class TrainingJob:
                 raise TimeoutError(f"no awaited event from the job {self.name} within {timeout:.0f} s")
             time.sleep(interval)
 
-    def _reap_orphans(self) -> None:
+    def _reapOrphans(self) -> None:
         """The started process has exited but something of its group still holds the output open: end it."""
-        if (self.state == JobState.RUNNING and self._leader_exited_at is not None and not self._killed
-                and time.monotonic() - self._leader_exited_at > self.stop_timeout):
-            self._log(f"the trainer's process exited {self.stop_timeout:.0f} s ago but its output is still open; ending its process group")
+        if (self.state == JobState.RUNNING and self._leaderExitedAt is not None and not self._killed
+                and time.monotonic() - self._leaderExitedAt > self.stopTimeout):
+            self._log(f"the trainer's process exited {self.stopTimeout:.0f} s ago but its output is still open; ending its process group")
             self.kill()
 
-    def _escalate_stop(self) -> None:
-        if self.state != JobState.STOPPING or self._stop_requested_at is None:
+    def _escalateStop(self) -> None:
+        if self.state != JobState.STOPPING or self._stopRequestedAt is None:
             return
         now = time.monotonic()
-        if self._terminated_at is None and now - self._stop_requested_at > self.stop_timeout:
-            self._log(f"the trainer did not stop within {self.stop_timeout:.0f} s; sending SIGTERM")
-            self._terminated_at = now
+        if self._terminatedAt is None and now - self._stopRequestedAt > self.stopTimeout:
+            self._log(f"the trainer did not stop within {self.stopTimeout:.0f} s; sending SIGTERM")
+            self._terminatedAt = now
             self._signal(signal.SIGTERM)
-        elif self._terminated_at is not None and not self._killed and now - self._terminated_at > self.stop_timeout:
+        elif self._terminatedAt is not None and not self._killed and now - self._terminatedAt > self.stopTimeout:
             self._log("the trainer still runs; killing it")
             self.kill()
 
-    def _on_event(self, event: Event) -> None:
+    def _onEvent(self, event: Event) -> None:
         self.events.append(event)
-        self._update_progress(event)
+        self._updateProgress(event)
         kind = event.get("type")
         if kind == "done":
-            self._seen_done = event
-            self.stack_path = self._stack_from(event)
+            self._seenDone = event
+            self.stackPath = self._stackFrom(event)
         elif kind == "error":
-            self._seen_error = event
+            self._seenError = event
             self.message = str(event.get("message") or "the trainer reported an error")
         elif kind == "stopped":
-            self._seen_stopped = event
+            self._seenStopped = event
         elif kind == "iteration" and self.state == JobState.RUNNING:
             self.message = self.progress.text()
         self._notify(event)
 
-    def _update_progress(self, event: Event) -> None:
+    def _updateProgress(self, event: Event) -> None:
         p = self.progress
         kind = event.get("type")
         if kind == "start":
             stages = event.get("stages")
             if isinstance(stages, list) and stages:
                 p.stages = len(stages)
-                p.stage_iterations = [int(s.get("iterations", 0)) for s in stages]
-                p.stage_kinds = [str(s.get("kind", "")) for s in stages]
+                p.stageIterations = [int(s.get("iterations", 0)) for s in stages]
+                p.stageKinds = [str(s.get("kind", "")) for s in stages]
         if kind in ("start", "iteration", "validation", "checkpoint", "stopped") and "stage" in event:
-            self._move_to(stage_number(event), int(event.get("iteration", 0)))
+            self._moveTo(stageNumber(event), int(event.get("iteration", 0)))
         elif kind == "stage_done":
-            self._move_to(stage_number(event), int(event.get("iterations", 0)))
-            p.eta_s = 0.0
+            self._moveTo(stageNumber(event), int(event.get("iterations", 0)))
+            p.etaSeconds = 0.0
         if kind == "iteration":
             if event.get("iterations"):
                 p.iterations = int(event["iterations"])
-            p.it_per_s = float(event.get("it_per_s") or 0.0)
-            p.eta_s = _float_or_none(event.get("eta_s"))
-            p.total_eta_s = _float_or_none(event.get("total_eta_s"))
-            p.loss = _float_or_none(event.get("loss"))
+            p.itPerSecond = float(event.get("it_per_s") or 0.0)
+            p.etaSeconds = _floatOrNone(event.get("eta_s"))
+            p.totalEtaSeconds = _floatOrNone(event.get("total_eta_s"))
+            p.loss = _floatOrNone(event.get("loss"))
 
-    def _move_to(self, stage: int, iteration: int) -> None:
+    def _moveTo(self, stage: int, iteration: int) -> None:
         """Progress at ``iteration`` of ``stage`` (1-based); the trainer's checkpoint after the last stage names stage n + 1."""
         p = self.progress
         if p.stages and stage > p.stages:
-            stage, iteration = p.stages, p.stage_iterations[-1]
+            stage, iteration = p.stages, p.stageIterations[-1]
         p.stage, p.iteration = stage, iteration
-        if 0 < stage <= len(p.stage_kinds):
-            p.stage_kind = p.stage_kinds[stage - 1]
-            p.iterations = p.stage_iterations[stage - 1]
+        if 0 < stage <= len(p.stageKinds):
+            p.stageKind = p.stageKinds[stage - 1]
+            p.iterations = p.stageIterations[stage - 1]
 
-    def _stack_from(self, event: Event) -> Path | None:
+    def _stackFrom(self, event: Event) -> Path | None:
         """The stack file a ``done`` event names (``stack``; relative paths are in the job folder)."""
         value = event.get("stack")
         if not isinstance(value, str) or not value:
@@ -588,43 +582,43 @@ class TrainingJob:
         path = Path(value)
         return path if path.is_absolute() else self.folder / path
 
-    def _on_exit(self, code: int) -> None:
+    def _onExit(self, code: int) -> None:
         self.returncode = code
         self.pid = None
-        how = describe_returncode(code)
-        if self._seen_done is not None:
-            state, message = JobState.FINISHED, f"finished; stack {self.stack_path.name if self.stack_path else '(not found)'}"
+        how = describeReturnCode(code)
+        if self._seenDone is not None:
+            state, message = JobState.FINISHED, f"finished; stack {self.stackPath.name if self.stackPath else '(not found)'}"
             if code != 0:
                 message += f" (the trainer then ended with {how})"
-        elif self._seen_error is not None:
-            state, message = JobState.FAILED, str(self._seen_error.get("message") or f"the trainer failed ({how})")
-        elif self._seen_stopped is not None or self._stop_requested_at is not None:
+        elif self._seenError is not None:
+            state, message = JobState.FAILED, str(self._seenError.get("message") or f"the trainer failed ({how})")
+        elif self._seenStopped is not None or self._stopRequestedAt is not None:
             state = JobState.STOPPED
             where = self.progress.text()
             if self._killed:
-                message = f"did not stop within {2 * self.stop_timeout:.0f} s and was killed ({where}); resume from the last checkpoint"
-            elif self.has_checkpoint():
+                message = f"did not stop within {2 * self.stopTimeout:.0f} s and was killed ({where}); resume from the last checkpoint"
+            elif self.hasCheckpoint():
                 message = f"stopped ({where}); resume continues from the checkpoint"
             else:
                 message = "stopped before the first checkpoint; start it again"
         else:
             state = JobState.FAILED
-            tail = self._last_error_line or next(
-                (line for line in reversed(self.log_lines) if line.strip() and not line.startswith("$ ")), "")
+            tail = self._lastErrorLine or next(
+                (line for line in reversed(self.logLines) if line.strip() and not line.startswith("$ ")), "")
             message = f"the training process ended unexpectedly ({how})"
             if self._killed:
                 message += " and left processes behind, which were ended"
             if tail:
                 message += f"; last output: {tail.strip()[:300]}"
-            if self.has_checkpoint():
+            if self.hasCheckpoint():
                 message += "; resume continues from the last checkpoint"
-        self._set_state(state, message)
+        self._setState(state, message)
 
     # ------------------------------------------------------------------------------ helpers
-    def _set_state(self, state: JobState, message: str) -> None:
+    def _setState(self, state: JobState, message: str) -> None:
         self.state, self.message = state, message
         try:
-            self.save_metadata()
+            self.saveMetadata()
         except OSError as exc:
             log.warning("could not write the job record of %s: %s", self.name, exc)
         self._notify({"type": "state", "state": state.value, "message": message})
@@ -637,32 +631,27 @@ class TrainingJob:
                 log.exception("a training-job listener failed")
 
     def _log(self, line: str) -> None:
-        self.log_lines.append(line)
-        if len(self.log_lines) > 5000:
-            del self.log_lines[:1000]
-        for callback in list(self._log_listeners):
-            try:
-                callback(self, line)
-            except Exception:
-                log.exception("a training-log listener failed")
+        self.logLines.append(line)
+        if len(self.logLines) > 5000:
+            del self.logLines[:1000]
 
     def __repr__(self) -> str:
         return f"TrainingJob({self.name!r}, {self.state.value}, {self.folder})"
 
 
-def stage_number(event: Event) -> int:
+def stageNumber(event: Event) -> int:
     """The 1-based stage of an event (0 when it names none)."""
     return int(event.get("stage", 0))
 
 
-def _float_or_none(value: Any) -> float | None:
+def _floatOrNone(value: Any) -> float | None:
     try:
         return None if value is None else float(value)
     except (TypeError, ValueError):
         return None
 
 
-def _process_alive(pid: int, folder: Path) -> bool:
+def _processAlive(pid: int, folder: Path) -> bool:
     """True when ``pid`` runs and (where /proc exists) its command line names ``folder``."""
     try:
         os.kill(pid, 0)

@@ -4,7 +4,7 @@ A jobs root holds one folder per job (see :mod:`DLIRTrainingLib.job`).  :class:`
 them (:meth:`JobManager.refresh`), creates new ones (:meth:`JobManager.create`), runs a job at
 once or queues it while another job trains on the same device (:meth:`JobManager.submit`),
 starts queued jobs when their device frees up (:meth:`JobManager.poll`) and stops everything
-gracefully on shutdown (:meth:`JobManager.stop_all`).  No Qt.
+gracefully on shutdown (:meth:`JobManager.stopAll`).  No Qt.
 """
 
 from __future__ import annotations
@@ -13,17 +13,19 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .job import EVENTS_FILE, METADATA_FILE, REQUEST_FILE, JobError, JobState, TrainingJob
+from dlir.training.jobfolder import CONFIG_FILE, EVENTS_FILE
+
+from .job import METADATA_FILE, REQUEST_FILE, JobError, JobState, TrainingJob
 
 
-def default_jobs_root() -> Path:
+def defaultJobsRoot() -> Path:
     """``$DLIR_JOBS_DIR``, else ``~/.dlir/jobs``."""
     return Path(os.environ.get("DLIR_JOBS_DIR", Path.home() / ".dlir" / "jobs"))
 
 
-def device_key(device: str) -> str:
+def deviceKey(device: str) -> str:
     """The device a job occupies: ``auto`` counts as the GPU when one is used, ``cuda`` as ``cuda:0``."""
     device = (device or "cpu").strip().lower()
     if device == "cuda":
@@ -33,20 +35,19 @@ def device_key(device: str) -> str:
     return device
 
 
-def safe_name(name: str) -> str:
+def safeName(name: str) -> str:
     """A folder/file name from a user's stack name: letters, digits, ``-``, ``_``, ``.``."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip()).strip("-.")
     return cleaned or "stack"
 
 
 class JobManager:
-    """Jobs under ``root``; ``job_options`` (python, env, stop_timeout, ...) go to every :class:`TrainingJob`."""
+    """Jobs under ``root``; ``jobOptions`` (python, env, stopTimeout, ...) go to every :class:`TrainingJob`."""
 
-    def __init__(self, root: str | Path | None = None, **job_options: Any) -> None:
-        self.root = Path(root) if root is not None else default_jobs_root()
-        self.job_options = job_options
+    def __init__(self, root: str | Path | None = None, **jobOptions: Any) -> None:
+        self.root = Path(root) if root is not None else defaultJobsRoot()
+        self.jobOptions = jobOptions
         self.jobs: dict[Path, TrainingJob] = {}
-        self._on_new_job: list[Callable[[TrainingJob], None]] = []
 
     # ------------------------------------------------------------------------------ listing
     def refresh(self) -> list[TrainingJob]:
@@ -56,51 +57,48 @@ class JobManager:
                 key = folder.resolve()
                 if key in self.jobs:
                     continue
-                if any((folder / f).is_file() for f in (METADATA_FILE, EVENTS_FILE, REQUEST_FILE, "config.toml")):
-                    self.jobs[key] = TrainingJob.load(folder, **self.job_options)
+                if any((folder / f).is_file() for f in (METADATA_FILE, EVENTS_FILE, REQUEST_FILE, CONFIG_FILE)):
+                    self.jobs[key] = TrainingJob.load(folder, **self.jobOptions)
         return self.list()
 
     def list(self) -> list[TrainingJob]:
         """All known jobs, newest first."""
         return sorted(self.jobs.values(), key=lambda j: j.created, reverse=True)
 
-    def get(self, name_or_folder: str | Path) -> TrainingJob:
+    def get(self, nameOrFolder: str | Path) -> TrainingJob:
         for job in self.jobs.values():
-            if job.name == str(name_or_folder) or job.folder == Path(name_or_folder).resolve():
+            if job.name == str(nameOrFolder) or job.folder == Path(nameOrFolder).resolve():
                 return job
-        raise JobError(f"no training job {name_or_folder!r} in {self.root}")
+        raise JobError(f"no training job {nameOrFolder!r} in {self.root}")
 
     # ------------------------------------------------------------------------------ creating
-    def new_folder(self, name: str) -> Path:
+    def newFolder(self, name: str) -> Path:
         """A fresh job folder name under ``root``: ``NAME``, or ``NAME-2``, ``NAME-3``... when taken."""
-        base = safe_name(name)
+        base = safeName(name)
         candidate, k = self.root / base, 2
         while candidate.exists():
             candidate, k = self.root / f"{base}-{k}", k + 1
         return candidate
 
-    def create(self, name: str, config_text: str, device: str = "cpu", **options: Any) -> TrainingJob:
-        """A new job folder holding ``request.toml`` (the trainer's configuration), not yet started."""
-        folder = self.new_folder(name)
-        folder.mkdir(parents=True)
-        (folder / REQUEST_FILE).write_text(config_text, encoding="utf-8")
-        job = TrainingJob(folder, name=folder.name, device=device, **{**self.job_options, **options})
-        job.save_metadata()
-        self.jobs[job.folder] = job
-        for callback in self._on_new_job:
-            callback(job)
-        return job
+    def create(self, name: str, configText: str, device: str = "cpu", folder: Path | None = None, **options: Any) -> TrainingJob:
+        """A new job holding ``request.toml`` (the trainer's configuration ``configText``), not yet started.
 
-    def add(self, job: TrainingJob) -> TrainingJob:
+        ``folder``: its folder (made if needed; default: :meth:`newFolder` of ``name``).
+        """
+        folder = Path(folder) if folder is not None else self.newFolder(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / REQUEST_FILE).write_text(configText, encoding="utf-8")
+        job = TrainingJob(folder, name=folder.name, device=device, **{**self.jobOptions, **options})
+        job.saveMetadata()
         self.jobs[job.folder] = job
         return job
 
     # ------------------------------------------------------------------------------ running
-    def running_on(self, device: str) -> TrainingJob | None:
+    def runningOn(self, device: str) -> TrainingJob | None:
         """The job that occupies ``device`` now (this session's or one found running in another process)."""
-        key = device_key(device)
+        key = deviceKey(device)
         for job in self.jobs.values():
-            if job.state.active and (device_key(job.device) == key or "auto" in (key, device_key(job.device))):
+            if job.state.active and (deviceKey(job.device) == key or "auto" in (key, deviceKey(job.device))):
                 return job
         return None
 
@@ -109,22 +107,22 @@ class JobManager:
         self.jobs.setdefault(job.folder, job)
         if job.state.active:
             raise JobError(f"the job {job.name} is already running")
-        if resume and not job.has_checkpoint():
+        if resume and not job.hasCheckpoint():
             raise JobError(f"the job {job.name} has no checkpoint to resume from; start it again")
-        busy = self.running_on(job.device)
-        job.pending_action = "resume" if resume else "start"
+        busy = self.runningOn(job.device)
+        job.pendingAction = "resume" if resume else "start"
         if busy is not None and busy is not job:
-            job.waiting_for_device = True
+            job.waitingForDevice = True
             job.state = JobState.QUEUED
             job.message = f"queued: {busy.name} is training on {busy.device}"
-            job.save_metadata()
+            job.saveMetadata()
             return job.state
         self._launch(job)
         return job.state
 
     def _launch(self, job: TrainingJob) -> None:
-        job.waiting_for_device = False
-        if job.pending_action == "resume":
+        job.waitingForDevice = False
+        if job.pendingAction == "resume":
             job.resume()
         else:
             job.start()
@@ -138,11 +136,11 @@ class JobManager:
                 if events:
                     new[job] = events
         for job in sorted(self.jobs.values(), key=lambda j: j.created):
-            if job.state == JobState.QUEUED and job.waiting_for_device and self.running_on(job.device) is None:
+            if job.state == JobState.QUEUED and job.waitingForDevice and self.runningOn(job.device) is None:
                 self._launch(job)
         return new
 
-    def stop_all(self, timeout: float = 60.0) -> list[TrainingJob]:
+    def stopAll(self, timeout: float = 60.0) -> list[TrainingJob]:
         """Stop every running job of this session and wait (up to ``timeout`` s) for their checkpoints."""
         stopping = [j for j in self.jobs.values() if j.state == JobState.RUNNING and j._proc is not None]
         for job in stopping:
@@ -158,6 +156,3 @@ class JobManager:
                 except TimeoutError:
                     pass
         return stopping
-
-    def on_new_job(self, callback: Callable[[TrainingJob], None]) -> None:
-        self._on_new_job.append(callback)

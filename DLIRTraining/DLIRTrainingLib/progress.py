@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import vtk
 
-from .job import Event, stage_number
+from .job import Event, stageNumber
 
 TRAINING_COLUMNS = ("step", "stage", "iteration", "loss", "ncc", "bending", "it_per_s", "dice", "folding")
 VALIDATION_COLUMNS = ("step", "stage", "iteration", "dice", "folding")
@@ -40,33 +40,33 @@ JOB_ATTRIBUTE = "DLIRTraining.JobFolder"
 class TrainingCurves:
     """The table, plot-series and chart nodes of one job's curves in ``scene``; feed it events."""
 
-    def __init__(self, scene: Any, name: str, job_folder: str | None = None) -> None:
+    def __init__(self, scene: Any, name: str, jobFolder: str | None = None) -> None:
         self.scene = scene
         self.name = name
-        self.job_folder = job_folder
+        self.jobFolder = jobFolder
         self.table = self._table(f"DLIR training {name}", TRAINING_COLUMNS)
-        self.validation_table = self._table(f"DLIR validation {name}", VALIDATION_COLUMNS)
-        self.loss_chart = self._chart(f"DLIR loss {name}", f"{name}: training loss", "value")
-        self.validation_chart = self._chart(f"DLIR validation chart {name}", f"{name}: validation", "Dice / folding fraction")
+        self.validationTable = self._table(f"DLIR validation {name}", VALIDATION_COLUMNS)
+        self.lossChart = self._chart(f"DLIR loss {name}", f"{name}: training loss", "value")
+        self.validationChart = self._chart(f"DLIR validation chart {name}", f"{name}: validation", "Dice / folding fraction")
         self.series: dict[str, Any] = {}
         for column, colour in LOSS_SERIES:
-            self.series[column] = self._series(self.loss_chart, self.table, column, colour)
+            self.series[column] = self._series(self.lossChart, self.table, column, colour)
         for column, colour in VALIDATION_SERIES:
-            self.series[f"validation {column}"] = self._series(self.validation_chart, self.validation_table, column, colour,
+            self.series[f"validation {column}"] = self._series(self.validationChart, self.validationTable, column, colour,
                                                                markers=True)
-        self._stage_offsets: dict[int, int] = {}
-        self._stage_iterations: list[int] = []
-        self._last_step = 0
-        self._last_row_of: dict[tuple[int, int], int] = {}
+        self._stageOffsets: dict[int, int] = {}
+        self._stageIterations: list[int] = []
+        self._lastStep = 0
+        self._lastRowOf: dict[tuple[int, int], int] = {}
 
     # ------------------------------------------------------------------------------ nodes
     def _tag(self, node: Any) -> Any:
-        if self.job_folder:
-            node.SetAttribute(JOB_ATTRIBUTE, self.job_folder)
+        if self.jobFolder:
+            node.SetAttribute(JOB_ATTRIBUTE, self.jobFolder)
         return node
 
-    def _table(self, node_name: str, columns: Iterable[str]) -> Any:
-        node = self._tag(self.scene.AddNewNodeByClass("vtkMRMLTableNode", node_name))
+    def _table(self, nodeName: str, columns: Iterable[str]) -> Any:
+        node = self._tag(self.scene.AddNewNodeByClass("vtkMRMLTableNode", nodeName))
         table = node.GetTable()
         for column in columns:
             array = vtk.vtkIntArray() if column in INT_COLUMNS else vtk.vtkDoubleArray()
@@ -74,11 +74,11 @@ class TrainingCurves:
             table.AddColumn(array)
         return node
 
-    def _chart(self, node_name: str, title: str, y_title: str) -> Any:
-        chart = self._tag(self.scene.AddNewNodeByClass("vtkMRMLPlotChartNode", node_name))
+    def _chart(self, nodeName: str, title: str, yTitle: str) -> Any:
+        chart = self._tag(self.scene.AddNewNodeByClass("vtkMRMLPlotChartNode", nodeName))
         chart.SetTitle(title)
         chart.SetXAxisTitle("iteration (all stages)")
-        chart.SetYAxisTitle(y_title)
+        chart.SetYAxisTitle(yTitle)
         chart.SetLegendVisibility(True)
         return chart
 
@@ -95,7 +95,7 @@ class TrainingCurves:
         return node
 
     def nodes(self) -> list[Any]:
-        return [self.table, self.validation_table, self.loss_chart, self.validation_chart, *self.series.values()]
+        return [self.table, self.validationTable, self.lossChart, self.validationChart, *self.series.values()]
 
     def remove(self) -> None:
         """Take every node of these curves out of the scene."""
@@ -104,9 +104,9 @@ class TrainingCurves:
                 self.scene.RemoveNode(node)
 
     # ------------------------------------------------------------------------------ events
-    def add_events(self, events: Iterable[Event]) -> int:
+    def addEvents(self, events: Iterable[Event]) -> int:
         """Add a batch of events; the table nodes are marked modified once. Returns the rows added."""
-        nodes = (self.table, self.validation_table)
+        nodes = (self.table, self.validationTable)
         was_modifying = [node.StartModify() for node in nodes]
         added = 0
         try:
@@ -120,44 +120,41 @@ class TrainingCurves:
                 node.EndModify(was)
         return added
 
-    def add_event(self, event: Event) -> int:
-        return self.add_events([event])
-
     def _step(self, event: Event) -> tuple[int, int, int]:
-        stage = stage_number(event) or 1
+        stage = stageNumber(event) or 1
         iteration = int(event.get("iteration", 0))
-        if stage not in self._stage_offsets:
-            if self._stage_iterations and stage - 1 <= len(self._stage_iterations):
-                self._stage_offsets[stage] = sum(self._stage_iterations[: stage - 1])
+        if stage not in self._stageOffsets:
+            if self._stageIterations and stage - 1 <= len(self._stageIterations):
+                self._stageOffsets[stage] = sum(self._stageIterations[: stage - 1])
             else:  # no plan known: a new stage starts after the last step seen
-                self._stage_offsets[stage] = self._last_step
-        return self._stage_offsets[stage] + iteration, stage, iteration
+                self._stageOffsets[stage] = self._lastStep
+        return self._stageOffsets[stage] + iteration, stage, iteration
 
     def _add(self, event: Event) -> int:
         kind = event.get("type")
         if kind == "start":
             stages = event.get("stages")
             if isinstance(stages, list):
-                self._stage_iterations = [int(s.get("iterations", 0)) if isinstance(s, dict) else 0 for s in stages]
-                if not all(self._stage_iterations):
-                    self._stage_iterations = []
+                self._stageIterations = [int(s.get("iterations", 0)) if isinstance(s, dict) else 0 for s in stages]
+                if not all(self._stageIterations):
+                    self._stageIterations = []
             return 0
         if kind == "iteration":
             step, stage, iteration = self._step(event)
             key = (stage, iteration)
-            if key in self._last_row_of:  # a resumed run repeats iterations after the checkpoint: overwrite
-                row = self._last_row_of[key]
+            if key in self._lastRowOf:  # a resumed run repeats iterations after the checkpoint: overwrite
+                row = self._lastRowOf[key]
             else:
                 row = self.table.GetTable().InsertNextBlankRow(math.nan)
-                self._last_row_of[key] = row
+                self._lastRowOf[key] = row
             values = {"step": step, "stage": stage, "iteration": iteration, "loss": event.get("loss"), "ncc": event.get("ncc"),
                       "bending": event.get("bending"), "it_per_s": event.get("it_per_s")}
-            self._set_row(self.table, row, values)
-            self._last_step = max(self._last_step, step)
+            self._setRow(self.table, row, values)
+            self._lastStep = max(self._lastStep, step)
             return 1
         if kind == "validation":
             step, stage, iteration = self._step(event)
-            dice = _dice_per_label(event)
+            dice = _dicePerLabel(event)
             mean = event.get("dice_mean")
             if mean is None and dice:
                 mean = sum(dice.values()) / len(dice)
@@ -165,23 +162,23 @@ class TrainingCurves:
                                       "folding": event.get("folding")}
             for label, value in dice.items():
                 values[f"dice_{label}"] = value
-                for node in (self.table, self.validation_table):
-                    self._ensure_column(node, f"dice_{label}")
-            vrow = self.validation_table.GetTable().InsertNextBlankRow(math.nan)
-            self._set_row(self.validation_table, vrow, values)
+                for node in (self.table, self.validationTable):
+                    self._ensureColumn(node, f"dice_{label}")
+            vrow = self.validationTable.GetTable().InsertNextBlankRow(math.nan)
+            self._setRow(self.validationTable, vrow, values)
             if iteration == 0:  # the stage before training (its identity): a validation row only
                 return 1
-            row = self._last_row_of.get((stage, iteration))
+            row = self._lastRowOf.get((stage, iteration))
             if row is None:  # validation before any iteration row of that step: give it its own row
                 row = self.table.GetTable().InsertNextBlankRow(math.nan)
-                self._last_row_of[(stage, iteration)] = row
-                self._set_row(self.table, row, {"step": step, "stage": stage, "iteration": iteration})
-            self._set_row(self.table, row, {k: v for k, v in values.items() if k not in ("step", "stage", "iteration")})
+                self._lastRowOf[(stage, iteration)] = row
+                self._setRow(self.table, row, {"step": step, "stage": stage, "iteration": iteration})
+            self._setRow(self.table, row, {k: v for k, v in values.items() if k not in ("step", "stage", "iteration")})
             return 1
         return 0
 
     @staticmethod
-    def _ensure_column(node: Any, column: str) -> None:
+    def _ensureColumn(node: Any, column: str) -> None:
         table = node.GetTable()
         if table.GetColumnByName(column) is not None:
             return
@@ -192,7 +189,7 @@ class TrainingCurves:
         table.AddColumn(array)
 
     @staticmethod
-    def _set_row(node: Any, row: int, values: dict[str, Any]) -> None:
+    def _setRow(node: Any, row: int, values: dict[str, Any]) -> None:
         table = node.GetTable()
         for column, value in values.items():
             array = table.GetColumnByName(column)
@@ -206,7 +203,7 @@ class TrainingCurves:
     # ------------------------------------------------------------------------------ reading back
     def column(self, name: str, validation: bool = False) -> list[float]:
         """A column's values as a list (tests, exports)."""
-        table = (self.validation_table if validation else self.table).GetTable()
+        table = (self.validationTable if validation else self.table).GetTable()
         array = table.GetColumnByName(name)
         if array is None:
             raise KeyError(f"no column {name!r}")
@@ -217,7 +214,7 @@ class TrainingCurves:
         return self.table.GetTable().GetNumberOfRows()
 
 
-def _dice_per_label(event: Event) -> dict[str, float]:
+def _dicePerLabel(event: Event) -> dict[str, float]:
     """``{label: mean Dice}`` of a validation event (none when the validation pairs have no labels)."""
     dice = event.get("dice")
     if not isinstance(dice, dict):

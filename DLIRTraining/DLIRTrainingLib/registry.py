@@ -3,20 +3,18 @@
 The registry (``dlir.stack.list_stacks``) looks in the user's model folder
 (``dlir.stack.user_models_dir()``: ``$DLIR_MODELS_DIR`` or ``~/.dlir/models``) and the bundled
 ``Resources/Models``.  A finished job's ``NAME.safetensors`` is validated (fully loaded) and
-copied into the chosen models folder; :func:`registry_stack` makes sure DLIR Registration's
+copied into the chosen models folder; :func:`registryStack` makes sure DLIR Registration's
 chooser lists it (copying it into the user's model folder when it was put elsewhere).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 from .job import JobError
 
 
-def models_dir(chosen: str | Path | None = None, default: Path | None = None) -> Path:
+def modelsDir(chosen: str | Path | None = None, default: Path | None = None) -> Path:
     """The folder new stacks go to: ``chosen``, else ``default``, else the user model folder of the registry."""
     if chosen and str(chosen) not in ("", "."):
         return Path(str(chosen)).expanduser()
@@ -27,7 +25,7 @@ def models_dir(chosen: str | Path | None = None, default: Path | None = None) ->
     return user_models_dir()
 
 
-def stack_name_taken(name: str, folder: Path) -> Path | None:
+def stackNameTaken(name: str, folder: Path) -> Path | None:
     """The file of a stack already called ``name`` (in ``folder`` or anywhere the registry looks), else None."""
     from dlir.stack import list_stacks
 
@@ -40,30 +38,19 @@ def stack_name_taken(name: str, folder: Path) -> Path | None:
     return None
 
 
-def install_stack(stack_path: Path, folder: Path, overwrite: bool = False) -> Path:
-    """Validate ``stack_path`` and copy it into ``folder`` as ``NAME.safetensors`` (atomically); returns the new file."""
+def installStack(stackPath: Path, folder: Path, overwrite: bool = False) -> Path:
+    """Validate ``stackPath`` and copy it into ``folder`` as ``NAME.safetensors`` (``dlir.stack.install_stack``); the new file."""
     from dlir.errors import StackError
-    from dlir.stack import load_stack, read_manifest
+    from dlir.stack import install_stack as install
 
     try:
-        load_stack(stack_path)
-        manifest = read_manifest(stack_path)
+        return install(stackPath, folder, overwrite).path
     except StackError as exc:
-        raise JobError(f"the trained stack cannot be used: {exc}") from exc
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{manifest.name}.safetensors"
-    if target.resolve() == stack_path.resolve():
-        return target
-    if target.exists() and not overwrite:
-        raise JobError(f"a stack file {target.name} already exists in {folder}; the new stack stays in its job folder {stack_path.parent}")
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.copyfile(stack_path, tmp)
-    os.replace(tmp, target)
-    return target
+        raise JobError(f"the trained stack cannot be used: {exc}; it stays in its job folder {stackPath.parent}") from exc
 
 
-def registry_stack(stack_path: Path) -> Path:
-    """The file under which the registry (and so DLIR Registration's chooser) lists the stack ``stack_path``.
+def registryStack(stackPath: Path) -> Path:
+    """The file under which the registry (and so DLIR Registration's chooser) lists the stack ``stackPath``.
 
     A stack installed outside the registry's folders is copied into the user's model folder first.
     Raises :class:`JobError` when the registry lists a different stack under the same name.
@@ -72,14 +59,14 @@ def registry_stack(stack_path: Path) -> Path:
     from dlir.stack import list_stacks, read_manifest, user_models_dir
 
     try:
-        name = read_manifest(stack_path).name
+        name = read_manifest(stackPath).name
     except StackError as exc:
         raise JobError(f"the trained stack cannot be used: {exc}") from exc
     for info in list_stacks():
         if info.name != name:
             continue
-        if info.path.resolve() == stack_path.resolve() or info.path.read_bytes() == stack_path.read_bytes():
+        if info.path.resolve() == stackPath.resolve() or info.path.read_bytes() == stackPath.read_bytes():
             return info.path
         raise JobError(f"DLIR Registration already lists another stack named {name} ({info.path}); "
-                       f"rename or remove it to use the new one ({stack_path})")
-    return install_stack(stack_path, user_models_dir())
+                       f"rename or remove it to use the new one ({stackPath})")
+    return installStack(stackPath, user_models_dir())

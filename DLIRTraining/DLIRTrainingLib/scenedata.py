@@ -15,55 +15,60 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .settings import DataSource, SettingsError, TrainingSettings
+from dlir.errors import InputError
 
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+from .settings import DataSource, TrainingSettings
 
 #: columns of the CSV written for scene volumes (the trainer's CSV columns)
 CSV_IMAGE, CSV_LABELS = "image", "labels"
+#: where scene volumes go in a job folder, and the CSV listing them
+SCENE_DATA_DIR, SCENE_CSV = "data", "images.csv"
 
 
-def data_section(settings: TrainingSettings, job_folder: Path, volumes: Sequence[Any] = (),
-                 label_maps: Sequence[Any] = ()) -> dict[str, Any]:
-    """The ``[data]`` table of the trainer's configuration for the chosen source.
-
-    Scene volumes (``volumes``, ``label_maps``: MRML nodes) are exported into ``job_folder/data``.
-    """
-    source = DataSource(settings.dataSource)
-    if source == DataSource.FOLDER:
-        return {"images": str(Path(str(settings.dataFolder)).resolve())}
-    if source == DataSource.CSV:
-        return {"images": str(Path(str(settings.dataCsv)).resolve())}
-    return {"images": str(export_scene_volumes(volumes, label_maps, job_folder / "data"))}
+def trainingImages(settings: TrainingSettings, jobFolder: Path) -> str:
+    """The trainer's ``data.images`` for the chosen source: the folder or CSV chosen ('' when none), or
+    for scene volumes the CSV :func:`exportSceneVolumes` writes into ``jobFolder``."""
+    if DataSource(settings.dataSource) == DataSource.SCENE:
+        return str(Path(jobFolder).resolve() / SCENE_DATA_DIR / SCENE_CSV)
+    return settings.imagesSource()
 
 
-def export_scene_volumes(volumes: Sequence[Any], label_maps: Sequence[Any], folder: Path) -> Path:
-    """Write ``volumes`` (and the label maps that belong to them) as NIfTI files plus ``images.csv``; returns the CSV."""
+def checkSceneVolumes(volumes: Sequence[Any], labelMaps: Sequence[Any] = ()) -> dict[str, Any]:
+    """Refuse scene volumes the trainer could not use (none, no image data, 2D; label maps that belong to
+    no single volume); returns volume ID -> its label map (:func:`matchLabelMaps`)."""
     volumes = [v for v in volumes if v is not None]
     if not volumes:
-        raise SettingsError("no scene volume is checked; check the volumes to train on")
+        raise InputError("no scene volume is checked; check the volumes to train on")
     for node in volumes:
         if node.GetImageData() is None:
-            raise SettingsError(f"the volume {node.GetName()} has no image data")
+            raise InputError(f"the volume {node.GetName()} has no image data")
         dims = node.GetImageData().GetDimensions()
         if min(dims) < 2:
-            raise SettingsError(f"the volume {node.GetName()} is 2D ({dims[0]}x{dims[1]}x{dims[2]}); DLIR trains on 3D images")
-    owners = match_label_maps(volumes, label_maps)
+            raise InputError(f"the volume {node.GetName()} is 2D ({dims[0]}x{dims[1]}x{dims[2]}); DLIR trains on 3D images")
+    return matchLabelMaps(volumes, labelMaps)
+
+
+def exportSceneVolumes(volumes: Sequence[Any], labelMaps: Sequence[Any], jobFolder: Path) -> Path:
+    """Write ``volumes`` (and the label maps that belong to them) as NIfTI files plus a CSV of them into
+    ``jobFolder/data``; returns the CSV (:func:`trainingImages`)."""
+    owners = checkSceneVolumes(volumes, labelMaps)
+    volumes = [v for v in volumes if v is not None]
+    folder = Path(jobFolder) / SCENE_DATA_DIR
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     used: set[str] = set()
     for node in volumes:
-        stem = _unique(_file_stem(node.GetName()), used)
+        stem = _unique(_fileStem(node.GetName()), used)
         image_path = folder / f"{stem}.nii.gz"
-        write_volume(node, image_path)
+        writeVolume(node, image_path)
         row = {CSV_IMAGE: str(image_path), CSV_LABELS: ""}
         label = owners.get(node.GetID())
         if label is not None:
             label_path = folder / f"{stem}_labels.nii.gz"
-            write_volume(label, label_path)
+            writeVolume(label, label_path)
             row[CSV_LABELS] = str(label_path)
         rows.append(row)
-    csv_path = folder / "images.csv"
+    csv_path = folder / SCENE_CSV
     with csv_path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=[CSV_IMAGE, CSV_LABELS])
         writer.writeheader()
@@ -71,36 +76,36 @@ def export_scene_volumes(volumes: Sequence[Any], label_maps: Sequence[Any], fold
     return csv_path
 
 
-def match_label_maps(volumes: Sequence[Any], label_maps: Sequence[Any]) -> dict[str, Any]:
+def matchLabelMaps(volumes: Sequence[Any], labelMaps: Sequence[Any]) -> dict[str, Any]:
     """Volume ID -> its label map: by name (``VOLUME-label``, ``VOLUME_labels``...) or else by identical grid."""
     owners: dict[str, Any] = {}
-    for label in [lm for lm in label_maps if lm is not None]:
+    for label in [lm for lm in labelMaps if lm is not None]:
         by_name = [v for v in volumes if label.GetName().lower().startswith(v.GetName().lower())]
         by_name.sort(key=lambda v: len(v.GetName()), reverse=True)
-        candidates = by_name[:1] or [v for v in volumes if same_grid(v, label)]
+        candidates = by_name[:1] or [v for v in volumes if sameGrid(v, label)]
         if len(candidates) != 1:
             how = "several" if candidates else "none"
-            raise SettingsError(f"the label map {label.GetName()} matches {how} of the checked volumes; name it after its volume "
+            raise InputError(f"the label map {label.GetName()} matches {how} of the checked volumes; name it after its volume "
                                 f"(e.g. VOLUME-label) and give it the volume's grid")
         owner = candidates[0]
-        if not same_grid(owner, label):
-            raise SettingsError(f"the label map {label.GetName()} is not on the grid of {owner.GetName()}; resample it onto the volume first")
+        if not sameGrid(owner, label):
+            raise InputError(f"the label map {label.GetName()} is not on the grid of {owner.GetName()}; resample it onto the volume first")
         if owner.GetID() in owners:
-            raise SettingsError(f"the volume {owner.GetName()} has two label maps checked; keep one")
+            raise InputError(f"the volume {owner.GetName()} has two label maps checked; keep one")
         owners[owner.GetID()] = label
     return owners
 
 
-def same_grid(a: Any, b: Any) -> bool:
+def sameGrid(a: Any, b: Any) -> bool:
     """Same dimensions and the same IJK -> RAS matrix (spacing, origin, direction)."""
     if a.GetImageData() is None or b.GetImageData() is None:
         return False
     if tuple(a.GetImageData().GetDimensions()) != tuple(b.GetImageData().GetDimensions()):
         return False
-    return np.allclose(_ijk_to_ras(a), _ijk_to_ras(b), atol=1e-4)
+    return np.allclose(_ijkToRAS(a), _ijkToRAS(b), atol=1e-4)
 
 
-def _ijk_to_ras(node: Any) -> np.ndarray:
+def _ijkToRAS(node: Any) -> np.ndarray:
     import vtk
 
     m = vtk.vtkMatrix4x4()
@@ -108,7 +113,7 @@ def _ijk_to_ras(node: Any) -> np.ndarray:
     return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
 
 
-def write_volume(node: Any, path: Path) -> None:
+def writeVolume(node: Any, path: Path) -> None:
     """Write a volume node to ``path`` with a fresh storage node (the node and its own storage stay as they are)."""
     import slicer
 
@@ -116,10 +121,10 @@ def write_volume(node: Any, path: Path) -> None:
     storage.SetFileName(str(path))
     storage.UseCompressionOn()
     if not storage.WriteData(node):
-        raise SettingsError(f"could not write the volume {node.GetName()} to {path}")
+        raise InputError(f"could not write the volume {node.GetName()} to {path}")
 
 
-def _file_stem(name: str) -> str:
+def _fileStem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "volume"
 
 

@@ -1,25 +1,43 @@
-"""What the DLIR Training GUI asks for, checked, and turned into the trainer's ``config.toml``.
+"""What the DLIR Training GUI asks for, turned into the trainer's configuration BY THE ENGINE.
 
 :class:`TrainingSettings` has one field per GUI control (the same names as the module's
 parameter node, so the Widget passes the parameter node's values straight in).  Its units:
 control-point spacings and the grid spacing in mm, the patch size in voxels of the stage grid.
-:func:`build_config` makes the configuration of ``dlir train`` from it (the layout of
-:mod:`dlir.train_config`, accepted by ``TrainConfig.from_dict``); the engine's
-``dlir.toml_writer.dumps`` writes it.  No Qt, no Slicer.
+
+There is one set of defaults and one validation, the engine's: every default here is read from
+``dlir.training.config`` (:class:`~dlir.training.config.Outline`, ``TrainConfig``, ``DataSpec``),
+and :func:`buildConfig` makes the configuration through them (``Outline(...).recipe()``, then
+``TrainConfig(...).check()``), so a bad value raises the engine's :class:`dlir.errors.InputError`
+with the very sentence ``dlir train`` prints for the equivalent flags.  What is left here is
+GUI-specific: reading the ``bsplineSpacings`` text, the data source choice and its path.  The
+intensity choices are :data:`dlir.recipe.INTENSITY_PRESETS`.  No Qt, no Slicer, no torch.
+
+The GUI's recipe choices and the equivalent ``dlir train`` flags::
+
+    affineStage=False        --no-affine
+    bsplineSpacings="32, 16" --control-points-mm 32,16
+    gridSpacing=4            --grid-spacing-mm 4
+    affineIterations=A, bsplineIterations=B   --iterations A,B,B (one per stage)
+    alpha=X                  --alpha 0,X,X (the affine stage has none)
+    learningRate, batchSize, patchSize, channels   --learning-rate, --batch-size, --patch-size, --channels
+    intensity=CT / MR        --intensity ct / mr
 """
 
 from __future__ import annotations
 
 import enum
-import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from dlir.errors import InputError
+from dlir.recipe import INTENSITY_PRESETS
+from dlir.training.config import DataSpec, Outline, TrainConfig
 
-class SettingsError(ValueError):
-    """A setting cannot be used; the message names it and says what to change."""
+_OUTLINE = Outline()
+_CONFIG = TrainConfig()
+_DATA = DataSpec()
 
 
 class DataSource(str, enum.Enum):
@@ -31,160 +49,115 @@ class DataSource(str, enum.Enum):
         return {"folder": "Folder of images", "csv": "CSV of image paths", "scene": "Volumes in the scene"}[self.value]
 
 
-class Intensity(str, enum.Enum):
-    MR = "mr"
-    CT = "ct"
+class _IntensityPreset(str, enum.Enum):
+    """A name of :data:`dlir.recipe.INTENSITY_PRESETS` (the members are made from it below)."""
 
     def label(self) -> str:
-        return {"mr": "MR: 0.5-99.5 percentiles", "ct": "CT: window -1000..1000 HU"}[self.value]
+        """The combo box text, e.g. ``CT: window -1000..1000``."""
+        return f"{self.name}: {self.spec().describe()}"
 
-    def config(self) -> dict[str, Any]:
-        """The stack's intensity normalisation (:class:`dlir.recipe.IntensitySpec`)."""
-        if self is Intensity.CT:
-            return {"kind": "window", "low": -1000.0, "high": 1000.0}
-        return {"kind": "percentile", "low": 0.5, "high": 99.5}
+    def spec(self) -> Any:
+        """The engine's :class:`dlir.recipe.IntensitySpec` of this preset."""
+        return INTENSITY_PRESETS[self.value]
 
 
-DEVICES = ("auto", "cpu", "cuda")
+#: the intensity normalisations offered: one member per engine preset (``Intensity.CT.value == "ct"``)
+Intensity = _IntensityPreset("Intensity", {name.upper(): name for name in INTENSITY_PRESETS}, module=__name__)
+
+
+def formatSpacings(spacings: tuple[float, ...]) -> str:
+    """Control-point spacings (mm) as the GUI writes them: ``32, 16``."""
+    return ", ".join(f"{mm:g}" for mm in spacings)
 
 
 @dataclass
 class TrainingSettings:
-    """Every choice of the Training module (names match the parameter node)."""
+    """Every choice of the Training module (names match the parameter node); defaults are the engine's."""
 
     dataSource: DataSource = DataSource.FOLDER
     dataFolder: Path | str = ""
     dataCsv: Path | str = ""
-    validationCount: int = 0
-    intensity: Intensity = Intensity.MR
-    affineStage: bool = True
-    affineIterations: int = 2000
-    bsplineSpacings: str = "32, 16"
-    bsplineIterations: int = 2000
-    gridSpacing: float = 4.0
-    patchSize: int = 64
-    batchSize: int = 1
-    alpha: float = 5.0
-    learningRate: float = 1e-3
-    device: str = "auto"
-    seed: int = 0
-    checkpointEvery: int = 100
-    validateEvery: int = 100
-    syntheticFraction: float = 0.5
-    channels: int = 32
-    stackName: str = ""
-    description: str = ""
+    validationCount: int = _DATA.validation_count
+    intensity: Intensity = Intensity(_OUTLINE.intensity)  # type: ignore[valid-type]
+    affineStage: bool = _OUTLINE.affine
+    affineIterations: int = _OUTLINE.affine_iterations
+    bsplineSpacings: str = formatSpacings(_OUTLINE.control_points_mm)
+    bsplineIterations: int = _OUTLINE.bspline_iterations
+    gridSpacing: float = _OUTLINE.grid_spacing_mm
+    patchSize: int = _OUTLINE.patch_size
+    batchSize: int = _OUTLINE.batch_size
+    alpha: float = _OUTLINE.alpha
+    learningRate: float = _OUTLINE.learning_rate
+    device: str = _CONFIG.device
+    seed: int = _CONFIG.seed
+    checkpointEvery: int = _CONFIG.checkpoint_every
+    validateEvery: int = _CONFIG.validate_every
+    syntheticFraction: float = _DATA.synthetic_fraction
+    channels: int = _OUTLINE.channels
+    stackName: str = _CONFIG.name
+    description: str = _CONFIG.description
     outputFolder: Path | str = ""
     jobsFolder: Path | str = ""
 
     @classmethod
-    def field_names(cls) -> list[str]:
+    def fieldNames(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_object(cls, source: Any) -> "TrainingSettings":
+    def fromObject(cls, source: Any) -> "TrainingSettings":
         """Settings from any object with these attribute names (the module's parameter node)."""
-        values = {name: getattr(source, name) for name in cls.field_names() if hasattr(source, name)}
+        values = {name: getattr(source, name) for name in cls.fieldNames() if hasattr(source, name)}
         return cls(**values)
 
-    # ------------------------------------------------------------------------------ checks
-    def control_point_spacings(self) -> list[float]:
-        """The B-spline stages' control-point spacings in mm, coarse to fine, from ``bsplineSpacings``."""
-        text = (self.bsplineSpacings or "").strip()
-        if not text:
-            return []
+    # ------------------------------------------------------------------------------ GUI-specific
+    def controlPointSpacings(self) -> tuple[float, ...]:
+        """The B-spline stages' control-point spacings in mm, coarse to fine, read from the ``bsplineSpacings`` text."""
         values = []
-        for part in re.split(r"[,;\s]+", text):
+        for part in re.split(r"[,;\s]+", (self.bsplineSpacings or "").strip()):
             if not part:
                 continue
             try:
                 values.append(float(part))
             except ValueError:
-                raise SettingsError(f"B-spline control points: {part!r} is not a number; give spacings in mm such as '32, 16'") from None
-        return values
+                raise InputError(f"B-spline control points: {part!r} is not a number; "
+                                 "give spacings in mm such as '32, 16'") from None
+        return tuple(values)
 
-    def check(self) -> None:
-        """Raise :class:`SettingsError` with the first problem, if any."""
-        if not safe_stack_name(self.stackName):
-            raise SettingsError("give the new stack a name (letters, digits, '-', '_' or '.')")
-        if self.dataSource == DataSource.FOLDER:
-            folder = Path(str(self.dataFolder)) if str(self.dataFolder) else None
-            if folder is None or not folder.is_dir():
-                raise SettingsError(f"the image folder {str(self.dataFolder) or '(none)'} does not exist; choose a folder of training images")
-        elif self.dataSource == DataSource.CSV:
-            csv = Path(str(self.dataCsv)) if str(self.dataCsv) else None
-            if csv is None or not csv.is_file():
-                raise SettingsError(f"the image CSV {str(self.dataCsv) or '(none)'} does not exist; choose a CSV of image paths")
-        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
-            raise SettingsError(f"unknown device {self.device!r}: choose auto, cpu or cuda")
-        spacings = self.control_point_spacings()
-        if not self.affineStage and not spacings:
-            raise SettingsError("the recipe has no stage: tick the affine stage or give B-spline control-point spacings")
-        if self.gridSpacing <= 0:
-            raise SettingsError("the grid spacing must be positive (mm)")
-        previous = math.inf
-        for mm in spacings:
-            factor = mm / self.gridSpacing
-            k = round(factor)
-            if mm <= 0 or abs(factor - k) > 1e-6 or k < 2 or k & (k - 1):
-                allowed = ", ".join(f"{self.gridSpacing * 2 ** n:g}" for n in range(1, 5))
-                raise SettingsError(f"a B-spline control-point spacing of {mm:g} mm does not fit the {self.gridSpacing:g} mm grid: "
-                                    f"it must be the grid spacing times a power of two ({allowed} mm)")
-            if mm > previous:
-                raise SettingsError("list the B-spline control-point spacings coarse to fine (largest first), e.g. '32, 16'")
-            previous = mm
-        for name, value, low in (("affine iterations", self.affineIterations, 1), ("B-spline iterations", self.bsplineIterations, 1),
-                                 ("batch size", self.batchSize, 1), ("checkpoint interval", self.checkpointEvery, 1),
-                                 ("validation interval", self.validateEvery, 1), ("patch size", self.patchSize, 8),
-                                 ("number of network channels", self.channels, 1)):
-            if int(value) < low:
-                raise SettingsError(f"the {name} must be at least {low}")
-        if spacings and self.patchSize % round(spacings[0] / self.gridSpacing):
-            cp = round(spacings[0] / self.gridSpacing)
-            raise SettingsError(f"the patch size ({self.patchSize} voxels) must be a multiple of the coarsest control-point "
-                                f"spacing in voxels ({cp})")
-        if not all(math.isfinite(float(v)) for v in (self.gridSpacing, self.alpha, self.learningRate, self.syntheticFraction)):
-            raise SettingsError("the grid spacing, bending weight, learning rate and share of synthetic pairs must be finite numbers")
-        if self.alpha < 0 or self.learningRate <= 0:
-            raise SettingsError("the bending weight must be >= 0 and the learning rate > 0")
-        if not 0 <= self.syntheticFraction <= 1:
-            raise SettingsError("the share of synthetic pairs must lie between 0 and 1")
+    def imagesSource(self) -> str:
+        """The chosen folder or CSV (absolute), '' when none is chosen or the data are scene volumes."""
+        source = DataSource(self.dataSource)
+        chosen = {DataSource.FOLDER: self.dataFolder, DataSource.CSV: self.dataCsv}.get(source, "")
+        return str(Path(str(chosen)).expanduser().resolve()) if chosen and str(chosen) not in ("", ".") else ""
 
-    # ------------------------------------------------------------------------------ recipe
-    def stages(self) -> list[dict[str, Any]]:
-        """The stage list of the recipe (:class:`dlir.recipe.StageSpec` fields), coarse to fine."""
-        stages: list[dict[str, Any]] = []
-        g = float(self.gridSpacing)
-        if self.affineStage:
-            affine_g = 2 * g
-            stages.append({"kind": "affine", "spacing_mm": [affine_g] * 3, "channels": int(self.channels),
-                           "iterations": int(self.affineIterations),
-                           "learning_rate": float(self.learningRate), "batch_size": int(self.batchSize), "alpha": 0.0})
-        for mm in self.control_point_spacings():
-            stages.append({"kind": "bspline", "spacing_mm": [g] * 3, "control_point_spacing": int(round(mm / g)),
-                           "channels": int(self.channels),
-                           "iterations": int(self.bsplineIterations), "learning_rate": float(self.learningRate),
-                           "batch_size": int(self.batchSize), "patch_size": int(self.patchSize), "alpha": float(self.alpha)})
-        return stages
+    # ------------------------------------------------------------------------------ the engine's
+    def outline(self) -> Outline:
+        """The engine's recipe outline of these choices (``Outline.recipe()`` checks them)."""
+        return Outline(affine=bool(self.affineStage), control_points_mm=self.controlPointSpacings(),
+                       grid_spacing_mm=float(self.gridSpacing), channels=int(self.channels),
+                       affine_iterations=int(self.affineIterations), bspline_iterations=int(self.bsplineIterations),
+                       learning_rate=float(self.learningRate), batch_size=int(self.batchSize), patch_size=int(self.patchSize),
+                       alpha=float(self.alpha), intensity=Intensity(self.intensity).value)
 
 
-def safe_stack_name(name: str) -> str:
-    """The stack name when it is usable as a file name, else ''."""
-    name = (name or "").strip()
-    return name if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) else ""
+def buildConfig(settings: TrainingSettings, images: str | None = None) -> TrainConfig:
+    """The checked ``dlir train`` configuration of ``settings``; ``images``: the data (default: the chosen folder or CSV).
 
-
-def build_config(settings: TrainingSettings, data: dict[str, Any]) -> dict[str, Any]:
-    """The ``dlir train`` configuration: ``data`` is the data section (see :func:`DLIRTrainingLib.scenedata`)."""
-    settings.check()
-    config: dict[str, Any] = {
-        "name": settings.stackName.strip(),
-        "description": settings.description or f"trained in 3D Slicer (DLIR Training) as {settings.stackName.strip()}",
-        "device": settings.device,
-        "seed": int(settings.seed),
-        "checkpoint_every": int(settings.checkpointEvery),
-        "validate_every": int(settings.validateEvery),
-        "data": {**data, "validation_count": int(settings.validationCount), "synthetic_fraction": float(settings.syntheticFraction)},
-        "recipe": {"intensity": settings.intensity.config(), "stages": settings.stages()},
-    }
+    Raises the engine's :class:`dlir.errors.InputError` (or ``StackError``) with the sentence the
+    command line prints for the equivalent flags.  Whether the folder or CSV holds images is
+    :func:`checkImages`'s business (the trainer's own ``find_images``).
+    """
+    recipe = settings.outline().recipe()
+    data = DataSpec(images=settings.imagesSource() if images is None else str(images),
+                    validation_count=int(settings.validationCount), synthetic_fraction=float(settings.syntheticFraction))
+    config = TrainConfig(name=(settings.stackName or "").strip(), description=settings.description or "",
+                         device=str(settings.device), seed=int(settings.seed), checkpoint_every=int(settings.checkpointEvery),
+                         validate_every=int(settings.validateEvery), data=data, recipe=recipe)
+    config.check()
     return config
+
+
+def checkImages(images: str) -> None:
+    """Refuse a folder or CSV the trainer would refuse (``dlir.training.data.find_images``: its sentence)."""
+    from dlir.training.data import find_images  # imports torch: only when a job is started
+
+    find_images(images)

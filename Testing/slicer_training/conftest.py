@@ -24,7 +24,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 FAKE_TRAINER = r'''
-"""A stand-in for `dlir train`: JSON-lines events on stdout and in events.jsonl; FAKE_MODE picks the behaviour."""
+"""A stand-in for `dlir train`: JSON-lines events on stdout and in the job's events file; FAKE_MODE picks the behaviour."""
 import json, os, signal, sys, time
 from pathlib import Path
 
@@ -36,7 +36,7 @@ out.mkdir(parents=True, exist_ok=True)
 mode = os.environ.get("FAKE_MODE", "ok")
 delay = float(os.environ.get("FAKE_DELAY", "0"))
 stages = [{"kind": "affine", "iterations": 4}, {"kind": "bspline", "iterations": 6}]
-events = (out / "events.jsonl").open("a", encoding="utf-8")
+events = (out / EVENTS_FILE).open("a", encoding="utf-8")
 stop = {"now": False}
 
 def emit(event_type, /, **data):
@@ -54,7 +54,7 @@ else:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-state_file = out / "checkpoints" / "last.json"
+state_file = out / CHECKPOINTS_DIR / "last.json"
 stage, it = 1, 0
 if resume:
     saved = json.loads(state_file.read_text(encoding="utf-8"))
@@ -99,7 +99,10 @@ emit("done", stack=str(out / "fake.safetensors"))
 def fake_trainer(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """The launcher command of the fake trainer (stands for ``python -m dlir``)."""
     path = tmp_path_factory.mktemp("fake-trainer") / "fake_dlir.py"
-    path.write_text(textwrap.dedent(FAKE_TRAINER), encoding="utf-8")
+    from dlir.training.jobfolder import CHECKPOINTS_DIR, EVENTS_FILE
+
+    names = f"EVENTS_FILE, CHECKPOINTS_DIR = {EVENTS_FILE!r}, {CHECKPOINTS_DIR!r}  # dlir.training.jobfolder\n"
+    path.write_text(names + textwrap.dedent(FAKE_TRAINER), encoding="utf-8")
     return [sys.executable, str(path)]
 
 

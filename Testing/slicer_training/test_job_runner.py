@@ -17,63 +17,63 @@ from DLIRTrainingLib.job import (
     JobError,
     JobState,
     TrainingJob,
-    describe_returncode,
-    format_duration,
-    parse_event,
-    read_events,
+    describeReturnCode,
+    formatDuration,
+    parseEvent,
+    readEvents,
 )
-from DLIRTrainingLib.jobs import JobManager, device_key, safe_name
+from DLIRTrainingLib.jobs import JobManager, deviceKey, safeName
 
 
 def make_job(tmp_path: Path, fake_trainer: list[str], mode: str = "ok", name: str = "job", delay: float = 0.0,
-             stop_timeout: float = 30.0) -> TrainingJob:
+             stopTimeout: float = 30.0) -> TrainingJob:
     folder = tmp_path / name
     folder.mkdir(parents=True)
     (folder / REQUEST_FILE).write_text('name = "fake"\n')
     env = dict(os.environ, FAKE_MODE=mode, FAKE_DELAY=str(delay))
-    return TrainingJob(folder, launcher=fake_trainer, env=env, stop_timeout=stop_timeout)
+    return TrainingJob(folder, launcher=fake_trainer, env=env, stopTimeout=stopTimeout)
 
 
 def test_parse_event_accepts_events_only() -> None:
-    assert parse_event('{"type": "iteration", "loss": -0.5}\n') == {"type": "iteration", "loss": -0.5}
+    assert parseEvent('{"type": "iteration", "loss": -0.5}\n') == {"type": "iteration", "loss": -0.5}
     for line in ("", "plain text", "[1, 2]", '{"no_type": 1}', '{"type": 3}', '{"type": "x"', "  {broken"):
-        assert parse_event(line) is None
+        assert parseEvent(line) is None
 
 
 def test_read_events_skips_a_torn_last_line(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     path.write_text('{"type": "start"}\nnot json\n{"type": "iteration", "iteration": 1}\n{"type": "itera')
-    assert [e["type"] for e in read_events(path)] == ["start", "iteration"]
-    assert read_events(tmp_path / "missing.jsonl") == []
+    assert [e["type"] for e in readEvents(path)] == ["start", "iteration"]
+    assert readEvents(tmp_path / "missing.jsonl") == []
 
 
 def test_helpers() -> None:
-    assert describe_returncode(-signal.SIGKILL) == "killed by signal SIGKILL"
-    assert describe_returncode(2) == "exit code 2"
-    assert format_duration(12) == "12 s" and format_duration(200) == "3 min 20 s" and format_duration(7500) == "2 h 05 min"
-    assert safe_name(" my stack/v1 ") == "my-stack-v1" and safe_name("///") == "stack"
-    assert device_key("cuda") == "cuda:0" and device_key("CPU") == "cpu"
+    assert describeReturnCode(-signal.SIGKILL) == "killed by signal SIGKILL"
+    assert describeReturnCode(2) == "exit code 2"
+    assert formatDuration(12) == "12 s" and formatDuration(200) == "3 min 20 s" and formatDuration(7500) == "2 h 05 min"
+    assert safeName(" my stack/v1 ") == "my-stack-v1" and safeName("///") == "stack"
+    assert deviceKey("cuda") == "cuda:0" and deviceKey("CPU") == "cpu"
 
 
 def test_job_runs_to_the_end(tmp_path: Path, fake_trainer: list[str]) -> None:
     job = make_job(tmp_path, fake_trainer)
     seen: list[str] = []
-    job.add_listener(lambda j, e: seen.append(e["type"]))
+    job.addListener(lambda j, e: seen.append(e["type"]))
     job.start()
     assert job.state == JobState.RUNNING
     assert job.wait(60) == JobState.FINISHED, job.message
     assert job.returncode == 0
-    assert job.stack_path == job.folder / "fake.safetensors"
+    assert job.stackPath == job.folder / "fake.safetensors"
     kinds = [e["type"] for e in job.events]
     assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("iteration") == 10
     assert "state" in seen and "done" in seen
     # progress: the last stage, complete
-    assert (job.progress.stage, job.progress.stages, job.progress.stage_kind) == (2, 2, "bspline")
-    assert job.progress.stage_fraction == 1.0 and job.progress.overall_fraction == 1.0
+    assert (job.progress.stage, job.progress.stages, job.progress.stageKind) == (2, 2, "bspline")
+    assert job.progress.stageFraction == 1.0 and job.progress.overallFraction == 1.0
     # plain stdout and stderr lines go to the log, events do not
-    assert "plain log line from the fake trainer" in job.log_lines
-    assert "a warning on stderr" in job.log_lines
-    assert not any(line.startswith('{"type"') for line in job.log_lines)
+    assert "plain log line from the fake trainer" in job.logLines
+    assert "a warning on stderr" in job.logLines
+    assert not any(line.startswith('{"type"') for line in job.logLines)
     meta = json.loads((job.folder / METADATA_FILE).read_text(encoding="utf-8"))
     assert meta["state"] == "finished" and meta["pid"] is None
 
@@ -113,7 +113,7 @@ def test_start_needs_a_request(tmp_path: Path) -> None:
 def test_stop_then_resume_continues(tmp_path: Path, fake_trainer: list[str]) -> None:
     job = make_job(tmp_path, fake_trainer, delay=0.05)
     job.start()
-    job.wait_for(lambda e: e["type"] == "iteration" and e["stage"] == 2 and e["iteration"] == 2, timeout=60)
+    job.waitFor(lambda e: e["type"] == "iteration" and e["stage"] == 2 and e["iteration"] == 2, timeout=60)
     job.stop()
     assert job.state == JobState.STOPPING
     assert job.wait(60) == JobState.STOPPED, job.message
@@ -130,7 +130,7 @@ def test_stop_then_resume_continues(tmp_path: Path, fake_trainer: list[str]) -> 
 def test_a_trainer_signalled_by_someone_else_ends_stopped(tmp_path: Path, fake_trainer: list[str]) -> None:
     job = make_job(tmp_path, fake_trainer, delay=0.05)
     job.start()
-    job.wait_for(lambda e: e["type"] == "iteration" and e["stage"] == 2, timeout=60)
+    job.waitFor(lambda e: e["type"] == "iteration" and e["stage"] == 2, timeout=60)
     os.kill(job.pid, signal.SIGTERM)  # e.g. a shutdown: the trainer checkpoints, says "stopped" and exits with 130
     assert job.wait(60) == JobState.STOPPED, job.message
     assert job.returncode == 130 and job.resumable and "resume" in job.message
@@ -149,19 +149,19 @@ def test_progress_follows_the_trainers_events(tmp_path: Path) -> None:
     ]
     (folder / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     p = TrainingJob.load(folder).progress
-    assert (p.stage, p.stage_kind, p.iteration, p.iterations) == (2, "bspline", 0, 6) and p.overall_fraction == 0.4
+    assert (p.stage, p.stageKind, p.iteration, p.iterations) == (2, "bspline", 0, 6) and p.overallFraction == 0.4
     events += [{"type": "stage_done", "stage": 2, "kind": "bspline", "iterations": 6},
                {"type": "checkpoint", "stage": 3, "iteration": 0, "reason": "stage_done"}]
     (folder / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     p = TrainingJob.load(folder).progress
-    assert (p.stage, p.stages, p.stage_kind, p.iteration) == (2, 2, "bspline", 6) and p.overall_fraction == 1.0
+    assert (p.stage, p.stages, p.stageKind, p.iteration) == (2, 2, "bspline", 6) and p.overallFraction == 1.0
     assert p.text().startswith("Stage 2/2 (bspline): 6/6 iterations")
 
 
 def test_stop_escalates_to_kill_when_the_trainer_ignores_signals(tmp_path: Path, fake_trainer: list[str]) -> None:
-    job = make_job(tmp_path, fake_trainer, mode="hang", stop_timeout=0.5)
+    job = make_job(tmp_path, fake_trainer, mode="hang", stopTimeout=0.5)
     job.start()
-    job.wait_for(lambda e: e["type"] == "iteration", timeout=60)
+    job.waitFor(lambda e: e["type"] == "iteration", timeout=60)
     job.stop()
     t0 = time.monotonic()
     assert job.wait(30) == JobState.STOPPED
@@ -173,7 +173,7 @@ def test_stop_escalates_to_kill_when_the_trainer_ignores_signals(tmp_path: Path,
 def test_a_killed_trainer_fails_clearly_and_can_resume(tmp_path: Path, fake_trainer: list[str]) -> None:
     job = make_job(tmp_path, fake_trainer, delay=0.05)
     job.start()
-    job.wait_for(lambda e: e["type"] == "checkpoint", timeout=60)
+    job.waitFor(lambda e: e["type"] == "checkpoint", timeout=60)
     os.kill(job.pid, signal.SIGKILL)  # the process dies under us (OOM killer, user, crash)
     assert job.wait(30) == JobState.FAILED
     assert "ended unexpectedly (killed by signal SIGKILL)" in job.message and "resume" in job.message
@@ -191,7 +191,7 @@ def test_one_job_per_device_and_the_queue(tmp_path: Path, fake_trainer: list[str
     assert manager.submit(first) == JobState.RUNNING
     assert manager.submit(second) == JobState.QUEUED and "first" in second.message
     assert manager.submit(other) == JobState.RUNNING  # another device
-    assert manager.running_on("cpu") is first
+    assert manager.runningOn("cpu") is first
     with pytest.raises(JobError, match="already running"):
         manager.submit(first)
     deadline = time.monotonic() + 90
@@ -210,7 +210,7 @@ def test_jobs_are_listed_again_after_a_restart(tmp_path: Path, fake_trainer: lis
     assert done.wait(60) == JobState.FINISHED
     stopped = manager.create("stopped", "")
     manager.submit(stopped)
-    stopped.wait_for(lambda e: e["type"] == "iteration" and e["stage"] == 2, timeout=60)
+    stopped.waitFor(lambda e: e["type"] == "iteration" and e["stage"] == 2, timeout=60)
     stopped.stop()
     assert stopped.wait(60) == JobState.STOPPED
     broken = manager.create("broken", "")
@@ -229,7 +229,7 @@ def test_jobs_are_listed_again_after_a_restart(tmp_path: Path, fake_trainer: lis
     fresh = JobManager(root, launcher=fake_trainer, env=dict(os.environ, FAKE_MODE="ok"))
     jobs = {j.name: j for j in fresh.refresh()}
     assert set(jobs) == {"done", "stopped", "broken", "orphan"}
-    assert jobs["done"].state == JobState.FINISHED and jobs["done"].stack_path.name == "fake.safetensors"
+    assert jobs["done"].state == JobState.FINISHED and jobs["done"].stackPath.name == "fake.safetensors"
     assert jobs["stopped"].state == JobState.STOPPED and jobs["stopped"].resumable
     assert jobs["broken"].state == JobState.FAILED and "no readable 3D image" in jobs["broken"].message
     assert jobs["orphan"].state == JobState.STOPPED and jobs["orphan"].progress.iteration == 3
@@ -257,7 +257,7 @@ def test_a_launcher_that_dies_on_sigint_does_not_cut_the_checkpoint(tmp_path: Pa
     launcher = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))", *fake_trainer]
     job = make_job(tmp_path, launcher, delay=0.05)
     job.start()
-    job.wait_for(lambda e: e["type"] == "iteration" and e["stage"] == 2, timeout=60)
+    job.waitFor(lambda e: e["type"] == "iteration" and e["stage"] == 2, timeout=60)
     job.stop()
     assert job.wait(60) == JobState.STOPPED, job.message
     assert [e["type"] for e in job.events[-2:]] == ["checkpoint", "stopped"] and job.events[-2]["reason"] == "signal"
@@ -268,7 +268,7 @@ def test_a_launcher_that_dies_on_sigint_does_not_cut_the_checkpoint(tmp_path: Pa
 def test_processes_left_behind_by_an_exited_trainer_are_ended(tmp_path: Path) -> None:
     orphan = "import time; print('{\"type\": \"start\"}', flush=True); time.sleep(3600)"
     launcher = [sys.executable, "-c", f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {orphan!r}])"]
-    job = make_job(tmp_path, launcher, stop_timeout=0.5)
+    job = make_job(tmp_path, launcher, stopTimeout=0.5)
     job.start()
     assert job.wait(30) == JobState.FAILED
     assert "left processes behind, which were ended" in job.message

@@ -54,7 +54,32 @@ def test_parameter_names_match_the_parameter_node_and_the_settings() -> None:
     fields = parameter_node_fields(SCRIPT, "DLIRTrainingParameterNode")
     assert sorted(bound.values()) == sorted(set(bound.values())), "one widget per parameter"
     assert set(bound.values()) == set(fields), "every parameter-node field has exactly one widget and vice versa"
-    assert fields == TrainingSettings.field_names(), "the parameter node and TrainingSettings must list the same fields in order"
+    assert fields == TrainingSettings.fieldNames(), "the parameter node and TrainingSettings must list the same fields in order"
+
+
+def test_the_parameter_node_and_the_ui_start_from_the_engines_defaults() -> None:
+    """One set of defaults: the parameter node's are TrainingSettings' (the engine's), and so are the widgets' initial values."""
+    tree = ast.parse(SCRIPT.read_text(encoding="utf-8"))
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DLIRTrainingParameterNode")
+    for field in (n for n in node.body if isinstance(n, ast.AnnAssign) and n.value is not None):
+        assert ast.unparse(field.value) == f"TrainingSettings.{field.target.id}", \
+            f"the parameter node's default of {field.target.id} must be TrainingSettings.{field.target.id}"
+    defaults = TrainingSettings()
+    checked = set()
+    for widget in ui_widgets().values():
+        props = {p.get("name"): p for p in widget.findall("property")}
+        if "SlicerParameterName" not in props:
+            continue
+        name = props["SlicerParameterName"].findtext("string")
+        expected = getattr(defaults, name)
+        prop, read = {"QSpinBox": ("value", lambda p: float(p[0].text)), "QDoubleSpinBox": ("value", lambda p: float(p[0].text)),
+                      "QLineEdit": ("text", lambda p: p.findtext("string") or ""),
+                      "QCheckBox": ("checked", lambda p: p.findtext("bool") == "true")}.get(widget.get("class"), (None, None))
+        if prop is not None:
+            value = read(props[prop]) if prop in props else {"value": 0.0, "text": "", "checked": False}[prop]  # Qt's defaults
+            assert value == expected, f"the .ui's initial {prop} of {name} is {value!r}, not the default {expected!r}"
+            checked.add(name)
+    assert {"affineIterations", "bsplineIterations", "alpha", "gridSpacing", "bsplineSpacings", "affineStage"} <= checked
 
 
 def test_library_is_qt_free() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any, Callable
 import pytest
 import SimpleITK as sitk
 
+from dlir.errors import InputError
+from dlir.training.jobfolder import CHECKPOINT, CONFIG_FILE, EVENTS_FILE, LOG_FILE, stack_file
 from DLIRTrainingLib.job import REQUEST_FILE, JobState, TrainingJob
 from DLIRTrainingLib.logic import TrainingLogic
 from DLIRTrainingLib.settings import DataSource, TrainingSettings
@@ -79,7 +82,7 @@ def trainer_env(models: Path) -> dict[str, str]:
 @pytest.fixture
 def logic(scene, tmp_path: Path, trainer_env: dict[str, str]):
     """A TrainingLogic with the default launcher (``[sys.executable, "-m", "dlir"]``)."""
-    logic = TrainingLogic(scene, tmp_path / "jobs", env=trainer_env, stop_timeout=30)
+    logic = TrainingLogic(scene, tmp_path / "jobs", env=trainer_env, stopTimeout=30)
     yield logic
     logic.shutdown(timeout=10)
 
@@ -118,7 +121,7 @@ def restarted(logic: TrainingLogic) -> TrainingLogic:
     """A fresh logic on a fresh scene over the same jobs folder (Slicer after a restart)."""
     import slicer
 
-    fresh = TrainingLogic(slicer.vtkMRMLScene(), logic.jobs_root)
+    fresh = TrainingLogic(slicer.vtkMRMLScene(), logic.jobsRoot)
     fresh.jobs()
     return fresh
 
@@ -134,7 +137,7 @@ def test_a_tiny_job_trains_fills_the_table_installs_and_registers(logic: Trainin
     from dlir.stack import list_stacks, load_stack
 
     started = time.monotonic()
-    job = logic.start(tiny_settings("tiny-brain", tiny_data), extra_config=EXTRA_CONFIG)
+    job = logic.start(tiny_settings("tiny-brain", tiny_data), extraConfig=EXTRA_CONFIG)
     assert job.state == JobState.RUNNING
     events = poll_until(logic, job)
     seconds = time.monotonic() - started
@@ -144,12 +147,12 @@ def test_a_tiny_job_trains_fills_the_table_installs_and_registers(logic: Trainin
     kinds = [e["type"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("stage_done") == 2
     assert iterations_of(events, 1) == list(range(1, 7)) and iterations_of(events, 2) == list(range(1, 9))
-    for name in ("config.toml", REQUEST_FILE, "events.jsonl", "train.log", "checkpoints/last.pt", "tiny-brain.safetensors"):
+    for name in (CONFIG_FILE, REQUEST_FILE, EVENTS_FILE, LOG_FILE, CHECKPOINT):
         assert (job.folder / name).is_file(), name
-    assert job.stack_path == job.folder / "tiny-brain.safetensors"
+    assert job.stackPath == stack_file(job.folder, "tiny-brain") and job.stackPath.is_file()
     # progress ends on the last stage, complete (the trainer's final checkpoint names stage 3 of 2)
     p = job.progress
-    assert (p.stage, p.stages, p.stage_kind, p.iteration) == (2, 2, "bspline", 8) and p.overall_fraction == 1.0
+    assert (p.stage, p.stages, p.stageKind, p.iteration) == (2, 2, "bspline", 8) and p.overallFraction == 1.0
 
     curves = logic.curves(job)
     assert curves.rows == 14 and curves.column("step") == list(range(1, 15))
@@ -157,13 +160,13 @@ def test_a_tiny_job_trains_fills_the_table_installs_and_registers(logic: Trainin
     assert all(math.isfinite(v) for v in curves.column("loss") + curves.column("ncc"))
     dice = curves.column("dice", validation=True)
     assert len(dice) == 4 and all(0 < d <= 1 for d in dice)  # per stage: before training and at its end, with labels
-    assert scene.GetNodeByID(curves.loss_chart.GetID()) is not None
+    assert scene.GetNodeByID(curves.lossChart.GetID()) is not None
 
     installed = models / "tiny-brain.safetensors"
     assert logic.installed[job.folder] == installed and installed.is_file()
     assert str(models) in job.message
     assert [info.path for info in list_stacks() if info.name == "tiny-brain"] == [installed]
-    assert logic.registry_stack_of(job) == installed  # what "Use in DLIR Registration" selects
+    assert logic.registryStackOf(job) == installed  # what "Use in DLIR Registration" selects
 
     stack = load_stack("tiny-brain")
     assert [(s.kind, s.channels) for s in stack.manifest.recipe.stages] == [("affine", 8), ("bspline", 8)]
@@ -176,7 +179,7 @@ def test_a_tiny_job_trains_fills_the_table_installs_and_registers(logic: Trainin
 
     fresh = restarted(logic)  # Slicer restarted: the job and its curves come back from its folder
     listed = fresh.job(job.folder)
-    assert listed.state == JobState.FINISHED and listed.stack_path == job.stack_path
+    assert listed.state == JobState.FINISHED and listed.stackPath == job.stackPath
     assert fresh.curves(listed).column("step") == list(range(1, 15))
 
 
@@ -186,11 +189,11 @@ def test_stop_in_stage_2_then_resume_continues_where_it_stopped(logic: TrainingL
     from dlir.stack import load_stack
 
     settings = tiny_settings("tiny-resume", tiny_data, bspline_iterations=200, checkpointEvery=50)
-    job = logic.start(settings, extra_config=EXTRA_CONFIG)
+    job = logic.start(settings, extraConfig=EXTRA_CONFIG)
     # the same job, never stopped, beside it: the resumed job must end with exactly its weights
-    reference = TrainingJob(tmp_path / "reference", env=trainer_env, stop_timeout=30)
+    reference = TrainingJob(tmp_path / "reference", env=trainer_env, stopTimeout=30)
     reference.folder.mkdir()
-    reference.request_path.write_text(job.request_path.read_text(encoding="utf-8"), encoding="utf-8")
+    reference.requestPath.write_text(job.requestPath.read_text(encoding="utf-8"), encoding="utf-8")
     reference.start()
 
     first = poll_until(logic, job, lambda e: e["type"] == "iteration" and e["stage"] == 2)
@@ -221,18 +224,26 @@ def test_stop_in_stage_2_then_resume_continues_where_it_stopped(logic: TrainingL
     expected = {e["iteration"]: e["loss"] for e in reference.events if e["type"] == "iteration" and e["stage"] == 2}
     resumed_loss = {e["iteration"]: e["loss"] for e in second if e["type"] == "iteration"}
     assert math.isclose(resumed_loss[stopped_at + 1], expected[stopped_at + 1], rel_tol=1e-6), "the weights continue"
-    ours, theirs = load_stack(job.stack_path).weights(), load_stack(reference.stack_path).weights()
+    ours, theirs = load_stack(job.stackPath).weights(), load_stack(reference.stackPath).weights()
     assert ours.keys() == theirs.keys()
     assert all(float((ours[k] - theirs[k]).abs().max()) <= 1e-6 for k in ours), "nothing trained is lost"
 
 
 # ---------------------------------------------------------------------------------------------- (c)
+def test_empty_data_is_refused_at_once_with_the_trainers_sentence(logic: TrainingLogic, tmp_path: Path) -> None:
+    """The module asks the engine's ``find_images`` before it starts anything: the trainer's own sentence, no job."""
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(InputError, match=re.escape(f"no training images found in {data.resolve()}")):
+        logic.start(tiny_settings("bad-data", data, dataSource=DataSource.FOLDER, dataFolder=data))
+    assert not logic.jobs() and not any(logic.jobsRoot.glob("bad-data*"))
+
+
 @pytest.mark.parametrize("content, message", [
-    ({}, "no training images found in"),
     ({"scan.nii.gz": b"not an image at all"}, "scan.nii.gz cannot be read as an image"),
 ])
-def test_empty_or_unreadable_data_fails_with_the_trainers_sentence(logic: TrainingLogic, tmp_path: Path,
-                                                                   content: dict[str, bytes], message: str) -> None:
+def test_unreadable_data_fails_with_the_trainers_sentence(logic: TrainingLogic, tmp_path: Path,
+                                                          content: dict[str, bytes], message: str) -> None:
     data = tmp_path / "data"
     data.mkdir()
     for name, payload in content.items():
@@ -259,7 +270,7 @@ def test_a_trainer_killed_with_sigkill_fails_with_a_message(logic: TrainingLogic
     volumes = [scene_volume(tiny_data.parent / f"{n}.nii.gz", n) for n in ("fixed", "moving")]
     labels = [scene_volume(tiny_data.parent / f"{n}_labels.nii.gz", f"{n}-label", label=True) for n in ("fixed", "moving")]
     settings = tiny_settings("killed", tiny_data, bspline_iterations=200, dataSource=DataSource.SCENE)
-    job = logic.start(settings, volumes, labels, extra_config=EXTRA_CONFIG)
+    job = logic.start(settings, volumes, labels, extraConfig=EXTRA_CONFIG)
     start = poll_until(logic, job, lambda e: e["type"] == "iteration")[0]
     assert start["images"] == ["fixed", "moving"] and start["validation_pairs"] == 2  # both label maps went along
     os.kill(job.pid, signal.SIGKILL)  # our own child: the OOM killer or a crash would look the same

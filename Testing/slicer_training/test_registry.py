@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from DLIRTrainingLib.job import JobError
-from DLIRTrainingLib.registry import install_stack, models_dir, registry_stack, stack_name_taken
+from DLIRTrainingLib.registry import installStack, modelsDir, registryStack, stackNameTaken
 
 
 def tiny_stack(path: Path, name: str, seed: int = 0) -> Path:
@@ -26,32 +26,32 @@ def user_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_the_default_models_folder_is_the_registrys_user_folder(user_models: Path, tmp_path: Path) -> None:
-    assert models_dir() == user_models
-    assert models_dir("", tmp_path / "default") == tmp_path / "default"
-    assert models_dir(tmp_path / "chosen", tmp_path / "default") == tmp_path / "chosen"
+    assert modelsDir() == user_models
+    assert modelsDir("", tmp_path / "default") == tmp_path / "default"
+    assert modelsDir(tmp_path / "chosen", tmp_path / "default") == tmp_path / "chosen"
 
 
 def test_a_stack_outside_the_registry_is_copied_into_the_user_folder(user_models: Path, tmp_path: Path) -> None:
     from dlir.stack import list_stacks
 
-    elsewhere = install_stack(tiny_stack(tmp_path / "job" / "mine.safetensors", "mine"), tmp_path / "my-folder")
+    elsewhere = installStack(tiny_stack(tmp_path / "job" / "mine.safetensors", "mine"), tmp_path / "my-folder")
     assert elsewhere == tmp_path / "my-folder" / "mine.safetensors"
-    assert stack_name_taken("mine", tmp_path / "my-folder") == elsewhere
-    assert stack_name_taken("mine", tmp_path / "other") is None  # my-folder is not a registry folder
-    listed = registry_stack(elsewhere)
+    assert stackNameTaken("mine", tmp_path / "my-folder") == elsewhere
+    assert stackNameTaken("mine", tmp_path / "other") is None  # my-folder is not a registry folder
+    listed = registryStack(elsewhere)
     assert listed == user_models / "mine.safetensors" and listed.read_bytes() == elsewhere.read_bytes()
     assert [i.path for i in list_stacks() if i.name == "mine"] == [listed]
-    assert registry_stack(elsewhere) == listed  # a second "Use in DLIR Registration" finds the same copy
-    assert registry_stack(listed) == listed
+    assert registryStack(elsewhere) == listed  # a second "Use in DLIR Registration" finds the same copy
+    assert registryStack(listed) == listed
 
 
 def test_another_stack_of_the_same_name_is_not_replaced(user_models: Path, tmp_path: Path) -> None:
     tiny_stack(user_models / "same.safetensors", "same", seed=1)
     new = tiny_stack(tmp_path / "job" / "same.safetensors", "same", seed=2)
     with pytest.raises(JobError, match="already lists another stack named same"):
-        registry_stack(new)
+        registryStack(new)
     with pytest.raises(JobError, match="already exists"):
-        install_stack(new, user_models)
+        installStack(new, user_models)
     (tmp_path / "broken.safetensors").write_bytes(b"no stack")
     with pytest.raises(JobError, match="cannot be used"):
-        registry_stack(tmp_path / "broken.safetensors")
+        registryStack(tmp_path / "broken.safetensors")

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -190,15 +191,19 @@ class TrainConfig:
     def check(self) -> None:
         """Raise :class:`InputError` naming the first unusable setting."""
         if not self.name or any(c in self.name for c in "/\\:") or self.name.startswith("."):
-            raise InputError("give the stack a name (--name or name = ... in the config) usable as a file name")
+            raise InputError("give the stack a name usable as a file name (no '/', '\\' or ':', not starting with '.')")
         if not self.data.images:
-            raise InputError("no training images: give --images (a folder, a glob or a CSV) or data.images in the config")
+            raise InputError("no training images: choose a folder, a glob or a CSV of images")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise InputError(f"unknown device {self.device!r}: choose auto, cpu, cuda or cuda:K")
         for key in ("checkpoint_every", "log_every"):
             if getattr(self, key) < 1:
                 raise InputError(f"{key} must be at least 1")
         if self.validate_every < 0:
             raise InputError("validate_every must not be negative")
         for k, spec in enumerate(self.recipe.stages, 1):
+            if not (math.isfinite(spec.learning_rate) and math.isfinite(spec.alpha)):
+                raise InputError(f"stage {k}: learning_rate and alpha must be finite numbers")
             if spec.iterations < 1 or spec.batch_size < 1 or spec.learning_rate <= 0 or spec.alpha < 0:
                 raise InputError(f"stage {k}: iterations and batch_size must be at least 1, learning_rate > 0 and alpha >= 0")
             if spec.kind == "bspline" and (spec.patch_size < spec.control_point_spacing or spec.patch_size % spec.control_point_spacing):
@@ -301,7 +306,8 @@ def apply_flags(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
     synthetic = {f.name: getattr(args, f"synthetic_{f.name}") for f in fields(SyntheticSpec)
                  if getattr(args, f"synthetic_{f.name}", None) is not None}
     recipe = config.recipe
-    if any(getattr(args, name, None) not in (None, False) for name in ("control_points_mm", "grid_spacing_mm", "no_affine")):
+    if getattr(args, "control_points_mm", None) is not None or getattr(args, "grid_spacing_mm", None) is not None \
+            or getattr(args, "no_affine", False):
         recipe = replace(_outline_from_flags(args).recipe(), intensity=recipe.intensity)
     if getattr(args, "intensity", None):
         recipe = replace(recipe, intensity=INTENSITY_PRESETS[args.intensity])
