@@ -121,3 +121,25 @@ def stage_loss(
         raise ValueError("the bending energy of a displacement needs its grid spacing")
     bending = bending_energy(displacement, spacing).mean()
     return StageLoss(-sim + spec.alpha * bending, sim, bending)
+
+
+def one_hot(labels: torch.Tensor, values: list[int]) -> torch.Tensor:
+    """One channel per label value: ``[N, 1, D, H, W]`` integer labels -> ``[N, len(values), D, H, W]`` float (0/1)."""
+    return torch.cat([(labels == v).to(torch.float32) for v in values], dim=1)
+
+
+def soft_dice(fixed: torch.Tensor, warped: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Mean soft Dice per pair ``[N]`` (1 = identical) of label probabilities ``[N, L, D, H, W]`` (one-hot, or one-hot warped linearly).
+
+    Per label ``(2 sum(f w) + eps) / (sum(f) + sum(w) + eps)``, averaged over the ``L`` labels; a
+    label absent from both maps counts as a perfect overlap.
+    """
+    dims = tuple(range(2, fixed.dim()))
+    overlap = (fixed * warped).sum(dims)
+    total = fixed.sum(dims) + warped.sum(dims)
+    return ((2 * overlap + eps) / (total + eps)).mean(1)
+
+
+def soft_dice_loss(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+    """``1 - soft Dice`` per pair ``[N]``: 0 for identical label maps, 1 for disjoint ones (see :func:`soft_dice`)."""
+    return 1 - soft_dice(fixed, warped)

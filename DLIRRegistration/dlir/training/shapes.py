@@ -1,0 +1,171 @@
+"""Synthetic-shape training pairs: random label maps, random images drawn from them, and a random
+deformation between two independent draws (the idea of SynthMorph, Hoffmann et al., IEEE TMI 2022:
+a network trained on such pairs alone learns registration, not one anatomy or one contrast).
+
+A label map is the argmax over ``n`` smooth random noise volumes (``n`` drawn per map in
+``[labels_min, labels_max]``, the noise smoothed at a blob size drawn per map in ``[blob_mm_min,
+blob_mm_max]`` mm).  An image of a label map gives each label a random mean and spread, then a
+Gaussian blur, a smooth multiplicative bias field, a random gamma, Gaussian noise and, with some
+probability, thick-slice partial volume along a random axis; intensities end in [0, 1].  A pair is
+one label map seen twice: ``moving`` = one image of it, ``fixed(x)`` = another, independent image
+of it sampled at ``T(x)``, with ``T`` (fixed point -> moving point, LPS mm) a random smooth
+deformation and affine (:func:`dlir.training.synthetic.random_transform`), so the fixed labels are
+the moving labels carried by ``T``.  The grid is axis-aligned and isotropic (``size`` voxels of
+``spacing_mm`` per side, centred on the origin).  All randomness comes from one ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..geometry import Grid, sample
+from ..transforms import Composite, grid_points
+from .config import SyntheticSpec
+from .synthetic import random_transform
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """How synthetic shapes and their images are drawn (lengths in mm, intensities as fractions of [0, 1])."""
+
+    size: int = 96
+    spacing_mm: float = 2.0
+    labels_min: int = 8
+    labels_max: int = 32
+    blob_mm_min: float = 8.0
+    blob_mm_max: float = 32.0
+    spread: float = 0.1  # the largest standard deviation of intensities within a label
+    blur_mm: float = 2.0  # the largest Gaussian blur (sigma)
+    bias: float = 0.3  # the largest amplitude of the log bias field
+    gamma: float = 0.25  # the largest |log gamma|
+    noise: float = 0.05  # the largest noise standard deviation
+    thick_slice_probability: float = 0.3
+    thick_slice_max: int = 4  # the largest number of voxels averaged into one thick slice
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not math.isfinite(value) or value < 0:
+                raise InputError(f"shapes.{f.name} must be a finite number >= 0, got {value}")
+        if self.size < 8:
+            raise InputError(f"shapes.size must be at least 8 voxels, got {self.size}")
+        if self.spacing_mm <= 0:
+            raise InputError(f"shapes.spacing_mm must be positive, got {self.spacing_mm}")
+        if not 2 <= self.labels_min <= self.labels_max:
+            raise InputError(f"shapes.labels_min and shapes.labels_max need 2 <= min <= max, got {self.labels_min} and {self.labels_max}")
+        if not 0 < self.blob_mm_min <= self.blob_mm_max:
+            raise InputError(f"shapes.blob_mm_min and shapes.blob_mm_max need 0 < min <= max, got {self.blob_mm_min} and {self.blob_mm_max}")
+        if self.thick_slice_probability > 1:
+            raise InputError(f"shapes.thick_slice_probability must lie between 0 and 1, got {self.thick_slice_probability}")
+        if self.thick_slice_max < 1:
+            raise InputError(f"shapes.thick_slice_max must be at least 1, got {self.thick_slice_max}")
+
+    def grid(self) -> Grid:
+        """The isotropic, axis-aligned grid of the shapes, centred on the origin (LPS mm)."""
+        half = (self.size - 1) * self.spacing_mm / 2
+        return Grid((self.size,) * 3, (self.spacing_mm,) * 3, (-half,) * 3, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand(1, generator=generator, dtype=torch.float64))
+
+
+def _smooth_noise(channels: int, size: int, cells: int, generator: torch.Generator) -> torch.Tensor:
+    """``[1, channels, size, size, size]`` smooth random noise with a correlation length of ``size / cells`` voxels.
+
+    A ``cells``^3 lattice of white noise is upsampled 4x, blurred there by half a lattice cell (which
+    removes the kinks of linear interpolation, so argmax boundaries are smooth surfaces), then
+    upsampled linearly to ``size``; the work at full size is one interpolation.
+    """
+    lattice = torch.randn((1, channels, cells, cells, cells), generator=generator)
+    middle = min(size, 4 * cells)
+    smooth = _blur(F.interpolate(lattice, size=(middle,) * 3, mode="trilinear", align_corners=True), 0.5 * middle / cells)
+    return F.interpolate(smooth, size=(size,) * 3, mode="trilinear", align_corners=True)
+
+
+def label_map(spec: ShapeSpec, generator: torch.Generator, n_labels: int | None = None) -> torch.Tensor:
+    """A random label map ``[1, 1, D, H, W]`` (int64, labels 1..n) on ``spec.grid()``."""
+    n = n_labels if n_labels is not None else int(torch.randint(spec.labels_min, spec.labels_max + 1, (1,), generator=generator))
+    blob = _uniform(generator, spec.blob_mm_min, spec.blob_mm_max)
+    cells = max(2, math.ceil(spec.size * spec.spacing_mm / blob) + 1)
+    return (_smooth_noise(n, spec.size, cells, generator).argmax(dim=1, keepdim=True) + 1).long()
+
+
+def _blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``[1, C, D, H, W]`` (each channel alone) with ``sigma`` voxels (replicated borders)."""
+    if sigma < 0.3:
+        return image
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=image.dtype)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = image.shape[1]
+    for dim in (2, 3, 4):
+        shape = [1, 1, 1, 1, 1]
+        shape[dim] = kernel.numel()
+        pad = [0] * 6
+        pad[2 * (4 - dim)] = pad[2 * (4 - dim) + 1] = radius
+        image = F.conv3d(F.pad(image, pad, mode="replicate"), kernel.view(shape).expand(channels, 1, *shape[2:]), groups=channels)
+    return image
+
+
+def _thick_slices(image: torch.Tensor, generator: torch.Generator, spec: ShapeSpec) -> torch.Tensor:
+    """Partial volume of thick slices: blocks of ``k`` voxels along a random axis averaged and repeated."""
+    k = int(torch.randint(2, spec.thick_slice_max + 1, (1,), generator=generator)) if spec.thick_slice_max >= 2 else 1
+    if k < 2:
+        return image
+    dim = 2 + int(torch.randint(0, 3, (1,), generator=generator))
+    n = image.shape[dim]
+    blocks = math.ceil(n / k)
+    pad = [0] * 6
+    pad[2 * (4 - dim) + 1] = blocks * k - n
+    padded = F.pad(image, pad, mode="replicate")
+    shape = list(padded.shape)
+    shape[dim:dim + 1] = [blocks, k]
+    averaged = padded.reshape(shape).mean(dim=dim + 1, keepdim=True).expand(shape).reshape(padded.shape)
+    return averaged.narrow(dim, 0, n)
+
+
+def draw_image(labels: torch.Tensor, spec: ShapeSpec, generator: torch.Generator) -> torch.Tensor:
+    """A random image ``[1, 1, D, H, W]`` in [0, 1] of a label map (see the module docstring)."""
+    n = int(labels.max())
+    means = torch.rand(n + 1, generator=generator)
+    spreads = torch.rand(n + 1, generator=generator) * spec.spread
+    index = labels[0, 0]
+    image = means[index] + spreads[index] * torch.randn(index.shape, generator=generator)
+    image = _blur(image[None, None], _uniform(generator, 0.0, spec.blur_mm) / spec.spacing_mm)
+    if spec.bias > 0:
+        log_bias = _smooth_noise(1, spec.size, 4, generator) * _uniform(generator, 0.0, spec.bias)
+        image = image * torch.exp(log_bias)
+    low, high = image.amin(), image.amax()
+    image = (image - low) / (high - low).clamp(min=1e-6)
+    if spec.gamma > 0:
+        image = image ** math.exp(_uniform(generator, -spec.gamma, spec.gamma))
+    if float(torch.rand(1, generator=generator)) < spec.thick_slice_probability:
+        image = _thick_slices(image, generator, spec)
+    if spec.noise > 0:
+        image = image + torch.randn(image.shape, generator=generator) * _uniform(generator, 0.0, spec.noise)
+    return image.clamp(0, 1)
+
+
+def shape_pair(
+    spec: ShapeSpec, deformation: SyntheticSpec, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, Composite, torch.Tensor, torch.Tensor, Grid]:
+    """(fixed, moving, T, fixed labels, moving labels, grid): two independent images of one random label map under ``T``.
+
+    Images ``[1, 1, D, H, W]`` in [0, 1]; labels int64 of the same shape; ``T`` maps fixed points to
+    moving points (LPS mm) and is drawn from ``deformation`` (smooth field and affine ranges).
+    """
+    grid = spec.grid()
+    moving_labels = label_map(spec, generator)
+    transform = random_transform(deformation, grid, generator)
+    points = transform(grid_points(grid, 1))
+    fixed_labels = sample(moving_labels.float(), grid, points, mode="nearest").long()
+    moving = draw_image(moving_labels, spec, generator)
+    fixed = sample(draw_image(moving_labels, spec, generator), grid, points)
+    return fixed, moving, transform, fixed_labels, moving_labels, grid
