@@ -108,13 +108,19 @@ def stage_loss(
     warped: torch.Tensor,
     displacement: torch.Tensor | None = None,
     spacing: tuple[float, float, float] | None = None,
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> StageLoss:
     """``-similarity(fixed, warped) + spec.alpha * bending energy(displacement)`` (paper eq. 1), batch means.
 
     ``displacement`` ``[N, 3, D, H, W]`` (mm) on a grid of ``spacing`` (x, y, z mm) is the stage's
     own field (B-spline stages); ``None`` for an affine stage, which has no bending term.
+    ``labels`` = (fixed, warped moving) label probabilities ``[N, L, D, H, W]`` on the grid of
+    ``fixed``, when the pair's labels are known: the similarity is then
+    ``(1 - spec.dice_weight) * similarity + spec.dice_weight * soft Dice``.
     """
     sim = similarity(spec, fixed, warped).mean()
+    if labels is not None and spec.dice_weight > 0:
+        sim = (1 - spec.dice_weight) * sim + spec.dice_weight * soft_dice(*labels).mean()
     if displacement is None:
         return StageLoss(-sim, sim, torch.zeros((), dtype=sim.dtype, device=sim.device))
     if spacing is None:

@@ -25,7 +25,8 @@ class StageSpec:
     voxels of that grid (a power of two; in mm it is ``control_point_spacing * spacing_mm``).
     Loss: ``-similarity + alpha * bending energy`` (bending energy of the displacement in mm,
     derivatives per mm).  ``similarity`` is ``"ncc"`` (global) or ``"lncc"`` (local, window of
-    ``ncc_window`` voxels).  The training fields (iterations, learning rate, batch and patch
+    ``ncc_window`` voxels); for training pairs whose labels are known it is mixed with the soft
+    Dice of the warped labels: ``(1 - dice_weight) * NCC + dice_weight * soft Dice``.  The training fields (iterations, learning rate, batch and patch
     size in voxels) are used by ``dlir train`` and recorded for provenance.
     """
 
@@ -40,6 +41,7 @@ class StageSpec:
     max_scale: float = 1.5
     similarity: Literal["ncc", "lncc"] = "ncc"
     ncc_window: int = 9
+    dice_weight: float = 0.0
     alpha: float | None = None  # None: 0 for an affine stage, DEFAULT_BENDING_WEIGHT for a B-spline stage
     iterations: int = 1000
     learning_rate: float = 1e-3
@@ -59,6 +61,8 @@ class StageSpec:
             raise StackError(f"control_point_spacing must be a power of two >= 2 voxels, got {f}")
         if self.similarity not in ("ncc", "lncc"):
             raise StackError(f"unknown similarity {self.similarity!r}: expected 'ncc' or 'lncc'")
+        if not 0 <= self.dice_weight <= 1:
+            raise StackError(f"a stage's dice_weight must lie between 0 and 1, got {self.dice_weight}")
         if self.channels < 1 or self.depth < 1:
             raise StackError("a stage needs at least one channel and one level")
         if not 0 < self.min_scale <= 1 <= self.max_scale:

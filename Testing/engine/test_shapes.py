@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,8 +13,12 @@ import torch.nn.functional as F
 from dlir.errors import InputError
 from dlir.geometry import sample
 from dlir.losses import one_hot, soft_dice_loss
-from dlir.training.config import SyntheticSpec
-from dlir.training.shapes import ShapeSpec, draw_image, label_map, shape_pair
+from dlir.pairs import sample_pair
+from dlir.stack import load_stack
+from dlir.training.config import ShapeSpec, SyntheticSpec, TrainConfig
+from dlir.training.jobfolder import EVENTS_FILE
+from dlir.training.shapes import draw_image, label_map, shape_pair
+from dlir.training.trainer import train
 from dlir.transforms import grid_points
 
 SMALL = ShapeSpec(size=48, spacing_mm=2.0)
@@ -76,3 +84,57 @@ def test_soft_dice_loss_of_identical_shifted_and_its_gradient() -> None:
     b.requires_grad_(True)
     soft_dice_loss(a, b).sum().backward()
     assert b.grad is not None and torch.isfinite(b.grad).all() and b.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------- in dlir train
+TINY_RECIPE = {
+    "stages": [
+        {"kind": "affine", "spacing_mm": [8.0, 8.0, 8.0], "channels": 4, "depth": 2, "iterations": 3, "dice_weight": 1.0},
+        {"kind": "bspline", "spacing_mm": [8.0, 8.0, 8.0], "control_point_spacing": 4, "channels": 4, "iterations": 3,
+         "patch_size": 16, "alpha": 1.0, "dice_weight": 0.5},
+    ],
+}
+
+
+def tiny_config(**data: object) -> TrainConfig:
+    return TrainConfig.from_dict({"name": "tiny", "device": "cpu", "validate_every": 0, "checkpoint_every": 100,
+                                  "data": {"validation_pairs_per_image": 1, **data},
+                                  "shapes": {"size": 32, "spacing_mm": 4.0, "labels_min": 3, "labels_max": 5},
+                                  "recipe": TINY_RECIPE})
+
+
+def test_a_stack_trains_on_synthetic_shapes_alone(tmp_path: Path) -> None:
+    config = tiny_config(shapes_fraction=1.0)
+    config.check()  # no images needed
+    path = train(config, tmp_path / "job", progress="none")
+    events = [json.loads(line) for line in (tmp_path / "job" / EVENTS_FILE).read_text(encoding="utf-8").splitlines()]
+    start = next(e for e in events if e["type"] == "start")
+    assert start["images"] == [] and start["shapes_fraction"] == 1.0 and start["validation_pairs"] == 4
+    validations = [e for e in events if e["type"] == "validation"]
+    assert validations and all(0 < e["dice_mean"] <= 1 for e in validations)  # shape pairs carry labels
+    stack = load_stack(path)
+    assert [s.dice_weight for s in stack.manifest.recipe.stages] == [1.0, 0.5]
+
+
+def test_held_out_images_are_never_drawn_for_training(tmp_path: Path) -> None:
+    sample = sample_pair()
+    csv = tmp_path / "images.csv"
+    csv.write_text(f"image,labels\n{sample.moving},{sample.moving_labels}\n{sample.fixed},{sample.fixed_labels}\n", encoding="utf-8")
+    config = replace(tiny_config(images=str(csv), validation_count=1, shapes_fraction=0.5), seed=3)
+    train(config, tmp_path / "job", progress="none")
+    start = next(json.loads(line) for line in (tmp_path / "job" / EVENTS_FILE).read_text(encoding="utf-8").splitlines()
+                 if '"start"' in line)
+    assert start["validation_images"] == ["sample_fixed"] and start["images"] == ["sample_moving"]
+
+
+@pytest.mark.parametrize("section, values, key", [
+    ("shapes", {"labels_min": 0}, "shapes.labels_min"),
+    ("shapes", {"blob_mm_max": -5.0}, "shapes.blob_mm_max"),
+    ("data", {"shapes_fraction": 1.5}, "data.shapes_fraction"),
+    ("recipe", {"stages": [{"kind": "affine", "similarity": "mutual-information"}]}, "similarity"),
+    ("recipe", {"stages": [{"kind": "bspline", "dice_weight": -1.0}]}, "dice_weight"),
+])
+def test_bad_training_values_stop_with_one_sentence_naming_the_key(section: str, values: dict, key: str) -> None:
+    with pytest.raises(InputError, match=key) as caught:
+        TrainConfig.from_dict({"name": "x", section: values})
+    assert "\n" not in str(caught.value)

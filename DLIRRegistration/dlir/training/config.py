@@ -94,6 +94,46 @@ class SyntheticSpec:
 
 
 @dataclass(frozen=True)
+class ShapeSpec:
+    """Synthetic-shape pairs (:mod:`dlir.training.shapes`): how label maps and their images are drawn.
+
+    Lengths in mm, intensities as fractions of [0, 1]; the shapes fill ``size``^3 voxels of ``spacing_mm``.
+    """
+
+    size: int = 96
+    spacing_mm: float = 2.0
+    labels_min: int = 8
+    labels_max: int = 32
+    blob_mm_min: float = 8.0
+    blob_mm_max: float = 32.0
+    spread: float = 0.1  # the largest standard deviation of intensities within a label
+    blur_mm: float = 2.0  # the largest Gaussian blur (sigma)
+    bias: float = 0.3  # the largest amplitude of the log bias field
+    gamma: float = 0.25  # the largest |log gamma|
+    noise: float = 0.05  # the largest noise standard deviation
+    thick_slice_probability: float = 0.3
+    thick_slice_max: int = 4  # the largest number of voxels averaged into one thick slice
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not math.isfinite(value) or value < 0:
+                raise InputError(f"shapes.{f.name} must be a finite number >= 0, got {value}")
+        if self.size < 8:
+            raise InputError(f"shapes.size must be at least 8 voxels, got {self.size}")
+        if self.spacing_mm <= 0:
+            raise InputError(f"shapes.spacing_mm must be positive, got {self.spacing_mm}")
+        if not 2 <= self.labels_min <= self.labels_max:
+            raise InputError(f"shapes.labels_min and shapes.labels_max need 2 <= min <= max, got {self.labels_min} and {self.labels_max}")
+        if not 0 < self.blob_mm_min <= self.blob_mm_max:
+            raise InputError(f"shapes.blob_mm_min and shapes.blob_mm_max need 0 < min <= max, got {self.blob_mm_min} and {self.blob_mm_max}")
+        if self.thick_slice_probability > 1:
+            raise InputError(f"shapes.thick_slice_probability must lie between 0 and 1, got {self.thick_slice_probability}")
+        if self.thick_slice_max < 1:
+            raise InputError(f"shapes.thick_slice_max must be at least 1, got {self.thick_slice_max}")
+
+
+@dataclass(frozen=True)
 class DataSpec:
     """Where the training images are and how pairs are drawn from them."""
 
@@ -101,10 +141,12 @@ class DataSpec:
     validation_count: int = 0
     synthetic_fraction: float = 0.5
     validation_pairs_per_image: int = 2
+    shapes_fraction: float = 0.0  # share of synthetic-shape pairs; 1: shapes only (no images needed)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.synthetic_fraction <= 1:
-            raise InputError("data.synthetic_fraction must lie between 0 and 1")
+        for key in ("synthetic_fraction", "shapes_fraction"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise InputError(f"data.{key} must lie between 0 and 1")
         if self.validation_count < 0 or self.validation_pairs_per_image < 0:
             raise InputError("data.validation_count and data.validation_pairs_per_image must not be negative")
 
@@ -186,14 +228,15 @@ class TrainConfig:
     log_every: int = 10
     data: DataSpec = field(default_factory=DataSpec)
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+    shapes: ShapeSpec = field(default_factory=ShapeSpec)
     recipe: Recipe = field(default_factory=default_recipe)
 
     def check(self) -> None:
         """Raise :class:`InputError` naming the first unusable setting."""
         if not self.name or any(c in self.name for c in "/\\:") or self.name.startswith("."):
             raise InputError("give the stack a name usable as a file name (no '/', '\\' or ':', not starting with '.')")
-        if not self.data.images:
-            raise InputError("no training images: choose a folder, a glob or a CSV of images")
+        if not self.data.images and self.data.shapes_fraction < 1:
+            raise InputError("no training images: choose a folder, a glob or a CSV of images (or train on synthetic shapes only)")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise InputError(f"unknown device {self.device!r}: choose auto, cpu, cuda or cuda:K")
         for key in ("checkpoint_every", "log_every"):
@@ -215,7 +258,8 @@ class TrainConfig:
             "name": self.name, "description": self.description, "modality": self.modality, "anatomy": self.anatomy,
             "device": self.device, "seed": self.seed, "checkpoint_every": self.checkpoint_every,
             "validate_every": self.validate_every, "log_every": self.log_every,
-            "data": asdict(self.data), "synthetic": asdict(self.synthetic), "recipe": self.recipe.to_dict(),
+            "data": asdict(self.data), "synthetic": asdict(self.synthetic), "shapes": asdict(self.shapes),
+            "recipe": self.recipe.to_dict(),
         }
 
     def to_toml(self) -> str:
@@ -229,12 +273,13 @@ class TrainConfig:
         if unknown:
             raise InputError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
         try:
-            values = {k: v for k, v in data.items() if k not in ("data", "synthetic", "recipe")}
+            values = {k: v for k, v in data.items() if k not in ("data", "synthetic", "shapes", "recipe")}
             data_section = dict(data.get("data", {}))
             if data_section.get("images") and base is not None:
                 data_section["images"] = _absolute(str(data_section["images"]), base)
             config = cls(**values, data=_section(DataSpec, data_section, "data"),
                          synthetic=_section(SyntheticSpec, data.get("synthetic", {}), "synthetic"),
+                         shapes=_section(ShapeSpec, data.get("shapes", {}), "shapes"),
                          recipe=Recipe.from_dict(data["recipe"]) if "recipe" in data else default_recipe())
         except StackError as exc:
             raise InputError(f"the recipe in the configuration: {exc}") from exc
@@ -275,7 +320,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per configuration key (they override the config file)."""
     g = parser.add_argument_group("configuration (each overrides the config file)")
     for f in fields(TrainConfig):
-        if f.name in ("data", "synthetic", "recipe"):
+        if f.name in ("data", "synthetic", "shapes", "recipe"):
             continue
         g.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.default != "" else str, default=None)
     for f in fields(DataSpec):
@@ -283,6 +328,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                        help="data: a folder, a glob or a CSV of images" if f.name == "images" else None)
     for f in fields(SyntheticSpec):
         g.add_argument(f"--synthetic-{f.name.replace('_', '-')}", type=float, default=None)
+    for f in fields(ShapeSpec):
+        g.add_argument(f"--shapes-{f.name.replace('_', '-')}", type=type(f.default), default=None)
     g.add_argument("--intensity", choices=tuple(INTENSITY_PRESETS), default=None,
                    help="intensity normalisation: " + ", ".join(f"{k} = {v.describe()}" for k, v in INTENSITY_PRESETS.items()))
     g.add_argument("--control-points-mm", default=None, metavar="MM[,MM...]",
@@ -299,12 +346,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def apply_flags(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
     """``config`` with every flag given on the command line applied."""
     top = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-           if f.name not in ("data", "synthetic", "recipe") and getattr(args, f.name, None) is not None}
+           if f.name not in ("data", "synthetic", "shapes", "recipe") and getattr(args, f.name, None) is not None}
     data = {f.name: getattr(args, f.name) for f in fields(DataSpec) if getattr(args, f.name, None) is not None}
     if data.get("images"):
         data["images"] = _absolute(data["images"], Path.cwd())
     synthetic = {f.name: getattr(args, f"synthetic_{f.name}") for f in fields(SyntheticSpec)
                  if getattr(args, f"synthetic_{f.name}", None) is not None}
+    shapes = {f.name: getattr(args, f"shapes_{f.name}") for f in fields(ShapeSpec) if getattr(args, f"shapes_{f.name}", None) is not None}
     recipe = config.recipe
     if getattr(args, "control_points_mm", None) is not None or getattr(args, "grid_spacing_mm", None) is not None \
             or getattr(args, "no_affine", False):
@@ -327,6 +375,7 @@ def apply_flags(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
         stages = [replace(s, **{name: parsed[0] if len(parsed) == 1 else parsed[k]}) for k, s in enumerate(stages)]
     try:
         return replace(config, **top, data=replace(config.data, **data), synthetic=replace(config.synthetic, **synthetic),
+                       shapes=replace(config.shapes, **shapes),
                        recipe=replace(recipe, stages=tuple(stages)))
     except StackError as exc:
         raise InputError(str(exc)) from exc

@@ -17,58 +17,20 @@ the moving labels carried by ``T``.  The grid is axis-aligned and isotropic (``s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
 from ..geometry import Grid, sample
 from ..transforms import Composite, grid_points
-from .config import SyntheticSpec
+from .config import ShapeSpec, SyntheticSpec
 from .synthetic import random_transform
 
 
-@dataclass(frozen=True)
-class ShapeSpec:
-    """How synthetic shapes and their images are drawn (lengths in mm, intensities as fractions of [0, 1])."""
-
-    size: int = 96
-    spacing_mm: float = 2.0
-    labels_min: int = 8
-    labels_max: int = 32
-    blob_mm_min: float = 8.0
-    blob_mm_max: float = 32.0
-    spread: float = 0.1  # the largest standard deviation of intensities within a label
-    blur_mm: float = 2.0  # the largest Gaussian blur (sigma)
-    bias: float = 0.3  # the largest amplitude of the log bias field
-    gamma: float = 0.25  # the largest |log gamma|
-    noise: float = 0.05  # the largest noise standard deviation
-    thick_slice_probability: float = 0.3
-    thick_slice_max: int = 4  # the largest number of voxels averaged into one thick slice
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not math.isfinite(value) or value < 0:
-                raise InputError(f"shapes.{f.name} must be a finite number >= 0, got {value}")
-        if self.size < 8:
-            raise InputError(f"shapes.size must be at least 8 voxels, got {self.size}")
-        if self.spacing_mm <= 0:
-            raise InputError(f"shapes.spacing_mm must be positive, got {self.spacing_mm}")
-        if not 2 <= self.labels_min <= self.labels_max:
-            raise InputError(f"shapes.labels_min and shapes.labels_max need 2 <= min <= max, got {self.labels_min} and {self.labels_max}")
-        if not 0 < self.blob_mm_min <= self.blob_mm_max:
-            raise InputError(f"shapes.blob_mm_min and shapes.blob_mm_max need 0 < min <= max, got {self.blob_mm_min} and {self.blob_mm_max}")
-        if self.thick_slice_probability > 1:
-            raise InputError(f"shapes.thick_slice_probability must lie between 0 and 1, got {self.thick_slice_probability}")
-        if self.thick_slice_max < 1:
-            raise InputError(f"shapes.thick_slice_max must be at least 1, got {self.thick_slice_max}")
-
-    def grid(self) -> Grid:
-        """The isotropic, axis-aligned grid of the shapes, centred on the origin (LPS mm)."""
-        half = (self.size - 1) * self.spacing_mm / 2
-        return Grid((self.size,) * 3, (self.spacing_mm,) * 3, (-half,) * 3, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+def shape_grid(spec: ShapeSpec) -> Grid:
+    """The isotropic, axis-aligned grid of the shapes, centred on the origin (LPS mm)."""
+    half = (spec.size - 1) * spec.spacing_mm / 2
+    return Grid((spec.size,) * 3, (spec.spacing_mm,) * 3, (-half,) * 3, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -89,7 +51,7 @@ def _smooth_noise(channels: int, size: int, cells: int, generator: torch.Generat
 
 
 def label_map(spec: ShapeSpec, generator: torch.Generator, n_labels: int | None = None) -> torch.Tensor:
-    """A random label map ``[1, 1, D, H, W]`` (int64, labels 1..n) on ``spec.grid()``."""
+    """A random label map ``[1, 1, D, H, W]`` (int64, labels 1..n) on :func:`shape_grid`."""
     n = n_labels if n_labels is not None else int(torch.randint(spec.labels_min, spec.labels_max + 1, (1,), generator=generator))
     blob = _uniform(generator, spec.blob_mm_min, spec.blob_mm_max)
     cells = max(2, math.ceil(spec.size * spec.spacing_mm / blob) + 1)
@@ -161,7 +123,7 @@ def shape_pair(
     Images ``[1, 1, D, H, W]`` in [0, 1]; labels int64 of the same shape; ``T`` maps fixed points to
     moving points (LPS mm) and is drawn from ``deformation`` (smooth field and affine ranges).
     """
-    grid = spec.grid()
+    grid = shape_grid(spec)
     moving_labels = label_map(spec, generator)
     transform = random_transform(deformation, grid, generator)
     points = transform(grid_points(grid, 1))

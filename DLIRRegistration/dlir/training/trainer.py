@@ -38,15 +38,17 @@ from .. import __version__
 from ..device import resolve_device
 from ..errors import CancelledError, DLIRError, InputError
 from ..geometry import Grid, sample
-from ..losses import ncc, stage_loss
+from ..losses import ncc, one_hot, stage_loss
 from ..metrics import dice, folding_fraction
 from ..pipeline import PreparedImage, alignment, run_stages, stage_inputs
+from ..preprocess import to_grid
 from ..stack import Manifest, Stack, build_stack, save_stack
 from ..transforms import Composite, DisplacementField, SpatialTransform, displacement_on_grid, grid_points, jacobian_determinant
 from .config import TrainConfig
 from .data import TrainingImage, find_images, load_image, pair_groups
 from .events import EventLog
 from .jobfolder import CHECKPOINT, CONFIG_FILE, EVENTS_FILE, LOG_FILE, stack_file
+from .shapes import shape_pair
 from .synthetic import synthetic_pair
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,7 @@ class Trainer:
         self.stop_signal: str | None = None
         self.writer = self._tensorboard() if tensorboard and self.main else None
         self.train_images: list[TrainingImage] = []
+        self.held_out: list[TrainingImage] = []  # labelled images only ever used for validation
         self.validation: list[TrainingPair] = []
         self.listed: list[tuple[TrainingImage, TrainingImage]] = []
         self.baseline: dict[str, Any] = {}
@@ -166,6 +169,10 @@ class Trainer:
     def load_data(self) -> None:
         """Read every image once onto its training grid; make the fixed validation pairs."""
         c = self.config
+        if c.data.shapes_fraction >= 1 and not c.data.images:  # shapes only: validate on fixed shape pairs
+            generator = torch.Generator().manual_seed(c.seed + 7_777_777)
+            self.validation = [self.shape_pair(generator) for _ in range(max(1, 4 * c.data.validation_pairs_per_image))]
+            return
         spacing = tuple(min(s.spacing_mm[a] for s in c.recipe.stages) for a in range(3))
         min_size = max(s.min_size for s in c.recipe.stages)
         entries = find_images(c.data.images)
@@ -174,6 +181,7 @@ class Trainer:
         held_out = labelled[len(labelled) - c.data.validation_count:] if c.data.validation_count else []
         if c.data.validation_count > len(labelled):
             raise InputError(f"data.validation_count is {c.data.validation_count} but only {len(labelled)} images have labels")
+        self.held_out = held_out
         self.train_images = [im for im in images if all(im is not h for h in held_out)]
         if not self.train_images:
             raise InputError("every image is held out for validation: lower data.validation_count")
@@ -198,6 +206,8 @@ class Trainer:
     def draw_pair(self, generator: torch.Generator) -> TrainingPair:
         """A synthetic, listed or random inter-image pair (see ``data.synthetic_fraction``)."""
         c = self.config
+        if c.data.shapes_fraction >= 1 or (c.data.shapes_fraction > 0 and float(torch.rand(1, generator=generator)) < c.data.shapes_fraction):
+            return self.shape_pair(generator)
         images = self.train_images
         synthetic = len(images) == 1 and not self.listed or float(torch.rand(1, generator=generator)) < c.data.synthetic_fraction
         if synthetic:
@@ -213,6 +223,12 @@ class Trainer:
         return TrainingPair(PreparedImage(a.prepared.tensor.to(self.device), a.prepared.grid),
                     PreparedImage(b.prepared.tensor.to(self.device), b.prepared.grid))
 
+    def shape_pair(self, generator: torch.Generator) -> TrainingPair:
+        """A synthetic-shape pair with its labels (:mod:`dlir.training.shapes`; intensities already in [0, 1])."""
+        fixed, moving, _, fixed_labels, moving_labels, grid = shape_pair(self.config.shapes, self.config.synthetic, generator)
+        return TrainingPair(PreparedImage(fixed.to(self.device), grid), PreparedImage(moving.to(self.device), grid),
+                            fixed_labels.float().to(self.device), moving_labels.float().to(self.device))
+
     def frozen_transforms(self, k: int, pair: TrainingPair) -> list[SpatialTransform]:
         """``[T0, T1, ..., Tk]``: the initial alignment and the trained stages before stage ``k``."""
         with torch.no_grad():
@@ -221,11 +237,24 @@ class Trainer:
         return transforms
 
     # ------------------------------------------------------------------------------- loss
+    @torch.no_grad()
+    def stage_labels(self, dice_weight: float, pair: TrainingPair, earlier: SpatialTransform,
+                     grid: Grid) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One-hot labels on a stage grid, (fixed, moving through the earlier stages), for the soft-Dice term; (None, None) without."""
+        if dice_weight <= 0 or pair.fixed_labels is None or pair.moving_labels is None:
+            return None, None
+        values = torch.unique(torch.cat([pair.fixed_labels.flatten(), pair.moving_labels.flatten()])).long().tolist()
+        fixed = to_grid(one_hot(pair.fixed_labels.to(self.device), values), pair.fixed.grid, None, grid)
+        moving = to_grid(one_hot(pair.moving_labels.to(self.device), values), pair.moving.grid, earlier, grid)
+        return fixed, moving
+
     def pair_loss(self, k: int, net: torch.nn.Module, pair: TrainingPair, generator: torch.Generator) -> tuple[torch.Tensor, float, float]:
         """(loss, similarity, bending) of stage ``k`` on one pair (a random patch for B-spline stages)."""
         stage = self.stack.stages[k]
         spec = stage.spec
-        grid, f, m = stage_inputs(spec, pair.fixed, pair.moving, Composite(self.frozen_transforms(k, pair)))
+        earlier = Composite(self.frozen_transforms(k, pair))
+        grid, f, m = stage_inputs(spec, pair.fixed, pair.moving, earlier)
+        f_labels, m_labels = self.stage_labels(spec.dice_weight, pair, earlier, grid)
         if spec.kind == "bspline":
             cp = spec.control_point_spacing
             size = tuple(min(max(spec.patch_size, spec.min_size), n) for n in grid.size)
@@ -236,12 +265,16 @@ class Trainer:
             m_patch = m[..., kk:kk + sz, j:j + sy, i:i + sx]
             transform = stage.transform(net(f_patch, m_patch), region)
             assert isinstance(transform, DisplacementField)
-            warped = sample(m, grid, grid_points(region, 1, f.device) + transform.field.movedim(1, -1))
-            terms = stage_loss(spec, f_patch, warped, transform.field, region.spacing)
+            points = grid_points(region, 1, f.device) + transform.field.movedim(1, -1)
+            warped = sample(m, grid, points)
+            labels = None if f_labels is None else (f_labels[..., kk:kk + sz, j:j + sy, i:i + sx], sample(m_labels, grid, points))
+            terms = stage_loss(spec, f_patch, warped, transform.field, region.spacing, labels)
         else:
             transform = stage.transform(net(f, m), grid)
-            warped = sample(m, grid, transform(grid_points(grid, 1, f.device)))
-            terms = stage_loss(spec, f, warped)
+            points = transform(grid_points(grid, 1, f.device))
+            warped = sample(m, grid, points)
+            labels = None if f_labels is None else (f_labels, sample(m_labels, grid, points))
+            terms = stage_loss(spec, f, warped, labels=labels)
         return terms.loss, terms.similarity.item(), terms.bending.item()
 
     # ------------------------------------------------------------------------------- validation
@@ -334,7 +367,8 @@ class Trainer:
                    stages=[{"kind": s.kind, "iterations": s.iterations, "spacing_mm": list(s.spacing_mm),
                             **({"control_point_spacing": s.control_point_spacing} if s.kind == "bspline" else {})}
                            for s in c.recipe.stages],
-                   images=[im.name for im in self.train_images], validation_pairs=len(self.validation),
+                   images=[im.name for im in self.train_images], validation_images=[im.name for im in self.held_out],
+                   validation_pairs=len(self.validation), shapes_fraction=c.data.shapes_fraction,
                    device=str(self.device), world_size=self.world, baseline=baseline)
         self.baseline = baseline
         bar = self._bar(sum(s.iterations for s in c.recipe.stages), sum(s.iterations for s in c.recipe.stages[:k0]) + done0)
