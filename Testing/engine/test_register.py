@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from dlir.device import resolve_device
 from dlir.errors import CancelledError, DeviceError, InputError
 from dlir.geometry import image_to_tensor
 from dlir.losses import ncc
 from dlir.recipe import Recipe, StageSpec
-from dlir.device import resolve_device
 from dlir.register import register
 from dlir.stack import Manifest, build_stack
 
