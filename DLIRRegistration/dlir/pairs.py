@@ -190,7 +190,7 @@ def _read_csv_rows(path: Path) -> list[dict[str, str]]:
             raise InputError(f"the pairs file {path} names the column {doubled[0]!r} twice")
         return list(reader)
     except csv.Error as exc:
-        raise InputError(f"the pairs file {path} is not a valid CSV file (line {reader.line_num}: {exc})") from exc
+        raise InputError(f"the pairs file {path} is not a valid CSV file (line {reader.line_num + 1}: {exc})") from exc
 
 
 def load_pair(pair: Pair) -> PairData:
