@@ -22,6 +22,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -82,15 +83,17 @@ def register_pair(
     show_progress: bool = True,
     overwrite: bool = True,
 ) -> dict[str, object]:
-    """Read, register and write one pair into ``out`` atomically; returns the contents of ``result.json``.
+    """Read, register and write one pair's output files into ``out``; returns the contents of ``result.json``.
 
-    ``overwrite`` (the default for callers of the engine, such as ``dlir bench``'s repeated runs):
-    an earlier dlir result in ``out`` is replaced whole; ``dlir register`` passes its
-    ``--overwrite`` flag instead.  A folder holding anything else is never replaced.
+    For callers of the engine that keep files of their own in ``out`` (``dlir bench`` keeps its
+    ``spec.json`` there): the outputs are staged beside ``out`` and moved in only when all are
+    complete; the earlier run's output files are removed first and ``result.json`` is moved last,
+    and other files are left alone.  ``overwrite=False`` refuses a folder that holds output files.
+    ``dlir register`` writes whole folders instead (:class:`OutputFolder`).
     """
     inputs = {"fixed image": fixed_path, "moving image": moving_path, "moving label map": moving_labels,
               "fixed mask": fixed_mask, "fixed label map": fixed_labels}
-    with OutputFolder(out, inputs, overwrite=overwrite) as folder:
+    with OutputFolder(out, inputs, overwrite=overwrite, whole=False) as folder:
         result = register_into(folder.temp, stack, fixed_path, moving_path, moving_labels=moving_labels,
                                fixed_mask=fixed_mask, fixed_labels=fixed_labels, device=device, refine_steps=refine_steps,
                                initial_alignment=initial_alignment, label_interpolation=label_interpolation,
@@ -357,15 +360,19 @@ class OutputFolder:
     On entering: ``out`` is checked (:func:`check_output_folder`), missing parent folders are
     created, the lock ``out.lock`` is taken (refused while another run holds it; a lock left by a
     dead process is taken over), ``out`` must be absent or empty, or with ``overwrite`` an earlier
-    dlir result, and an empty staging folder ``folder.temp`` is made beside ``out``.  On leaving
+    dlir result, and an empty staging folder ``folder.temp`` is made beside ``out``.  With
+    ``whole=False`` (:func:`register_pair`) other files in ``out`` are kept and only the output
+    files are swapped at :meth:`commit`.  On leaving
     without :meth:`commit` (an error, Ctrl-C) the staging folder, the lock and any parent folders
     made for it are removed; ``out`` is as it was.
     """
 
-    def __init__(self, out: str | Path, inputs: Mapping[str, str | Path | None] = {}, *, overwrite: bool = False) -> None:
+    def __init__(self, out: str | Path, inputs: Mapping[str, str | Path | None] = {}, *, overwrite: bool = False,
+                 whole: bool = True) -> None:
         self.shown = Path(out)
         self.out = check_output_folder(out, inputs)
         self.overwrite = overwrite
+        self.whole = whole
         self.temp = Path()
         self.committed = False
         self._lock: _Lock | None = None
@@ -377,6 +384,7 @@ class OutputFolder:
                 self._make_parents()
                 self._lock = _Lock(lock_path(self.out), self.shown)
                 self._lock.acquire()
+                self._remove_stale_staging()
                 self._check_replaceable()
                 try:
                     self.temp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}{TEMP_TAG}", suffix=".tmp", dir=self.out.parent))
@@ -397,7 +405,9 @@ class OutputFolder:
         with _interrupts_deferred():
             try:
                 _fsync_tree(self.temp)
-                if self.out.exists() and any(self.out.iterdir()):
+                if not self.whole:
+                    self._move_files()
+                elif self.out.exists() and any(self.out.iterdir()):
                     if not self.overwrite or foreign_entry(self.out) is not None:
                         raise OutputError(f"the output folder {self.shown} got other files while dlir was running; "
                                           "the results were not put there")
@@ -424,12 +434,33 @@ class OutputFolder:
             raise
         shutil.rmtree(aside, ignore_errors=True)
 
+    def _move_files(self) -> None:
+        """``whole=False``: the earlier output files out (result.json first), the new ones in (result.json last)."""
+        if not self.out.exists():
+            os.rename(self.temp, self.out)
+            return
+        for name in (RESULT_FILE, *OUTPUT_FILES):
+            with contextlib.suppress(FileNotFoundError):
+                (self.out / name).unlink()
+        staged = sorted(p.name for p in self.temp.iterdir())
+        for name in sorted(staged, key=lambda n: n == RESULT_FILE):
+            os.replace(self.temp / name, self.out / name)
+
+    def _remove_stale_staging(self) -> None:
+        """Staging folders of earlier runs into ``out`` that were killed (with the lock held, no live run owns them)."""
+        pattern = re.compile(re.escape(f".{self.out.name}{TEMP_TAG}") + r"[a-z0-9_]{8}\.(tmp|old)")
+        for entry in os.scandir(self.out.parent):
+            if pattern.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
     def _make_parents(self) -> None:
         missing = [p for p in reversed(self.out.parents) if not p.exists()]
         for folder in missing:
             try:
                 folder.mkdir()
             except FileExistsError:
+                if not folder.is_dir():
+                    raise OutputError(f"cannot create the output folder {self.shown}: {folder} is a file") from None
                 continue
             except OSError as exc:
                 raise OutputError(f"cannot create the folder {folder} for the output folder {self.shown} ({_os_reason(exc)})") from exc
@@ -437,6 +468,12 @@ class OutputFolder:
 
     def _check_replaceable(self) -> None:
         if not self.out.is_dir() or not any(self.out.iterdir()):
+            return
+        if not self.whole:
+            earlier = sorted(name for name in OUTPUT_FILES if (self.out / name).exists())
+            if earlier and not self.overwrite:
+                raise OutputError(f"the output folder {self.shown} already holds {', '.join(earlier)} of an earlier run; "
+                                  "choose another folder")
             return
         if not self.overwrite:
             raise OutputError(f"the output folder {self.shown} already holds files; give --overwrite to replace it whole, "

@@ -541,3 +541,45 @@ def test_two_runs_at_once_into_one_folder(inputs, tmp_path, hook_dir, run_dlir, 
         code, err = interrupt(first)
     assert code == 130 and err == ["interrupted"], err
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_a_killed_run_leaves_nothing_that_stops_or_mixes_into_the_next(inputs, tmp_path, hook_dir, run_main, untouched) -> None:
+    """SIGKILL cannot be caught: its staging folder and lock file stay, and the next run into that folder clears them."""
+    out = tmp_path / "out"
+    killed = start_paused(register_args(inputs, out), "call:write_transform", tmp_path.parent / f"{tmp_path.name}.mark", hook_dir)
+    killed.kill()
+    killed.communicate(timeout=60)
+    assert not out.exists() and len(leftovers(tmp_path)) == 2  # the staging folder (with warped, jacobian) and the lock
+    neighbour = tmp_path / ".out.dlir-q.dlir-abcdefgh.tmp"  # staging of a run into another folder, "out.dlir-q": not ours
+    neighbour.mkdir()
+    code, err, _ = run_main(*register_args(inputs, out, moving="moving2"))
+    assert code == 0 and err == [], err
+    assert {p.name for p in out.iterdir()} == set(OUTPUTS)
+    assert json.loads((out / "result.json").read_text(encoding="utf-8"))["moving"] == str(inputs["moving2"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [neighbour.name, "out"]
+
+
+def test_register_pair_for_engine_callers_swaps_only_the_output_files(inputs, tmp_path, fresh_stack_file, untouched) -> None:
+    """``dlir bench`` keeps its own spec.json in the run folder and registers into it repeatedly."""
+    from dlir.outputs import OutputError, register_pair
+    from dlir.stack import load_stack
+
+    stack = load_stack(fresh_stack_file)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "spec.json").write_text("{}", encoding="utf-8")
+    register_pair(stack, inputs["fixed"], inputs["moving"], out, moving_labels=inputs["labels"], device="cpu", show_progress=False)
+    assert {p.name for p in out.iterdir()} == {"spec.json", *OUTPUTS, LABELS}
+    register_pair(stack, inputs["fixed"], inputs["moving2"], out, device="cpu", show_progress=False)
+    assert {p.name for p in out.iterdir()} == {"spec.json", *OUTPUTS}  # no labels.nii.gz of the earlier run
+    assert json.loads((out / "result.json").read_text(encoding="utf-8"))["moving"] == str(inputs["moving2"])
+    with pytest.raises(OutputError, match="already holds .*result.json"):
+        register_pair(stack, inputs["fixed"], inputs["moving"], out, device="cpu", show_progress=False, overwrite=False)
+    assert leftovers(tmp_path) == []
+
+
+def test_a_parent_of_out_that_is_a_file_is_one_sentence(inputs, tmp_path, run_main, untouched) -> None:
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    code, err, _ = run_main(*register_args(inputs, tmp_path / "notes.txt" / "out"))
+    assert_refused(code, err, "notes.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
