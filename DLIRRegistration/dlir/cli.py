@@ -116,9 +116,9 @@ def _register_cohort(stack_path: Path, source: Path, out: Path, options: dict, o
                            jacobian_std=result["jacobian_std"])
             except DLIRError as exc:
                 row["status"] = f"error: {exc}"
-            except Exception as exc:  # a bug or an unforeseen input: recorded, and the cohort goes on
-                logging.getLogger(__name__).debug("pair %s failed", pair.id, exc_info=True)
-                row["status"] = f"error: unexpected {type(exc).__name__}: {exc}"
+            except Exception as exc:  # a bug or an unforeseen input: recorded (on one line), and the cohort goes on
+                logging.getLogger(__name__).info("pair %s failed", pair.id, exc_info=True)  # the traceback with -v
+                row["status"] = f"error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
             failures += row["status"] != "ok"
             rows.append(row)
         table = io.StringIO(newline="")

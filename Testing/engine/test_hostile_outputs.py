@@ -386,7 +386,7 @@ def test_a_crashing_row_is_recorded_and_the_cohort_goes_on(inputs, tmp_path, run
 
     def crash_on_moving2(folder, stack, fixed, moving, **kwargs):
         if Path(moving).name == "moving2.nii.gz":
-            raise ZeroDivisionError("a bug on this row")
+            raise ZeroDivisionError("a bug\non this row")  # a message of two lines is recorded on one
         return real(folder, stack, fixed, moving, **kwargs)
 
     monkeypatch.setattr(dlir.outputs, "register_into", crash_on_moving2)
