@@ -308,8 +308,8 @@ def write_text_atomically(path: Path, text: str) -> None:
 def check_output_folder(out: str | Path, inputs: Mapping[str, str | Path | None] = {}) -> Path:
     """``out`` made absolute (symbolic links resolved), or :class:`OutputError` when no run may write there.
 
-    Refused: a folder without a name (the file-system root), an existing file, the current folder
-    or one that holds it, a folder that holds an input (its results could replace it) or lies
+    Refused: a folder without a name (the file-system root), an existing file, a mount point, the
+    current folder or one that holds it, a folder that holds an input (its results could replace it) or lies
     inside an input folder, and a folder whose lock file would be an input.  ``inputs`` maps what
     each input is ("fixed image", ...) to its path (None: not given).
     """
@@ -323,6 +323,8 @@ def check_output_folder(out: str | Path, inputs: Mapping[str, str | Path | None]
         raise OutputError(f"the output folder {shown!r} is the root of the file system; give a new folder for the results")
     if target.exists() and not target.is_dir():
         raise OutputError(f"the output folder {shown} is an existing file; give a folder for the results")
+    if target.is_dir() and os.path.ismount(target):  # its staging folder would be on another file system
+        raise OutputError(f"the output folder {shown} is a mount point; give a new folder inside it")
     if target == cwd or target in cwd.parents:
         raise OutputError(f"the output folder {shown!r} is the current folder{'' if target == cwd else ' or holds it'}; "
                           "give a new folder for the results")
@@ -362,9 +364,9 @@ class OutputFolder:
     dead process is taken over), ``out`` must be absent or empty, or with ``overwrite`` an earlier
     dlir result, and an empty staging folder ``folder.temp`` is made beside ``out``.  With
     ``whole=False`` (:func:`register_pair`) other files in ``out`` are kept and only the output
-    files are swapped at :meth:`commit`.  On leaving
-    without :meth:`commit` (an error, Ctrl-C) the staging folder, the lock and any parent folders
-    made for it are removed; ``out`` is as it was.
+    files are swapped at :meth:`commit`.  On leaving without :meth:`commit` (an error, Ctrl-C)
+    the staging folder, the lock and any parent folders made for it are removed; ``out`` is as
+    it was.
     """
 
     def __init__(self, out: str | Path, inputs: Mapping[str, str | Path | None] = {}, *, overwrite: bool = False,

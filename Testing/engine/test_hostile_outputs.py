@@ -374,10 +374,13 @@ def tiny_disk(tmp_path: Path):
     subprocess.run(["umount", str(folder)], check=False)
 
 
-def test_a_real_full_disk_is_one_sentence_and_nothing_left(inputs, tiny_disk, run_dlir, untouched) -> None:
+def test_a_real_full_disk_is_one_sentence_and_nothing_left(inputs, tiny_disk, run_dlir, run_main, untouched) -> None:
     result = run_dlir(*register_args(inputs, tiny_disk / "out"), env={"PYTHONPATH": str(SRC)})
     assert_refused(result.returncode, lines_of(result.stderr), "cannot write", "the disk is full")
     assert list(tiny_disk.iterdir()) == []
+    # the mount point itself: its staging folder would be on another file system, so it is refused up front
+    assert_refused(*run_main(*register_args(inputs, tiny_disk))[:2], "is a mount point")
+    assert list(tiny_disk.iterdir()) == [] and leftovers(tiny_disk.parent) == []
 
 
 # ----------------------------------------------------------------------------------- --pairs rows that fail
