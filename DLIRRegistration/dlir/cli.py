@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 from . import __version__
 from .errors import DLIRError, InputError
-
-if TYPE_CHECKING:
-    from .stack import Stack
 
 EXIT_USER_ERROR = 2
 
@@ -35,7 +33,8 @@ def _add_register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", help="instead of FIXED MOVING: a CSV of pairs (columns fixed, moving and optionally moving_labels, "
                    "fixed_mask, fixed_labels, id) or a folder of pair folders (fixed.nii.gz, moving.nii.gz, ...)")
     p.add_argument("--stack", required=True, help="stage stack: a .safetensors file or a registry name (see dlir info --list)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (new or empty; written whole at the end of the run)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier dlir result in --out (the whole folder)")
     p.add_argument("--moving-labels", help="label map on the moving grid, propagated to the fixed image")
     p.add_argument("--fixed-mask", help="mask on the fixed grid: folding and Jacobian statistics are computed inside it")
     p.add_argument("--fixed-labels", help="label map on the fixed grid: Dice before/after is reported")
@@ -46,24 +45,30 @@ def _add_register(p: argparse.ArgumentParser) -> None:
 
 
 def _run_register(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is an existing file; give a folder for the results")
-    from .outputs import register_pair
-    from .stack import load_stack
+    if not args.out.strip():
+        raise InputError("--out is empty; give a folder for the results")
+    from .outputs import OutputFolder, check_output_folder, register_into
+    from .stack import load_stack, resolve_stack
 
-    stack = load_stack(args.stack)
+    out = Path(args.out)
+    check_output_folder(out)  # before anything is read: an unusable --out is said first
+    stack_path = resolve_stack(args.stack)
     options = dict(device=args.device, refine_steps=args.refine, initial_alignment=args.initial_alignment,
                    label_interpolation=args.label_interpolation)
     if args.pairs:
         if args.fixed or args.moving:
             raise InputError("give either FIXED MOVING or --pairs, not both")
-        return _register_cohort(stack, Path(args.pairs), out, options)
+        return _register_cohort(stack_path, Path(args.pairs), out, options, args.overwrite)
     if not (args.fixed and args.moving):
         raise InputError("dlir register needs FIXED and MOVING images (or --pairs PAIRS.csv)")
-    result = register_pair(stack, args.fixed, args.moving, out, moving_labels=args.moving_labels,
-                           fixed_mask=args.fixed_mask, fixed_labels=args.fixed_labels,
-                           show_progress=sys.stderr.isatty(), **options)
+    inputs = {"fixed image": args.fixed, "moving image": args.moving, "moving label map": args.moving_labels,
+              "fixed mask": args.fixed_mask, "fixed label map": args.fixed_labels, "stack": stack_path}
+    with OutputFolder(out, inputs, overwrite=args.overwrite) as folder:
+        stack = load_stack(stack_path)
+        result = register_into(folder.temp, stack, args.fixed, args.moving, moving_labels=args.moving_labels,
+                               fixed_mask=args.fixed_mask, fixed_labels=args.fixed_labels,
+                               show_progress=sys.stderr.isatty(), shown=out, **options)
+        folder.commit()
     _print_result(result, out)
     return 0
 
@@ -76,30 +81,56 @@ def _print_result(result: dict, out: Path) -> None:
     print(f"outputs in {out}")
 
 
-def _register_cohort(stack: Stack, source: Path, out: Path, options: dict) -> int:
-    """Register every pair of a CSV or a folder of pair folders (see :mod:`dlir.pairs`) into ``out/ID``."""
+SUMMARY_COLUMNS = ("id", "status", "total_s", "folding_fraction", "jacobian_std")
+
+
+def _register_cohort(stack_path: Path, source: Path, out: Path, options: dict, overwrite: bool) -> int:
+    """Register every pair of a CSV or a folder of pair folders (see :mod:`dlir.pairs`) into ``out/ID``.
+
+    The cohort is staged and put in place as a whole (``out`` is absent or complete), each pair
+    folder atomically inside it.  A pair that fails (a refused input, or an unexpected error) is
+    recorded in ``summary.csv`` with its sentence and the others go on.
+    """
     from tqdm import tqdm
 
-    from .outputs import register_pair
+    from .outputs import SUMMARY_FILE, OutputError, OutputFolder, register_into, staged_folder, write_text_atomically
     from .pairs import read_pairs
+    from .stack import load_stack
 
     pairs = read_pairs(source)
+    inputs: dict[str, str | Path | None] = {"pairs file" if source.is_file() else "pairs folder": source, "stack": stack_path}
+    for pair in pairs:
+        for what in ("fixed", "moving", "moving_labels", "fixed_mask", "fixed_labels"):
+            inputs[f"{what.replace('_', ' ')} of pair {pair.id}"] = getattr(pair, what)
     rows, failures = [], 0
-    for pair in tqdm(pairs, desc="pairs", unit="pair", disable=not sys.stderr.isatty()):
-        try:
-            result = register_pair(stack, pair.fixed, pair.moving, out / pair.id, moving_labels=pair.moving_labels,
-                                   fixed_mask=pair.fixed_mask, fixed_labels=pair.fixed_labels, show_progress=False, **options)
-            rows.append({"id": pair.id, "status": "ok", "total_s": result["total_s"],
-                         "folding_fraction": result["folding_fraction"], "jacobian_std": result["jacobian_std"]})
-        except DLIRError as exc:
-            failures += 1
-            rows.append({"id": pair.id, "status": f"error: {exc}", "total_s": "", "folding_fraction": "", "jacobian_std": ""})
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "summary.csv").open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    with OutputFolder(out, inputs, overwrite=overwrite) as folder:
+        stack = load_stack(stack_path)
+        for pair in tqdm(pairs, desc="pairs", unit="pair", disable=not sys.stderr.isatty()):
+            row = dict.fromkeys(SUMMARY_COLUMNS, "") | {"id": pair.id}
+            try:
+                with staged_folder(folder.temp / pair.id, shown=out / pair.id) as temp:
+                    result = register_into(temp, stack, pair.fixed, pair.moving, moving_labels=pair.moving_labels,
+                                           fixed_mask=pair.fixed_mask, fixed_labels=pair.fixed_labels,
+                                           show_progress=False, shown=out / pair.id, **options)
+                row.update(status="ok", total_s=result["total_s"], folding_fraction=result["folding_fraction"],
+                           jacobian_std=result["jacobian_std"])
+            except DLIRError as exc:
+                row["status"] = f"error: {exc}"
+            except Exception as exc:  # a bug or an unforeseen input: recorded (on one line), and the cohort goes on
+                logging.getLogger(__name__).info("pair %s failed", pair.id, exc_info=True)  # the traceback with -v
+                row["status"] = f"error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+            failures += row["status"] != "ok"
+            rows.append(row)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    print(f"{len(pairs) - failures} of {len(pairs)} pairs registered; summary in {out / 'summary.csv'}")
+        try:
+            write_text_atomically(folder.temp / SUMMARY_FILE, table.getvalue())
+        except OSError as exc:
+            raise OutputError(f"cannot write {SUMMARY_FILE} into {out} ({exc.strerror or exc}); nothing was written there") from exc
+        folder.commit()
+    print(f"{len(pairs) - failures} of {len(pairs)} pairs registered; summary in {out / SUMMARY_FILE}")
     for row in rows:
         if row["status"] != "ok":
             print(f"  {row['id']}: {row['status']}", file=sys.stderr)
@@ -297,9 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    """Run one ``dlir`` command: exit code 0, 1 (some pairs of a cohort failed), 2 (``error: <sentence>``) or 130 (Ctrl-C)."""
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
         return int(args.run(args))
     except DLIRError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ gt_displacement`` (paths relative to the CSV; only ``fixed`` and ``moving`` are 
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def _pair_from_folder(folder: Path) -> Pair:
         raise InputError(f"the pair folder {folder} has a fixed image but no moving image (moving.nii.gz)")
     landmarks = folder / "landmarks.csv"
     return Pair(
-        id=folder.name,
+        id=check_pair_id(folder.resolve().name, f"the pair folder {folder}"),
         fixed=_pair_file(folder, "fixed"),  # type: ignore[arg-type]  # checked by the caller
         moving=moving,
         fixed_labels=_pair_file(folder, "fixed_labels"),
@@ -91,8 +92,7 @@ def _pair_from_folder(folder: Path) -> Pair:
 
 
 def _pairs_from_csv(path: Path) -> list[Pair]:
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = _read_csv_rows(path)
     if not rows:
         raise InputError(f"the pairs file {path} lists no pairs")
     missing = {"fixed", "moving"} - set(rows[0])
@@ -104,11 +104,93 @@ def _pairs_from_csv(path: Path) -> list[Pair]:
         paths = {k: path.parent / v.strip() for k, v in row.items() if k in known and k != "id" and v and v.strip()}
         if "fixed" not in paths or "moving" not in paths:
             raise InputError(f"row {n + 2} of {path} has no fixed or no moving image")
-        pairs.append(Pair(id=(row.get("id") or "").strip() or f"pair{n:03d}", **paths))
-    ids = [p.id for p in pairs]
-    if len(set(ids)) != len(ids):
-        raise InputError(f"the pairs file {path} uses an id twice; ids name the output rows and must be unique")
+        given = (row.get("id") or "").strip()
+        pairs.append(Pair(id=check_pair_id(given, f"row {n + 2} of {path}") if given else f"pair{n:03d}", **paths))
+    seen: dict[str, str] = {}
+    for p in pairs:
+        key = p.id.casefold()  # "Case1" and "case1" are one folder on macOS and Windows
+        if key in seen:
+            raise InputError(f"the pairs file {path} uses the id {p.id!r} twice"
+                             f"{'' if seen[key] == p.id else f' (as {seen[key]!r})'}; ids name the output folders and must be unique")
+        seen[key] = p.id
     return pairs
+
+
+#: what an id may be at most: it names a folder (255 bytes on most file systems, less dlir's staging prefix)
+MAX_ID_BYTES = 200
+#: names a pair id may not have: the cohort's table beside the pair folders
+RESERVED_IDS = ("summary.csv",)
+
+
+def check_pair_id(pair_id: str, where: str) -> str:
+    """``pair_id`` when it is a plain folder name, else :class:`InputError` naming ``where`` (e.g. "row 3 of pairs.csv").
+
+    A pair's outputs go to ``OUT/ID``: an id must not lead outside ``OUT`` or onto another file,
+    so it has no path separator (``/``, ``\\``), no drive colon, no control character, is not
+    ``.`` or ``..`` or empty, not ``summary.csv``, and is at most 200 bytes (UTF-8).
+    """
+    bad = None
+    if not pair_id:
+        bad = "is empty"
+    elif pair_id in (".", ".."):
+        bad = "is a relative folder reference"
+    elif any(c in pair_id for c in "/\\"):
+        bad = "holds a path separator"
+    elif ":" in pair_id:
+        bad = "holds a colon (a drive or stream name on Windows)"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in pair_id):
+        bad = "holds a control character"
+    elif pair_id.casefold() in RESERVED_IDS:
+        bad = "is the name of the cohort's summary table"
+    elif len(pair_id.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+        bad = f"is longer than {MAX_ID_BYTES} bytes"
+    if bad is not None:
+        raise InputError(f"the id {_shown(pair_id)} in {where} {bad}; an id names the pair's output folder and must be a plain name")
+    return pair_id
+
+
+def _shown(text: str, limit: int = 120) -> str:
+    """``text`` quoted with its control characters escaped, shortened to ``limit`` characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+#: byte-order marks and the encodings they announce (UTF-32 before UTF-16: FF FE 00 00 starts with FF FE)
+_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def _read_csv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file as dicts (header names stripped), read as UTF-8, or UTF-8/16/32 with a byte-order mark.
+
+    Anything else (Latin-1 or Windows-1252 bytes that are not UTF-8, UTF-16 without a mark, a
+    binary file) is refused with a sentence naming the file and the problem.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"the pairs file {path} cannot be read ({exc.strerror or exc})") from exc
+    encoding = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"the pairs file {path} is not valid {'UTF-8' if encoding == 'utf-8' else encoding.upper()} text "
+            f"(byte 0x{data[exc.start]:02x} at position {exc.start}); save it as UTF-8 (in Excel: CSV UTF-8)"
+        ) from exc
+    text = text.removeprefix("\ufeff")
+    if "\x00" in text:
+        raise InputError(f"the pairs file {path} holds NUL characters (UTF-16 text without a byte-order mark, or not "
+                         "text at all); save it as UTF-8 (in Excel: CSV UTF-8)")
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = reader.fieldnames or []
+        reader.fieldnames = [name.strip() if isinstance(name, str) else name for name in header]
+        doubled = sorted({name for name in reader.fieldnames if name and reader.fieldnames.count(name) > 1})
+        if doubled:
+            raise InputError(f"the pairs file {path} names the column {doubled[0]!r} twice")
+        return list(reader)
+    except csv.Error as exc:
+        raise InputError(f"the pairs file {path} is not a valid CSV file (line {reader.line_num + 1}: {exc})") from exc
 
 
 def load_pair(pair: Pair) -> PairData:
