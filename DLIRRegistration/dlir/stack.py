@@ -264,7 +264,8 @@ def _open(path: Path):
         return safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise StackError(
-            f"{path.name} is not a valid safetensors stack file (corrupt, truncated, or another format such as a pickle): {_short(str(exc), 200)}"
+            f"{path.name} is not a valid safetensors stack file (corrupt, truncated, or another format such as a pickle): "
+            f"{_short(str(exc), 200)}"
         ) from exc
 
 
@@ -281,7 +282,8 @@ def parse_manifest_json(text: str, what: str = "the manifest") -> dict[str, Any]
     or not a JSON object, checked before :func:`json.loads` runs (which recurses on nesting)."""
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > MAX_MANIFEST_BYTES:
-        raise StackError(f"{what} is {size / 1e6:.1f} MB of JSON, more than the {MAX_MANIFEST_BYTES / 1e6:g} MB a stack manifest may have")
+        raise StackError(f"{what} is {size / 1e6:.1f} MB of JSON, more than the {MAX_MANIFEST_BYTES / 1e6:g} MB "
+                         "a stack manifest may have")
     depth = json_depth(text)
     if depth > MAX_JSON_DEPTH:
         raise StackError(f"{what} nests JSON {depth} levels deep, more than the {MAX_JSON_DEPTH} a stack manifest may have")
@@ -420,7 +422,8 @@ def _check_table(f: Any, manifest: Manifest, path: Path) -> None:
         shapes = {name: tuple(s.get_shape()) for name, s in slices.items()}
         dtypes = {name: str(s.get_dtype()) for name, s in slices.items()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise StackError(f"{path.name} is not a valid safetensors stack file (its tensor table is unreadable: {_short(str(exc))})") from exc
+        raise StackError(f"{path.name} is not a valid safetensors stack file "
+                         f"(its tensor table is unreadable: {_short(str(exc))})") from exc
     with torch.device("meta"):  # the networks' shapes without allocating their weights
         expected = Stack(manifest)
     expected.check_layout(shapes, dtypes, f"the stack {path.name}")

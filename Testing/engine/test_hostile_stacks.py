@@ -129,7 +129,8 @@ HOSTILE_MANIFESTS = [
     ("channels true", stage(0, channels=True), ["stage 1", "channels"]),
     ("depth 40", stage(0, depth=40), ["stage 1", "depth"]),
     ("depth 0", stage(0, depth=0), ["stage 1", "depth"]),
-    ("control points every 2^28 voxels (8 GB kernel)", stage(1, control_point_spacing=2**28), ["stage 2", "control_point_spacing"]),
+    ("control points every 2^28 voxels (8 GB kernel)", stage(1, control_point_spacing=2**28),
+     ["stage 2", "control_point_spacing"]),
     ("control points every 3 voxels", stage(1, control_point_spacing=3), ["stage 2", "control_point_spacing", "power of two"]),
     ("control points every 128 voxels", stage(1, control_point_spacing=128), ["stage 2", "control_point_spacing"]),
     ("spacing 1e-9 mm", stage(1, spacing_mm=[1e-9, 1e-9, 1e-9]), ["stage 2", "spacing_mm"]),
@@ -228,7 +229,8 @@ EDGES = [0, 1, 2, 3, 4, 7, 8, 9, 16, 31, 32, 33, 63, 64, 65, 128, 511, 512, 513,
 json_leaf = (st.none() | st.booleans() | st.sampled_from(EDGES) | st.integers()
              | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
              | st.sampled_from(["affine", "bspline", "ncc", "lncc", "window", "percentile", "centre", "com", "none"]))
-json_value = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+json_value = st.recursive(json_leaf,
+                          lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
                           max_leaves=8)
 where = st.one_of(
     st.tuples(st.just("stage"), st.sampled_from([0, 1]), st.sampled_from(STAGE_KEYS + ["unknown"])),
@@ -313,7 +315,8 @@ def _nested(depth: int) -> str:
 
 @pytest.mark.parametrize("text, words", [
     pytest.param(None, [f"nests JSON {MAX_JSON_DEPTH + 3} levels", f"more than the {MAX_JSON_DEPTH}"], id="depth 35"),
-    pytest.param('{"training": ' + _nested(100_000) + "}", ["nests JSON 100001 levels"], id="depth 100000 (RecursionError in json)"),
+    pytest.param('{"training": ' + _nested(100_000) + "}", ["nests JSON 100001 levels"],
+                 id="depth 100000 (RecursionError in json)"),
     pytest.param('{"a": ' + "[" * 200_000, ["nests JSON"], id="unterminated deep"),
     pytest.param('{"name": "' + "x" * (MAX_MANIFEST_BYTES + 10) + '"}', ["MB of JSON", "1 MB"], id="over 1 MB"),
     pytest.param('{"format": "dlir-stack", "format_version": 1, "channels": ' + "9" * 5000 + "}", ["not usable JSON"],
@@ -425,7 +428,8 @@ def model_folder(good: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 def test_unusable_files_are_listed_with_their_reason_and_never_hide_the_others(model_folder, good: Path) -> None:
     folder, reasons = model_folder
     registry = scan_registry()
-    assert [(s.name, s.path) for s in registry.stacks if s.path.parent == folder] == [("hostile-base", folder / "good.safetensors")]
+    mine = [(s.name, s.path) for s in registry.stacks if s.path.parent == folder]
+    assert mine == [("hostile-base", folder / "good.safetensors")]
     unusable = {u.path.stem: u.reason for u in registry.unusable}
     assert set(unusable) == set(reasons)
     for stem, word in reasons.items():
@@ -487,7 +491,8 @@ def test_dlir_info_list_prints_usable_stacks_then_each_unusable_file(model_folde
     pytest.param(lambda good, tmp: forge(good, tmp / "bad.safetensors", tensors=_set("stage1.net.output.bias",
                                                                                    lambda t: t * float("nan"))),
                  ["stage1.net.output.bias", "NaN"], id="NaN weights"),
-    pytest.param(lambda good, tmp: forge(good, tmp / "bad.safetensors", tensors=_set("stage1.net.output.bias", lambda t: t.int())),
+    pytest.param(lambda good, tmp: forge(good, tmp / "bad.safetensors",
+                                         tensors=_set("stage1.net.output.bias", lambda t: t.int())),
                  ["stage1.net.output.bias", "int32"], id="int weights"),
     pytest.param(lambda good, tmp: (tmp / "a-folder").mkdir() or tmp / "a-folder", ["is a folder, not a stack file"],
                  id="a folder"),
@@ -495,7 +500,8 @@ def test_dlir_info_list_prints_usable_stacks_then_each_unusable_file(model_folde
                  id="a folder named .safetensors"),
 ])
 def test_cli_refuses_a_hostile_stack_in_one_line_and_writes_nothing(good: Path, tmp_path: Path, pair: tuple[Path, Path],
-                                                                     capsys: pytest.CaptureFixture, make, words: list[str]) -> None:
+                                                                     capsys: pytest.CaptureFixture, make,
+                                                                     words: list[str]) -> None:
     """``dlir info STACK`` and ``dlir register F M --stack STACK`` through ``dlir.cli.main``."""
     bad = make(good, tmp_path)
     inputs = [*pair] + ([bad] if bad.is_file() else [])
