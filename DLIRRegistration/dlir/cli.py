@@ -145,19 +145,20 @@ def _add_info(p: argparse.ArgumentParser) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from .stack import describe, list_stacks, load_stack, read_manifest, resolve_stack
+    from .stack import describe, load_stack, resolve_stack, scan_registry
 
     if args.list or not args.stack:
-        stacks = list_stacks()
-        if not stacks:
+        registry = scan_registry()
+        if not registry.stacks:
             print("no stacks in the registry")
-        for info in stacks:
+        for info in registry.stacks:
             m = info.manifest
             print(f"{info.name:<20} {m.modality or '-':<6} {m.anatomy or '-':<10} {info.path}")
+        for bad in registry.unusable:  # listed, never fatal: one bad file must not hide the others
+            print(f"unusable: {bad.path}: {bad.reason}")
         return 0
     path = resolve_stack(args.stack)
-    load_stack(path)  # full validation, not just the manifest
-    manifest = read_manifest(path)
+    manifest = load_stack(path).manifest  # full validation, not just the manifest
     print(json.dumps(manifest.to_dict(), indent=2) if args.json else describe(manifest, path))
     return 0
 

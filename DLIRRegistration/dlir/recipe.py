@@ -15,6 +15,64 @@ StageKind = Literal["affine", "bspline"]
 #: the bending-energy weight (per mm^2) of a B-spline stage whose recipe does not set one
 DEFAULT_BENDING_WEIGHT = 5.0
 
+# The bounds of every recipe value, checked before anything is allocated: a manifest outside them
+# is refused with one sentence (a hostile or corrupt file must not make DLIR allocate terabytes).
+MAX_STAGES = 16
+CHANNELS = (1, 512)
+DEPTH = (1, 8)
+SPACING_MM = (0.05, 100.0)
+CONTROL_POINT_SPACING = (2, 64)  # voxels, a power of two
+NCC_WINDOW = (3, 31)  # voxels, odd
+MAX_ANGLE = math.pi  # radians: the rotation and shear bounds lie in [0, pi]
+SCALE = (0.01, 100.0)
+MAX_ALPHA = 1e6
+ITERATIONS = (1, 100_000_000)
+MAX_LEARNING_RATE = 10.0
+BATCH_SIZE = (1, 1024)
+PATCH_SIZE = (2, 512)  # voxels per side
+MAX_INTENSITY = 1e12  # |window bound| in image units
+#: the most weights (all stages together) a stack may have: 50 million, 200 MB in float32
+MAX_WEIGHTS = 50_000_000
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, shortened: a hostile value must not make a message long."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _names(names: set[str]) -> str:
+    """Unknown keys for a message: sorted, comma-separated, shortened."""
+    text = " ".join(", ".join(sorted(names)).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _whole(value: Any, key: str, bounds: tuple[int, int]) -> int:
+    """``value`` as an int within ``bounds`` (inclusive), else a :class:`StackError` naming ``key``."""
+    low, high = bounds
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise StackError(f"{key} must be a whole number from {low} to {high}, got {_show(value)}")
+    return value
+
+
+def _number(value: Any, key: str, low: float, high: float, low_open: bool = False) -> float:
+    """``value`` as a finite float in ``[low, high]`` (``(low, high]`` when ``low_open``), else a :class:`StackError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not (low < value if low_open else low <= value) or not value <= high:
+        interval = f"{'above' if low_open else 'from'} {low:g} {'and at most' if low_open else 'to'} {high:g}"
+        raise StackError(f"{key} must be a finite number {interval}, got {_show(value)}")
+    return float(value)
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise StackError(f"unknown {key} {_show(value)}: expected {' or '.join(repr(c) for c in choices)}")
+    return value
+
+
+def _conv_weights(inputs: int, outputs: int, kernel: int) -> int:
+    return inputs * outputs * kernel**3 + outputs
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -49,24 +107,18 @@ class StageSpec:
     patch_size: int = 64
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "spacing_mm", tuple(float(s) for s in self.spacing_mm))
-        if self.kind not in ("affine", "bspline"):
-            raise StackError(f"unknown stage kind {self.kind!r}: expected 'affine' or 'bspline'")
-        if self.alpha is None:
-            object.__setattr__(self, "alpha", DEFAULT_BENDING_WEIGHT if self.kind == "bspline" else 0.0)
-        if len(self.spacing_mm) != 3 or min(self.spacing_mm) <= 0:
-            raise StackError(f"a stage's spacing_mm must be three positive numbers, got {self.spacing_mm}")
-        f = self.control_point_spacing
-        if self.kind == "bspline" and (f < 2 or f & (f - 1)):
-            raise StackError(f"control_point_spacing must be a power of two >= 2 voxels, got {f}")
-        if self.similarity not in ("ncc", "lncc"):
-            raise StackError(f"unknown similarity {self.similarity!r}: expected 'ncc' or 'lncc'")
-        if not 0 <= self.dice_weight <= 1:
-            raise StackError(f"a stage's dice_weight must lie between 0 and 1, got {self.dice_weight}")
-        if self.channels < 1 or self.depth < 1:
-            raise StackError("a stage needs at least one channel and one level")
-        if not 0 < self.min_scale <= 1 <= self.max_scale:
-            raise StackError(f"the scale range [{self.min_scale}, {self.max_scale}] must contain 1")
+        _check_stage(self)
+
+    @property
+    def weight_count(self) -> int:
+        """How many weights the stage's network has (:mod:`dlir.nets`), computed without building it."""
+        c = self.channels
+        if self.kind == "affine":  # AffineNet: depth conv blocks, then two linear layers
+            return (_conv_weights(1, c, 3) + (self.depth - 1) * _conv_weights(c, c, 3)
+                    + (2 * c * c + c) + (c * 12 + 12))
+        # BSplineNet: one conv per level, two 3x3x3 and two 1x1x1 convs, a 3-channel output
+        return (_conv_weights(2, c, 3) + (self.levels - 1 + 2) * _conv_weights(c, c, 3)
+                + 2 * _conv_weights(c, c, 1) + _conv_weights(c, 3, 1))
 
     @property
     def levels(self) -> int:
@@ -90,13 +142,49 @@ class StageSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "StageSpec":
+        if not isinstance(data, dict):
+            raise StackError("a stage must be a JSON object of settings")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise StackError(f"unknown stage settings: {', '.join(sorted(unknown))}")
+            raise StackError(f"unknown stage settings: {_names(unknown)}")
         if "kind" not in data:
             raise StackError("a stage needs a 'kind' ('affine' or 'bspline')")
         return cls(**data)
+
+
+def _check_stage(spec: StageSpec) -> None:
+    """Bound every value of a stage (raising :class:`StackError` naming the key); normalise number types."""
+    def put(key: str, value: Any) -> None:
+        object.__setattr__(spec, key, value)
+
+    kind = _choice(spec.kind, "stage kind", ("affine", "bspline"))
+    spacing = spec.spacing_mm
+    if isinstance(spacing, (str, bytes)) or not isinstance(spacing, (list, tuple)) or len(spacing) != 3:
+        raise StackError(f"spacing_mm must be three numbers (x, y, z mm), got {_show(spacing)}")
+    put("spacing_mm", tuple(_number(v, "spacing_mm", *SPACING_MM) for v in spacing))
+    f = _whole(spec.control_point_spacing, "control_point_spacing", CONTROL_POINT_SPACING)
+    if f & (f - 1):
+        raise StackError(f"control_point_spacing must be a power of two from {CONTROL_POINT_SPACING[0]} "
+                         f"to {CONTROL_POINT_SPACING[1]} voxels, got {f}")
+    _whole(spec.channels, "channels", CHANNELS)
+    _whole(spec.depth, "depth", DEPTH)
+    put("max_rotation", _number(spec.max_rotation, "max_rotation (radians)", 0.0, MAX_ANGLE))
+    put("max_shear", _number(spec.max_shear, "max_shear", 0.0, MAX_ANGLE))
+    put("min_scale", _number(spec.min_scale, "min_scale", SCALE[0], 1.0))
+    put("max_scale", _number(spec.max_scale, "max_scale", 1.0, SCALE[1]))
+    _choice(spec.similarity, "similarity", ("ncc", "lncc"))
+    window = _whole(spec.ncc_window, "ncc_window", NCC_WINDOW)
+    if window % 2 == 0:
+        raise StackError(f"ncc_window must be an odd number of voxels from {NCC_WINDOW[0]} to {NCC_WINDOW[1]}, got {window}")
+    if spec.alpha is None:
+        put("alpha", DEFAULT_BENDING_WEIGHT if kind == "bspline" else 0.0)
+    put("alpha", _number(spec.alpha, "alpha (bending weight)", 0.0, MAX_ALPHA))
+    put("dice_weight", _number(spec.dice_weight, "dice_weight", 0.0, 1.0))
+    _whole(spec.iterations, "iterations", ITERATIONS)
+    put("learning_rate", _number(spec.learning_rate, "learning_rate", 0.0, MAX_LEARNING_RATE, low_open=True))
+    _whole(spec.batch_size, "batch_size", BATCH_SIZE)
+    _whole(spec.patch_size, "patch_size", PATCH_SIZE)
 
 
 @dataclass(frozen=True)
@@ -113,20 +201,26 @@ class IntensitySpec:
     high: float = 99.5
 
     def __post_init__(self) -> None:
-        if self.kind not in ("window", "percentile"):
-            raise StackError(f"unknown intensity normalisation {self.kind!r}: expected 'window' or 'percentile'")
+        kind = _choice(self.kind, "intensity normalisation", ("window", "percentile"))
+        bound = 100.0 if kind == "percentile" else MAX_INTENSITY
+        low = -bound if kind == "window" else 0.0
+        what = "percentile" if kind == "percentile" else "window bound"
+        object.__setattr__(self, "low", _number(self.low, f"the intensity {what} low", low, bound))
+        object.__setattr__(self, "high", _number(self.high, f"the intensity {what} high", low, bound))
         if not self.low < self.high:
-            raise StackError(f"intensity normalisation needs low < high, got {self.low} and {self.high}")
-        if self.kind == "percentile" and not (0 <= self.low and self.high <= 100):
-            raise StackError("percentiles must lie between 0 and 100")
+            raise StackError(f"intensity normalisation needs low < high, got {self.low:g} and {self.high:g}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "IntensitySpec":
+        if not isinstance(data, dict):
+            raise StackError("the intensity normalisation must be a JSON object (kind, low, high)")
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise StackError(f"unknown intensity settings: {_names(unknown)}")
         return cls(**data)
-
 
     def describe(self) -> str:
         """One line for people: ``window -1000..1000`` or ``percentiles 0.5..99.5``."""
@@ -153,8 +247,17 @@ class Recipe:
         object.__setattr__(self, "stages", tuple(self.stages))
         if not self.stages:
             raise StackError("a stack needs at least one stage")
-        if self.initial_alignment not in ("centre", "com", "none"):
-            raise StackError(f"unknown initial alignment {self.initial_alignment!r}: expected centre, com or none")
+        if len(self.stages) > MAX_STAGES:
+            raise StackError(f"a stack has at most {MAX_STAGES} stages, this recipe has {len(self.stages)}")
+        if not all(isinstance(s, StageSpec) for s in self.stages) or not isinstance(self.intensity, IntensitySpec):
+            raise StackError("a recipe is made of StageSpec stages and an IntensitySpec")
+        _choice(self.initial_alignment, "initial alignment", ("centre", "com", "none"))
+        weights = [s.weight_count for s in self.stages]
+        if sum(weights) > MAX_WEIGHTS:
+            k = max(range(len(weights)), key=weights.__getitem__)
+            raise StackError(f"the networks would have {sum(weights) / 1e6:.0f} million weights (stage {k + 1} alone "
+                             f"{weights[k] / 1e6:.0f} million), more than the {MAX_WEIGHTS // 1_000_000} million DLIR loads; "
+                             "use fewer channels, levels or stages")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -165,11 +268,25 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        """A recipe from its JSON form, every value bounded (:class:`StackError` naming stage and key)."""
+        if not isinstance(data, dict) or "stages" not in data:
+            raise StackError("the stack recipe is incomplete: it has no list of stages")
+        stages = data["stages"]
+        if not isinstance(stages, list):
+            raise StackError("the stack recipe is malformed: 'stages' must be a list")
+        if len(stages) > MAX_STAGES:
+            raise StackError(f"a stack has at most {MAX_STAGES} stages, this recipe has {len(stages)}")
         try:
+            specs = []
+            for k, stage in enumerate(stages, 1):
+                try:
+                    specs.append(StageSpec.from_dict(stage))
+                except StackError as exc:
+                    raise StackError(f"stage {k}: {exc}") from exc
             return cls(
-                stages=tuple(StageSpec.from_dict(s) for s in data["stages"]),
+                stages=tuple(specs),
                 intensity=IntensitySpec.from_dict(data.get("intensity", {})),
                 initial_alignment=data.get("initial_alignment", "centre"),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise StackError(f"the stack recipe is incomplete or malformed ({exc})") from exc
+            raise StackError(f"the stack recipe is incomplete or malformed ({_show(str(exc))})") from exc

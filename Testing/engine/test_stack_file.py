@@ -21,7 +21,8 @@ from scipy import ndimage
 from dlir.errors import StackError
 from dlir.recipe import Recipe, StageSpec
 from dlir.register import Registration, register
-from dlir.stack import FORMAT_VERSION, Manifest, build_stack, list_stacks, load_stack, read_manifest, resolve_stack, save_stack
+from dlir.stack import (FORMAT_VERSION, Manifest, build_stack, list_stacks, list_unusable, load_stack, read_manifest, resolve_stack,
+                        save_stack)
 
 RunDlir = Callable[..., subprocess.CompletedProcess]
 
@@ -263,7 +264,8 @@ def test_a_pickle_renamed_to_safetensors_is_refused_and_never_unpickled(tmp_path
             assert "not a valid safetensors stack file" in str(refused.value)
             assert path.name in str(refused.value)
     (models / "good.safetensors").write_bytes(saved.read_bytes())
-    assert [info.name for info in list_stacks((models,)) if info.path.parent == models] == ["tiny"]  # skipped, silently
+    assert [info.name for info in list_stacks((models,)) if info.path.parent == models] == ["tiny"]
+    assert {u.path for u in list_unusable((models,))} >= {plain, state, protocol0}  # listed as unusable, never loaded
     info = run_dlir("info", state)
     assert info.returncode == 2 and info.stderr.startswith("error: ") and "Traceback" not in info.stderr
     assert not marker.exists(), "a stack loader executed code from a pickle"
@@ -316,6 +318,8 @@ def test_registry_survives_a_malformed_manifest(saved: Path, tmp_path: Path) -> 
     (folder / "good.safetensors").write_bytes(saved.read_bytes())
     rewrite(saved, folder / "bad.safetensors", lambda m: m.update(training="trained on my laptop"))
     assert [info.name for info in list_stacks((folder,)) if info.path.parent == folder] == ["tiny"]
+    [bad] = [u for u in list_unusable((folder,)) if u.path.parent == folder]
+    assert bad.path.name == "bad.safetensors" and "'training' must be a JSON object" in bad.reason
 
 
 # ----------------------------------------------------------------------------------- dlir info

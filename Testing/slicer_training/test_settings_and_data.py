@@ -53,10 +53,10 @@ def test_stages_from_the_recipe_fields(tmp_path: Path) -> None:
     ({"bsplineSpacings": "16, x"}, "'x' is not a number"),
     ({"affineStage": False, "bsplineSpacings": ""}, "no stage"),
     ({"patchSize": 36}, "patch_size 36 must be a multiple of the control-point spacing"),
-    ({"learningRate": 0.0}, "learning_rate > 0"),
-    ({"alpha": -1.0}, "alpha >= 0"),
+    ({"learningRate": 0.0}, "learning_rate must be a finite number above 0"),
+    ({"alpha": -1.0}, r"alpha \(bending weight\) must be a finite number from 0"),
     ({"syntheticFraction": 1.5}, "synthetic_fraction must lie between 0 and 1"),
-    ({"channels": 0}, "at least one channel"),
+    ({"channels": 0}, "channels must be a whole number from 1"),
 ])
 def test_bad_settings_are_named(tmp_path: Path, changes: dict, message: str) -> None:
     (tmp_path / "a.nii.gz").write_bytes(b"")  # the folder holds an image (by name): only the setting is wrong
