@@ -30,8 +30,8 @@ Vec3 = tuple[float, float, float]
 ORTHONORMAL_TOLERANCE = 1e-4
 #: voxel sizes (mm) accepted in an image header: 0.1 micrometre to 10 metres
 SPACING_RANGE_MM = (1e-4, 1e4)
-#: largest accepted distance (mm) of an image's origin from zero along any axis (10,000 km):
-#: beyond it double precision cannot place voxels a micrometre apart
+#: largest accepted distance (mm) of an image's origin from zero along any axis (10,000 km; no
+#: scanner writes that, and double precision still places voxels 2e-6 mm apart there)
 MAX_ORIGIN_MM = 1e10
 
 
@@ -55,7 +55,7 @@ def header_problem(spacing, origin, direction) -> tuple[str, str] | None:
     if not np.isfinite(origin_arr).all():
         return "origin", f"origin {_fmt(origin_arr)} is not finite"
     if (np.abs(origin_arr) > MAX_ORIGIN_MM).any():
-        return "origin", f"origin {_fmt(origin_arr)} mm is more than {MAX_ORIGIN_MM:g} mm from zero, too far for double precision to place its voxels"
+        return "origin", f"origin {_fmt(origin_arr)} mm is more than {MAX_ORIGIN_MM:g} mm (10,000 km) from zero, which no scanner writes"
     if not np.isfinite(matrix).all():
         return "direction", "direction matrix has NaN or infinite entries"
     if np.abs(matrix.T @ matrix - np.eye(3)).max() > ORTHONORMAL_TOLERANCE:
