@@ -37,7 +37,7 @@ from .geometry import Grid, image_to_tensor, sample, tensor_to_image
 from .io import check_image, check_label_map
 from .metrics import folding_fraction, jacobian_std
 from .pipeline import PreparedImage, alignment, check_stage_output, run_stages, stage_grid
-from .refine import refine
+from .refine import refine, refinement_grid
 from .stack import Stack
 from .transforms import Composite, SpatialTransform, jacobian_determinant
 
@@ -189,6 +189,10 @@ def _register(
     offset = -output_grid.centre()
     fixed_grid, moving_grid = output_grid.translated(offset), Grid.from_image(moving).translated(offset)
     intensity = stack.manifest.recipe.intensity
+    for stage in stack.stages:  # refuses network grids an absurd header would blow up, before anything is allocated
+        stage_grid(stage.spec, fixed_grid)
+    if refine_steps > 0:
+        refinement_grid(stack.stages[-1], fixed_grid)
 
     with steps.step("preprocess"):
         fixed_raw = image_to_tensor(fixed, device)
@@ -323,7 +327,8 @@ def _label_codes(labels: np.ndarray, device: torch.device) -> tuple[np.ndarray, 
     values, inverse = np.unique(labels, return_inverse=True)
     nonzero = values != 0
     table = np.concatenate([np.zeros(1, dtype=values.dtype), values[nonzero]])
-    codes = np.cumsum(nonzero)[inverse.reshape(labels.shape)]  # 0 for the label 0, else its place in ``table``
+    place = np.where(nonzero, np.cumsum(nonzero), 0)  # 0 for the label 0, else the value's place in ``table``
+    codes = place[inverse.reshape(labels.shape)]
     kind = torch.int32 if table.size < 2**31 else torch.int64
     return table, torch.from_numpy(codes.astype(np.int64)).to(device=device, dtype=kind)
 
