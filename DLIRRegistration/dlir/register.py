@@ -54,6 +54,9 @@ _CHUNK_VOXELS = 2_000_000
 NO_OVERLAP_BELOW = 0.01
 #: at most about this many fixed voxels (a regular subset) are used to measure the overlap
 _OVERLAP_POINTS = 32**3
+#: one-hot-linear with at most this many labels (background included) sums each label's weight
+#: directly; beyond, the weights of the 8 neighbours' own labels (the same sums, any label count)
+_FEW_LABELS = 16
 
 
 @dataclass
@@ -310,8 +313,8 @@ def _full_resolution(
         mapped = transform(pts)
         disp[:, :, k0:k1] = (mapped - pts).movedim(-1, 1)
         warped[k0:k1] = sample(moving, moving_grid, mapped)[0, 0]
-        if codes is not None and warped_codes is not None:
-            warped_codes[k0:k1] = _warp_label_codes(codes, moving_grid, mapped[0], label_interpolation)
+        if table is not None and codes is not None and warped_codes is not None:
+            warped_codes[k0:k1] = _warp_label_codes(codes, len(table), moving_grid, mapped[0], label_interpolation)
         if report is not None and k1 < depth:
             report(k1 / depth)
     labels = None if table is None or warped_codes is None else table[warped_codes.cpu().numpy()]
@@ -333,14 +336,15 @@ def _label_codes(labels: np.ndarray, device: torch.device) -> tuple[np.ndarray, 
     return table, torch.from_numpy(codes.astype(np.int64)).to(device=device, dtype=kind)
 
 
-def _warp_label_codes(codes: torch.Tensor, grid: Grid, points: torch.Tensor, mode: LabelInterpolation) -> torch.Tensor:
-    """Label codes ``[D, H, W]`` (on ``grid``) at LPS points ``[d, h, w, 3]``: nearest neighbour, or linear one-hot + argmax.
+def _warp_label_codes(codes: torch.Tensor, count: int, grid: Grid, points: torch.Tensor, mode: LabelInterpolation) -> torch.Tensor:
+    """Label codes ``[D, H, W]`` (``0 .. count - 1``, on ``grid``) at LPS points ``[d, h, w, 3]``: nearest neighbour, or
+    linear one-hot + argmax.
 
     Outside the moving image (continuous index beyond ``[-0.5, size - 0.5]``) the code is 0
     (background), as ITK's default pixel value.  ``one-hot-linear``: each label's weight is the
     sum of the trilinear weights of the 8 neighbouring voxels that hold it (the linear
     interpolation of its one-hot image, with clamped borders); the heaviest label wins, ties going
-    to the background, then to the smaller label.  Costs the same for 2 or 60,000 labels.
+    to the background, then to the smaller label.  60,000 labels cost about what 16 do.
     """
     shape = points.shape[:-1]
     idx = grid.continuous_index(points).reshape(-1, 3)
@@ -350,33 +354,31 @@ def _warp_label_codes(codes: torch.Tensor, grid: Grid, points: torch.Tensor, mod
     flat = codes.reshape(-1)
     top = (size - 1).to(torch.int64)
 
-    def gather(i: torch.Tensor, j: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return flat[(k * height + j) * width + i]
-
     if mode == "nearest":
         r = torch.round(idx).to(torch.int64).clamp(min=torch.zeros_like(top), max=top)
-        out = gather(r[:, 0], r[:, 1], r[:, 2]).to(torch.int64)
+        out = flat[(r[:, 2] * height + r[:, 1]) * width + r[:, 0]].to(torch.int64)
     else:
         c = idx.clamp(min=torch.zeros_like(size), max=size - 1)
         lower = torch.floor(c).to(torch.int64).clamp(max=top)
         upper = (lower + 1).clamp(max=top)
         frac = c - lower.to(c.dtype)
-        corners, weights = [], []
-        for dk in (0, 1):
-            for dj in (0, 1):
-                for di in (0, 1):
-                    pick = [upper[:, a] if d else lower[:, a] for a, d in enumerate((di, dj, dk))]
-                    w = [frac[:, a] if d else 1 - frac[:, a] for a, d in enumerate((di, dj, dk))]
-                    corners.append(gather(*pick))
-                    weights.append(w[0] * w[1] * w[2])
-        label = torch.stack(corners, dim=1)  # [M, 8]
-        weight = torch.stack(weights, dim=1)
-        score = torch.zeros_like(weight)
-        for other in range(8):
-            score += weight[:, other : other + 1] * (label == label[:, other : other + 1])
-        best = score.max(dim=1, keepdim=True).values
-        candidates = torch.where(score == best, label, torch.full_like(label, torch.iinfo(label.dtype).max))
-        out = candidates.min(dim=1).values.to(torch.int64)
+        kind = torch.int32 if flat.numel() < 2**31 else torch.int64
+        ends = [torch.stack([lower[:, a], upper[:, a]], dim=1).to(kind) for a in range(3)]  # (i, j, k): [M, 2] each
+        shares = [torch.stack([1 - frac[:, a], frac[:, a]], dim=1) for a in range(3)]
+        rows = ((ends[2] * height)[:, :, None] + ends[1][:, None, :]).reshape(-1, 4) * width
+        index = (rows[:, :, None] + ends[0][:, None, :]).reshape(-1, 8)  # the 8 neighbours, k slowest, i fastest
+        weight = ((shares[2][:, :, None] * shares[1][:, None, :]).reshape(-1, 4)[:, :, None] * shares[0][:, None, :]).reshape(-1, 8)
+        label = flat[index]  # the codes of the 8 neighbours, [M, 8]
+        if count <= _FEW_LABELS:  # each label's weight, heaviest first (argmax: ties to the smaller code)
+            zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+            out = torch.stack([torch.where(label == code, weight, zero).sum(dim=1) for code in range(count)], dim=1).argmax(dim=1)
+        else:  # the weight of each neighbour's label, summed over the neighbours holding it
+            score = torch.zeros_like(weight)
+            for other in range(8):
+                score += weight[:, other : other + 1] * (label == label[:, other : other + 1])
+            best = score.max(dim=1, keepdim=True).values
+            candidates = torch.where(score == best, label, torch.full_like(label, torch.iinfo(label.dtype).max))
+            out = candidates.min(dim=1).values.to(torch.int64)
     out = torch.where(inside, out, torch.zeros_like(out))
     return out.reshape(shape)
 
