@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -160,7 +160,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, fresh_stack_file: Path) -> d
     sitk.WriteImage(moving, str(nrrd), False)
     text = nrrd.read_bytes()
     paths["nrrd_nan_origin"] = root / "nan_origin.nrrd"
-    paths["nrrd_nan_origin"].write_bytes(text.replace(b"space origin: (", b"space origin: (nan,", 1).replace(b"(nan,-15,", b"(nan,", 1))
+    paths["nrrd_nan_origin"].write_bytes(re.sub(rb"space origin: \(([^,]*),", rb"space origin: (nan,", text))
     paths["nrrd_zero_axis"] = root / "zero_axis.nrrd"
     paths["nrrd_zero_axis"].write_bytes(text.replace(b"space directions: (2,0,0)", b"space directions: (0,0,0)"))
     nrrd.unlink()
@@ -463,4 +463,3 @@ def test_an_extremely_anisotropic_pair_registers_in_bounded_memory(files: dict[s
     assert result.returncode == 0, result.stderr
     peak = int(result.stderr.split("maxrss")[-1]) * (1 if sys.platform == "darwin" else 1024)
     assert peak < 1.5 * 2**30, f"peak memory {peak / 2**30:.2f} GB"
-    assert resource  # the parent's own usage is not measured
