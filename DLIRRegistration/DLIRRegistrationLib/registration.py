@@ -3,9 +3,12 @@
 Runs in Slicer, in Slicer's Python console and in pytest on the slicer-core wheel: it uses the
 scene and nodes it is given, never ``slicer.app``, ``slicer.modules`` or Qt.
 
-Guarantees: the input nodes (volumes, segmentation) are only read; the engine runs before any
-output node is touched, and if anything fails or the user cancels, every node this call created
-is removed again (existing nodes passed as outputs are written only after the engine succeeded).
+Guarantees: the input nodes (volumes, segmentation) are only read; volumes the engine cannot use
+(zero, negative or NaN spacing, NaN origin, a direction matrix that is not orthonormal, NaN or
+infinite voxels, a constant or empty image) are refused with one sentence before anything touches
+the scene; the engine runs before any output node is touched, and if anything fails or the user
+cancels, every node this call created is removed again (existing nodes passed as outputs are
+written only after the engine succeeded).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dlir.errors import InputError
+from dlir.io import check_image
 
 from . import display
 from .gridtransform import setRegistrationResult
@@ -78,6 +82,7 @@ def registerVolumes(
     progress: Callable[[str, float], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     outputs: OutputRequest | None = None,
+    initialAlignment: str | None = None,
 ) -> RegistrationOutputs:
     """Register ``movingVolumeNode`` onto ``fixedVolumeNode`` and add the requested outputs to ``scene``.
 
@@ -85,6 +90,7 @@ def registerVolumes(
     ``device``: ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``.  ``refineSteps``:
     test-time optimiser steps after the networks.  ``progress(step, fraction)`` is called between
     steps and ``cancel()`` polled there (True -> :class:`dlir.errors.CancelledError`).
+    ``initialAlignment`` (``centre``, ``com`` or ``none``) overrides the stack's initial alignment.
 
     Outputs, all on the fixed volume's world grid, in world RAS: a grid transform (fixed -> moving,
     *from parent*, so that it aligns the moving volume when set as its parent transform), the
@@ -100,6 +106,9 @@ def registerVolumes(
         raise InputError("choose a fixed and a moving volume")
     fixedImage = volumeNodeToImage(fixedVolumeNode, "fixed volume")
     movingImage = volumeNodeToImage(movingVolumeNode, "moving volume")
+    # the engine's checks (NaN voxels, constant image, ...) before anything touches the scene
+    check_image(fixedImage, f"fixed volume '{fixedVolumeNode.GetName()}'")
+    check_image(movingImage, f"moving volume '{movingVolumeNode.GetName()}'")
     fixedGeometry = volumeGeometry(fixedVolumeNode, "fixed volume")
     loaded = _loadStack(stack)
     warnings = [w for w in (modalityWarning(loaded.manifest.modality, fixedImage, "fixed volume"),
@@ -109,7 +118,8 @@ def registerVolumes(
         layers = exportLayers(scene, movingSegmentationNode, volumeGeometry(movingVolumeNode, "moving volume"))
 
     result = register(fixedImage, movingImage, loaded, moving_labels=layers[0].image if layers else None,
-                      device=device, refine_steps=refineSteps, progress=progress, cancel=cancel)
+                      device=device, refine_steps=refineSteps, initial_alignment=initialAlignment,
+                      progress=progress, cancel=cancel)
 
     created = SceneChanges(scene)
     try:
@@ -126,7 +136,7 @@ def registerVolumes(
         foldingPercent=100.0 * result.folding_fraction,
         foldingVolumeMm3=float(np.count_nonzero(jacobian <= 0)) * fixedGeometry.voxelVolumeMm3(),
         jacobianStd=result.jacobian_std,
-        warnings=warnings,
+        warnings=warnings + list(result.warnings),
         registration=result,
     )
 

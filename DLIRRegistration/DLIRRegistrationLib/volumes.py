@@ -23,6 +23,7 @@ import SimpleITK as sitk
 import vtk
 
 from dlir.errors import InputError
+from dlir.geometry import header_problem
 
 #: RAS <-> LPS flip (its own inverse)
 FLIP = np.diag([-1.0, -1.0, 1.0])
@@ -80,6 +81,7 @@ def volumeGeometry(volumeNode, what: str) -> VolumeGeometry:
         spacing=np.array(volumeNode.GetSpacing(), dtype=np.float64),
         directions=numpyMatrix(directions)[:3, :3],
     )
+    _checkGeometry(local, volumeNode, what)
     parent = volumeNode.GetParentTransformNode()
     if parent is None:
         return local
@@ -98,7 +100,26 @@ def volumeGeometry(volumeNode, what: str) -> VolumeGeometry:
             f"the {what} '{volumeNode.GetName()}' is under a sheared linear transform ('{parent.GetName()}'); "
             "harden it on the volume (which resamples it) before registering"
         )
-    return VolumeGeometry(dimensions, world[:3, 3].copy(), spacing, dirs)
+    geometry = VolumeGeometry(dimensions, world[:3, 3].copy(), spacing, dirs)
+    _checkGeometry(geometry, volumeNode, what)
+    return geometry
+
+
+#: how to repair each geometry field in Slicer, for the sentence that refuses it
+_GEOMETRY_FIXES = {
+    "spacing": "set its true spacing in the Volumes module (Volume Information) before registering",
+    "origin": "set its true origin in the Volumes module (Volume Information) before registering",
+    "direction": "correct its IJK to RAS direction matrix (Volumes module, Volume Information) so that its columns "
+                 "are perpendicular unit vectors, before registering",
+}
+
+
+def _checkGeometry(geometry: VolumeGeometry, volumeNode, what: str) -> None:
+    """Refuse a geometry the engine cannot use (zero or NaN spacing, NaN origin, non-orthonormal directions)."""
+    problem = header_problem(geometry.spacing, geometry.origin, geometry.directions)
+    if problem is not None:
+        field, phrase = problem
+        raise InputError(f"the {what} '{volumeNode.GetName()}' cannot be registered: its {phrase}; {_GEOMETRY_FIXES[field]}")
 
 
 def volumeNodeToImage(volumeNode, what: str) -> sitk.Image:

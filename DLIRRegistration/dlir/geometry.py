@@ -26,6 +26,46 @@ import torch.nn.functional as F
 
 Vec3 = tuple[float, float, float]
 
+#: largest deviation of ``D^T D`` from the identity accepted for a direction matrix ``D``
+ORTHONORMAL_TOLERANCE = 1e-4
+#: voxel sizes (mm) accepted in an image header: 0.1 micrometre to 10 metres
+SPACING_RANGE_MM = (1e-4, 1e4)
+#: largest accepted distance (mm) of an image's origin from zero along any axis (10,000 km; no
+#: scanner writes that, and double precision still places voxels 2e-6 mm apart there)
+MAX_ORIGIN_MM = 1e10
+
+
+def header_problem(spacing, origin, direction) -> tuple[str, str] | None:
+    """What is wrong with an image header, as ``(field, phrase)``, or None when it is usable.
+
+    ``field`` is ``"spacing"``, ``"origin"`` or ``"direction"``; ``phrase`` completes a sentence
+    that starts with the image's name ("the fixed image's ...").  Usable: spacing finite and in
+    :data:`SPACING_RANGE_MM` along every axis, origin finite and within :data:`MAX_ORIGIN_MM`,
+    direction a 3x3 matrix with finite entries whose columns are orthonormal (within
+    :data:`ORTHONORMAL_TOLERANCE`).  Any units of the caller (mm; LPS or RAS) as long as consistent.
+    """
+    spacing_arr = np.asarray(spacing, dtype=np.float64).ravel()
+    origin_arr = np.asarray(origin, dtype=np.float64).ravel()
+    matrix = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    low, high = SPACING_RANGE_MM
+    if not np.isfinite(spacing_arr).all() or (spacing_arr <= 0).any():
+        return "spacing", f"spacing {_fmt(spacing_arr)} mm is not a positive finite voxel size along every axis"
+    if (spacing_arr < low).any() or (spacing_arr > high).any():
+        return "spacing", f"spacing {_fmt(spacing_arr)} mm is outside the {low:g} to {high:g} mm that DLIR accepts for a voxel"
+    if not np.isfinite(origin_arr).all():
+        return "origin", f"origin {_fmt(origin_arr)} is not finite"
+    if (np.abs(origin_arr) > MAX_ORIGIN_MM).any():
+        return "origin", f"origin {_fmt(origin_arr)} mm is more than {MAX_ORIGIN_MM:g} mm (10,000 km) from zero, which no scanner writes"
+    if not np.isfinite(matrix).all():
+        return "direction", "direction matrix has NaN or infinite entries"
+    if np.abs(matrix.T @ matrix - np.eye(3)).max() > ORTHONORMAL_TOLERANCE:
+        return "direction", "direction matrix is not orthonormal (columns not unit length or not perpendicular)"
+    return None
+
+
+def _fmt(values: np.ndarray) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -126,6 +166,11 @@ class Grid:
         image.SetOrigin(self.origin)
         image.SetDirection(self.direction)
         return image
+
+    def translated(self, offset: np.ndarray) -> "Grid":
+        """The same grid moved by ``offset`` (LPS mm): the origin plus ``offset``, in double precision."""
+        shifted = np.asarray(self.origin, dtype=np.float64) + np.asarray(offset, dtype=np.float64)
+        return Grid(self.size, self.spacing, tuple(float(o) for o in shifted), self.direction)
 
     def same_as(self, other: "Grid", tol: float = 1e-4) -> bool:
         """True when both grids have the same size and (within ``tol`` mm / cosine) geometry."""

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import math
 import os
+import re
 import struct
 import tempfile
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .geometry import Grid
+from .geometry import Grid, header_problem
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
@@ -43,6 +46,7 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
             if path.stat().st_size == 0:
                 raise InputError(f"the {what} file {path} is empty")
             _check_nifti_complete(path, what)
+            _check_text_header(path, what)
             with _captured_stderr() as said:
                 image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -75,7 +79,13 @@ def _reason(exc: RuntimeError, said: list[str]) -> str:
 
 
 def _check_nifti_complete(path: Path, what: str) -> None:
-    """Refuse a NIfTI file whose voxel data ends early (ITK reads such files with zeros or garbage)."""
+    """Refuse a NIfTI file that ITK would read wrongly without a word.
+
+    * voxel data that ends early (ITK reads such files with zeros or garbage);
+    * a header whose voxel size (pixdim) is zero, negative or not a number (ITK reads 1 mm, or
+      flips the axis), or whose qform / sform holds NaN or infinite values (ITK reads 0);
+    * NaN or infinite voxels in float data (the NIfTI library turns them into 0 while reading).
+    """
     name = path.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
         return
@@ -83,48 +93,237 @@ def _check_nifti_complete(path: Path, what: str) -> None:
         if name.endswith(".gz"):
             with gzip.open(path, "rb") as f:
                 header = f.read(540)
+                layout = _nifti_layout(header)
+                scan = _NonFiniteScan(layout, len(header))
+                scan.feed(header)
                 size = len(header)
                 while chunk := f.read(1 << 22):
                     size += len(chunk)
+                    scan.feed(chunk)
         else:
-            header = path.read_bytes()[:540]
             size = path.stat().st_size
+            with path.open("rb") as f:
+                header = f.read(540)
+                layout = _nifti_layout(header)
+                scan = _NonFiniteScan(layout, len(header))
+                scan.feed(header)
+                if scan.active:
+                    while chunk := f.read(1 << 22):
+                        scan.feed(chunk)
     except gzip.BadGzipFile:
         return  # not gzip at all: the image reader names the problem
     except (EOFError, OSError, zlib.error) as exc:
         raise InputError(f"the {what} file {path} is truncated or damaged ({exc})") from exc
-    expected = _nifti_expected_bytes(header)
-    if expected is not None and size < expected:
+    if layout is None:
+        return
+    expected = layout.offset + layout.voxels * layout.bitpix // 8
+    if size < expected:
         raise InputError(f"the {what} file {path} is truncated: its header promises {expected} bytes, it holds {size}")
+    problem = layout.header_problem()
+    if problem:
+        raise InputError(f"the {what} file {path} has {problem} in its NIfTI header, which ITK would misread without a word; "
+                         "correct the header (or save the image again with its true geometry, e.g. with SimpleITK or 3D Slicer)")
+    if scan.bad:
+        raise InputError(f"the {what} file {path} has {scan.bad} NaN or infinite voxels; fix or mask them before registering")
+
+
+@dataclass(frozen=True)
+class _NiftiLayout:
+    """The fields of a NIfTI-1 or NIfTI-2 header that decide how ITK reads the file's geometry and voxels."""
+
+    order: str  # "<" or ">"
+    dims: tuple[int, ...]  # dim[0..7]
+    datatype: int
+    bitpix: int
+    offset: int  # vox_offset, bytes
+    pixdim: tuple[float, ...]  # pixdim[0..7]
+    qform_code: int
+    sform_code: int
+    quatern: tuple[float, ...]  # b, c, d, qoffset_x, y, z
+    srow: tuple[float, ...]  # srow_x, srow_y, srow_z (12 values)
+
+    @property
+    def voxels(self) -> int:
+        ndim = self.dims[0]
+        return int(np.prod([max(1, d) for d in self.dims[1 : ndim + 1]], dtype=np.int64))
+
+    def header_problem(self) -> str | None:
+        """A phrase naming an unusable geometry field, or None."""
+        spatial = self.pixdim[1 : 1 + min(3, max(1, self.dims[0]))]
+        for axis, value in enumerate(spatial):
+            if not math.isfinite(value) or value <= 0:
+                return f"a voxel size (pixdim[{axis + 1}]) of {value:g}"
+        if self.qform_code > 0 and not all(math.isfinite(v) for v in self.quatern):
+            return "NaN or infinite values in the qform (quatern / qoffset)"
+        if self.sform_code > 0 and not all(math.isfinite(v) for v in self.srow):
+            return "NaN or infinite values in the sform (srow)"
+        return None
+
+
+def _nifti_layout(header: bytes) -> _NiftiLayout | None:
+    """The header fields of a NIfTI-1 or NIfTI-2 file; None when the header is not recognised."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            layout = _NiftiLayout(
+                order=order,
+                dims=struct.unpack(order + "8h", header[40:56]),
+                datatype=struct.unpack(order + "h", header[70:72])[0],
+                bitpix=struct.unpack(order + "h", header[72:74])[0],
+                offset=int(struct.unpack(order + "f", header[108:112])[0]),
+                pixdim=struct.unpack(order + "8f", header[76:108]),
+                qform_code=struct.unpack(order + "h", header[252:254])[0],
+                sform_code=struct.unpack(order + "h", header[254:256])[0],
+                quatern=struct.unpack(order + "6f", header[256:280]),
+                srow=struct.unpack(order + "12f", header[280:328]),
+            )
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            layout = _NiftiLayout(
+                order=order,
+                dims=struct.unpack(order + "8q", header[16:80]),
+                datatype=struct.unpack(order + "h", header[12:14])[0],
+                bitpix=struct.unpack(order + "h", header[14:16])[0],
+                offset=struct.unpack(order + "q", header[168:176])[0],
+                pixdim=struct.unpack(order + "8d", header[104:168]),
+                qform_code=struct.unpack(order + "i", header[344:348])[0],
+                sform_code=struct.unpack(order + "i", header[348:352])[0],
+                quatern=struct.unpack(order + "6d", header[352:400]),
+                srow=struct.unpack(order + "12d", header[400:496]),
+            )
+            break
+    else:
+        return None
+    if not 1 <= layout.dims[0] <= 7 or layout.bitpix <= 0 or layout.offset < 0:
+        return None
+    return layout
 
 
 def _nifti_expected_bytes(header: bytes) -> int | None:
     """vox_offset + voxel bytes from a NIfTI-1 or NIfTI-2 header; None when the header is not recognised."""
-    for order in "<>":
-        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
-            dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
-            offset = int(struct.unpack(order + "f", header[108:112])[0])
-            break
-        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
-            dims = struct.unpack(order + "8q", header[16:80])
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
-            offset = struct.unpack(order + "q", header[168:176])[0]
-            break
+    layout = _nifti_layout(header)
+    return None if layout is None else layout.offset + layout.voxels * layout.bitpix // 8
+
+
+#: NIfTI datatype codes of floating-point voxels -> numpy type (complex: its real and imaginary parts)
+_NIFTI_FLOATS = {16: "f4", 64: "f8", 32: "f4", 1792: "f8"}
+
+
+class _NonFiniteScan:
+    """Counts NaN and infinite values in the float voxel data of a NIfTI stream fed chunk by chunk."""
+
+    def __init__(self, layout: _NiftiLayout | None, header_length: int) -> None:
+        code = None if layout is None else _NIFTI_FLOATS.get(layout.datatype)
+        self.active = code is not None
+        self.bad = 0
+        if layout is None or code is None:
+            return
+        self.dtype = np.dtype(layout.order + code)
+        self.start = layout.offset
+        self.end = layout.offset + layout.voxels * layout.bitpix // 8
+        self.position = 0
+        self.carry = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if not self.active:
+            return
+        begin, self.position = self.position, self.position + len(chunk)
+        lo, hi = max(self.start, begin), min(self.end, self.position)
+        if hi <= lo:
+            return
+        data = self.carry + chunk[lo - begin : hi - begin]
+        usable = len(data) - len(data) % self.dtype.itemsize
+        values = np.frombuffer(data[:usable], dtype=self.dtype)
+        self.bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+        self.carry = data[usable:]
+
+
+#: header keys of MetaImage (.mha / .mhd) and NRRD (.nrrd / .nhdr) files that hold geometry
+_META_KEYS = {"elementspacing": "spacing", "elementsize": "spacing", "offset": "origin", "origin": "origin",
+              "position": "origin", "transformmatrix": "direction", "rotation": "direction", "orientation": "direction"}
+_NRRD_KEYS = {"spacings": "spacing", "space directions": "direction", "space origin": "origin"}
+
+
+def _check_text_header(path: Path, what: str) -> None:
+    """Refuse a MetaImage or NRRD header whose geometry ITK would replace or refuse with a cryptic message.
+
+    Zero, NaN or infinite voxel sizes (ITK refuses them as "Refusing to change spacing"), and NaN
+    or infinite origins (MetaImage reads them as 0).
+    """
+    name = path.name.lower()
+    if name.endswith((".mha", ".mhd")):
+        keys, separator = _META_KEYS, "="
+    elif name.endswith((".nrrd", ".nhdr")):
+        keys, separator = _NRRD_KEYS, ":"
     else:
-        return None
-    ndim = dims[0]
-    if not 1 <= ndim <= 7 or bitpix <= 0:
-        return None
-    voxels = int(np.prod([max(1, d) for d in dims[1 : ndim + 1]], dtype=np.int64))
-    return offset + voxels * bitpix // 8
+        return
+    try:
+        with path.open("rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return  # the image reader names the problem
+    for raw in head.split(b"\n"):
+        line = raw.decode("latin-1").strip()
+        if not line and separator == ":":
+            break  # end of an NRRD header
+        label, sep, value = line.partition(separator)
+        label = label.strip()
+        key = label.lower()
+        if not sep or key not in keys:
+            if key == "elementdatafile":
+                break  # end of a MetaImage header
+            continue
+        field = keys[key]
+        numbers = _header_numbers(value)
+        if any(not math.isfinite(v) for v in numbers):
+            raise InputError(f"the {what} file {path} has NaN or infinite values in its header's {label} "
+                             f"({value.strip()}); correct the {field} in the header")
+        if field == "spacing" and any(v == 0 for v in numbers):
+            raise InputError(f"the {what} file {path} has a zero voxel size in its header's {label} "
+                             f"({value.strip()}); correct the spacing in the header")
+        if field == "direction" and separator == ":":
+            for vector in re.findall(r"\(([^)]*)\)", value):
+                if all(v == 0 for v in _header_numbers(vector)):
+                    raise InputError(f"the {what} file {path} has a zero axis vector in its header's space directions "
+                                     f"({value.strip()}), i.e. a zero voxel size; correct the spacing in the header")
+
+
+def _header_numbers(text: str) -> list[float]:
+    """The numbers of a header value ("1 2 3", "(1,0,0) (0,1,0)", "nan"); words such as ``none`` are skipped."""
+    out = []
+    for token in re.split(r"[\s,()]+", text):
+        try:
+            out.append(float(token))
+        except ValueError:
+            continue
+    return out
+
+
+#: how to repair each header field, for the sentence that refuses it
+_HEADER_FIXES = {
+    "spacing": "set its true voxel size in mm (e.g. with SimpleITK's SetSpacing, or in 3D Slicer's Volumes module) and save it again",
+    "origin": "set its true origin in mm (e.g. with SimpleITK's SetOrigin, or in 3D Slicer's Volumes module) and save it again",
+    "direction": "re-save it with a proper direction, e.g. with SimpleITK/3D Slicer",
+}
+
+#: the largest magnitude a float32 holds; the engine computes in float32
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_geometry(image: sitk.Image, what: str = "image") -> None:
+    """Refuse an image whose spacing, origin or direction cannot be used (see :func:`dlir.geometry.header_problem`)."""
+    problem = header_problem(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    if problem is not None:
+        field, phrase = problem
+        raise InputError(f"the {what}'s {phrase}; {_HEADER_FIXES[field]}")
 
 
 def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
     """Refuse images DLIR cannot register; return the image as float32 (a new object).
 
-    Refused: not 3D (2D, or 4D/multi-component), fewer than 2 voxels along an axis, NaN or
-    infinite voxels, constant intensity.
+    Refused: not 3D (2D, or 4D/multi-component), fewer than 2 voxels along an axis, a spacing,
+    origin or direction that is not finite, a spacing outside 0.0001 to 10,000 mm, an origin
+    farther than 1e10 mm from zero, a direction matrix that is not orthonormal (within 1e-4),
+    NaN or infinite voxels, values beyond single precision (|v| > 3.4e38), constant intensity.
     """
     if image.GetDimension() != 3:
         raise InputError(f"the {what} is {image.GetDimension()}D; DLIR registers 3D images")
@@ -134,17 +333,26 @@ def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
         )
     if min(image.GetSize()) < 2:
         raise InputError(f"the {what} is a single slice ({image.GetSize()}); DLIR registers 3D volumes")
+    check_geometry(image, what)
     arr = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(arr).all():
         bad = int(np.count_nonzero(~np.isfinite(arr)))
         raise InputError(f"the {what} has {bad} NaN or infinite voxels; fix or mask them before registering")
-    if float(arr.max()) == float(arr.min()):
-        raise InputError(f"the {what} is constant (every voxel is {float(arr.min())}): there is nothing to register")
+    low, high = float(arr.min()), float(arr.max())
+    if max(abs(low), abs(high)) > _FLOAT32_MAX:
+        raise InputError(f"the {what} has values from {low:g} to {high:g}, beyond single precision (3.4e38); "
+                         "rescale its intensities before registering")
+    if high == low:
+        raise InputError(f"the {what} is constant (every voxel is {low}): there is nothing to register")
     return sitk.Cast(image, sitk.sitkFloat32)
 
 
-def check_label_map(labels: sitk.Image, reference: sitk.Image, what: str = "label map", reference_what: str = "moving image") -> sitk.Image:
-    """A label map (or mask) must be a 3D integer-valued image on the grid of ``reference``."""
+def check_label_map(labels: sitk.Image, reference: sitk.Image, what: str = "label map", reference_what: str = "moving image",
+                    allow_negative: bool = False) -> sitk.Image:
+    """A label map (or mask) must be a 3D integer-valued image on the grid of ``reference``.
+
+    Negative labels are refused unless ``allow_negative`` (warping keeps any integer exactly).
+    """
     if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"the {what} must be a scalar 3D image")
     if not Grid.from_image(labels).same_as(Grid.from_image(reference), tol=1e-3):
@@ -153,9 +361,9 @@ def check_label_map(labels: sitk.Image, reference: sitk.Image, what: str = "labe
             f"resample it onto the {reference_what} first"
         )
     arr = sitk.GetArrayViewFromImage(labels)
-    if not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr)):
+    if arr.dtype.kind == "f" and (not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr))):
         raise InputError(f"the {what} has non-integer values; a label map holds whole label numbers")
-    if arr.min() < 0:
+    if not allow_negative and arr.min() < 0:
         raise InputError(f"the {what} has negative values; labels are numbers >= 0")
     return labels
 

@@ -13,11 +13,12 @@ from typing import Callable
 
 import torch
 
+from .errors import StackError
 from .geometry import Grid
 from .preprocess import initial_alignment, network_grid, normalise_intensity, smooth_for_spacing, to_grid
 from .recipe import IntensitySpec, StageSpec
 from .stack import Stack
-from .transforms import Composite, SpatialTransform
+from .transforms import Composite, SpatialTransform, is_finite
 
 #: ``step(name)``: a context around one named step (progress, cancel and timing in inference)
 StepHook = Callable[[str], AbstractContextManager[None]]
@@ -70,20 +71,38 @@ def run_stages(
     initial: SpatialTransform,
     upto: int | None = None,
     step: StepHook | None = None,
+    check_finite: bool = False,
 ) -> tuple[list[SpatialTransform], list[torch.Tensor]]:
     """Run stages ``0 .. upto-1`` (all by default): THE stage loop of inference and training.
 
     Returns the transforms ``[T0, T1, ..., Tn]`` (``T0`` = ``initial``) and each stage's raw
     network output.  Each stage runs inside ``step("stage k/n (kind)")`` when given: the hook
-    through which inference reports progress, polls cancel and times the stage.
+    through which inference reports progress, polls cancel and times the stage.  With
+    ``check_finite`` (inference), a NaN or infinite value in a stage's network output or
+    transform stops the run with a :class:`~dlir.errors.StackError` naming the stage.
     """
     transforms: list[SpatialTransform] = [initial]
     raws: list[torch.Tensor] = []
     stages = list(stack.stages)[: upto if upto is not None else len(stack.stages)]
     for k, stage in enumerate(stages):
-        with step(f"stage {k + 1}/{len(stack.stages)} ({stage.spec.kind})") if step is not None else nullcontext():
+        name = f"stage {k + 1}/{len(stack.stages)} ({stage.spec.kind})"
+        with step(name) if step is not None else nullcontext():
             grid, f, m = stage_inputs(stage.spec, fixed, moving, Composite(transforms))
             raw = stage.predict(f, m)
             raws.append(raw)
             transforms.append(stage.transform(raw, grid))
+            if check_finite:
+                check_stage_output(name, stack.name, raw, transforms[-1])
     return transforms, raws
+
+
+def check_stage_output(name: str, stack_name: str, raw: torch.Tensor | None, transform: SpatialTransform) -> None:
+    """Stop with one sentence when a stage's network output ``raw`` or its ``transform`` holds NaN or infinite values."""
+    if raw is not None and not bool(torch.isfinite(raw).all()):
+        part = "network output"
+    elif not is_finite(transform):
+        part = "transform"
+    else:
+        return
+    raise StackError(f"{name} of the stack '{stack_name}' produced NaN or infinite values in its {part}; "
+                     "its weights are damaged or unusable for these images")

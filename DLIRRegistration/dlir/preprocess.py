@@ -20,6 +20,14 @@ from .transforms import AffineTransform, SpatialTransform, grid_points
 
 #: at most this many voxels are used to estimate percentiles (a strided subset beyond it)
 _PERCENTILE_SAMPLES = 2_000_000
+#: beyond this magnitude (intensity units) normalisation is computed in float64: float32 overflows at 3.4e38
+_FLOAT32_SAFE = 1e37
+#: bytes one separable smoothing convolution may use (its unfolded input, kernel length x voxels x 4 bytes)
+_SMOOTH_BYTES = 256 * 2**20
+#: a Gaussian wider than this many times the axis length only averages the axis: its sigma is capped there
+_MAX_SIGMA_PER_VOXEL = 8.0
+#: the most voxels a network grid may have (an image header with a wrong spacing can ask for any number)
+MAX_NETWORK_VOXELS = 2**28
 
 
 def normalise_intensity(image: torch.Tensor, spec: IntensitySpec) -> torch.Tensor:
@@ -36,7 +44,11 @@ def normalise_intensity(image: torch.Tensor, spec: IntensitySpec) -> torch.Tenso
             low = float(subset.min())
         if high <= low:
             raise InputError("the image is constant: there is nothing to register")
-    return ((image - low) / (high - low)).clamp(0, 1)
+    span = high - low
+    extreme = max(abs(float(image.max()) - low), abs(float(image.min()) - low))
+    if span > _FLOAT32_SAFE or extreme > _FLOAT32_SAFE:  # huge intensities: float32 would overflow to inf / inf = NaN
+        return ((image.double() - low) / span).clamp(0, 1).to(image.dtype)
+    return ((image - low) / span).clamp(0, 1)
 
 
 def percentiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[float]:
@@ -65,23 +77,64 @@ def smooth_for_spacing(image: torch.Tensor, grid: Grid, target_spacing: tuple[fl
     """Gaussian anti-aliasing of ``image`` (on ``grid``) before resampling it at ``target_spacing`` mm.
 
     Along each image axis, sigma (voxels) = (target / source spacing - 1) / 2, none when the
-    target is not coarser.  Separable convolution with replicated borders.
+    target is not coarser.  Separable convolution with replicated borders.  Memory stays bounded
+    on extreme grids (e.g. 0.01 mm voxels smoothed for a 4 mm network grid): a convolution that
+    would unfold more than 256 MB runs in chunks, and a kernel longer than its axis becomes the
+    equivalent (axis x axis) matrix, with sigma capped at 8 times the axis length (beyond that
+    the axis is averaged either way).
     """
     target = min(target_spacing)
     out = image
     for axis, dim in ((0, 4), (1, 3), (2, 2)):
         sigma = (target / grid.spacing[axis] - 1) / 2
-        if sigma < 0.25 or image.shape[dim] < 2:
+        length = image.shape[dim]
+        if sigma < 0.25 or length < 2:
             continue
-        k = _gaussian_kernel(sigma).to(device=image.device, dtype=image.dtype)
-        r = (k.numel() - 1) // 2
-        shape = [1, 1, 1, 1, 1]
-        shape[dim] = k.numel()
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (4 - dim)] = pad[2 * (4 - dim) + 1] = r
-        c = out.shape[1]
-        out = F.conv3d(F.pad(out, pad, mode="replicate"), k.view(shape).expand(c, 1, *shape[2:]), groups=c)
+        if 2 * math.ceil(3 * sigma) + 1 > length:
+            out = _smooth_axis_by_matrix(out, dim, min(sigma, _MAX_SIGMA_PER_VOXEL * length))
+        else:
+            out = _smooth_axis_by_convolution(out, dim, _gaussian_kernel(sigma))
     return out
+
+
+def _smooth_axis_by_convolution(image: torch.Tensor, dim: int, kernel: torch.Tensor) -> torch.Tensor:
+    """``image`` ``[N, C, D, H, W]`` convolved along ``dim`` with ``kernel`` (replicated borders), in chunks when large."""
+    k = kernel.to(device=image.device, dtype=image.dtype)
+    r = (k.numel() - 1) // 2
+    shape = [1, 1, 1, 1, 1]
+    shape[dim] = k.numel()
+    pad = [0, 0, 0, 0, 0, 0]
+    pad[2 * (4 - dim)] = pad[2 * (4 - dim) + 1] = r
+    c = image.shape[1]
+    weight = k.view(shape).expand(c, 1, *shape[2:])
+
+    def convolve(part: torch.Tensor) -> torch.Tensor:
+        return F.conv3d(F.pad(part, pad, mode="replicate"), weight, groups=c)
+
+    if image.numel() * k.numel() * image.element_size() <= _SMOOTH_BYTES:
+        return convolve(image)
+    split = max((d for d in (2, 3, 4) if d != dim), key=lambda d: image.shape[d])
+    per_slice = image.numel() // image.shape[split] * k.numel() * image.element_size()
+    step = max(1, _SMOOTH_BYTES // per_slice)
+    return torch.cat([convolve(part) for part in image.split(step, dim=split)], dim=split)
+
+
+def _smooth_axis_by_matrix(image: torch.Tensor, dim: int, sigma: float) -> torch.Tensor:
+    """The replicated-border Gaussian convolution along ``dim`` as one (n x n) matrix (for kernels longer than the axis)."""
+    n = image.shape[dim]
+    kernel = _gaussian_kernel(sigma).double().numpy()
+    r = (kernel.size - 1) // 2
+    cumulative = np.concatenate([[0.0], np.cumsum(kernel)])  # cumulative[t] = sum of kernel[:t]
+    rows, cols = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    tap = cols - rows + r  # the kernel tap that lands on voxel j from output voxel i (interior j)
+    matrix = np.where((tap >= 0) & (tap < kernel.size), kernel[np.clip(tap, 0, kernel.size - 1)], 0.0)
+    # border voxels also receive every tap that falls beyond them (replicated borders)
+    first = np.clip(r - np.arange(n) + 1, 0, kernel.size)  # taps t <= r - i land on voxel 0
+    last = np.clip(n - 1 - np.arange(n) + r, 0, kernel.size)  # taps t >= n - 1 - i + r land on voxel n - 1
+    matrix[:, 0] = cumulative[first]
+    matrix[:, n - 1] = cumulative[-1] - cumulative[last]
+    a = torch.as_tensor(matrix, dtype=image.dtype, device=image.device)
+    return (image.movedim(dim, -1) @ a.T).movedim(-1, dim).contiguous()
 
 
 def network_grid(fixed_grid: Grid, spacing: tuple[float, float, float], multiple_of: int = 1, min_size: int = 1) -> Grid:
@@ -92,6 +145,14 @@ def network_grid(fixed_grid: Grid, spacing: tuple[float, float, float], multiple
     ``multiple_of`` (voxels beyond the image are zeros).
     """
     lower, upper = fixed_grid.bounding_box()
+    extent = upper - lower
+    voxels = float(np.prod(np.maximum(np.floor(extent / np.asarray(spacing, dtype=np.float64)) + 1, min_size) + multiple_of))
+    if not voxels <= MAX_NETWORK_VOXELS:
+        raise InputError(
+            f"the fixed image spans {' x '.join(f'{e:.4g}' for e in extent)} mm: a network grid of "
+            f"{' x '.join(f'{v:g}' for v in spacing)} mm over it would have {voxels:.3g} voxels, more than the "
+            f"{MAX_NETWORK_VOXELS:.3g} DLIR allows; check the image's spacing (its header may be wrong) or crop it"
+        )
     return Grid.axis_aligned_box(lower, upper, spacing, multiple_of, min_size)
 
 

@@ -114,6 +114,17 @@ class Composite:
         return points
 
 
+def is_finite(transform: SpatialTransform) -> bool:
+    """True when every number of ``transform`` (matrix, offset, field; all parts of a composite) is finite."""
+    if isinstance(transform, Composite):
+        return all(is_finite(t) for t in transform.transforms)
+    if isinstance(transform, AffineTransform):
+        return bool(torch.isfinite(transform.matrix).all()) and bool(torch.isfinite(transform.offset).all())
+    if isinstance(transform, DisplacementField):
+        return bool(torch.isfinite(transform.field).all())
+    return True
+
+
 def grid_points(grid: Grid, batch: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
     """LPS positions (mm) of all voxel centres of ``grid``, ``[batch, D, H, W, 3]``."""
     return grid.physical_points(device=device).unsqueeze(0).expand(batch, -1, -1, -1, -1)
