@@ -35,6 +35,7 @@ from .device import resolve_device
 from .errors import CancelledError, DeviceError, InputError, StackError
 from .geometry import Grid, image_to_tensor, sample, tensor_to_image
 from .io import check_image, check_label_map
+from .memory import check_memory
 from .metrics import folding_fraction, jacobian_std
 from .pipeline import PreparedImage, alignment, check_stage_output, run_stages, stage_grid
 from .refine import refine, refinement_grid
@@ -133,6 +134,8 @@ def register(
                          initial_alignment, label_interpolation, progress, cancel)
     except torch.cuda.OutOfMemoryError as exc:
         torch.cuda.empty_cache()
+        if device != "auto" and isinstance(exc, DeviceError):  # our own estimate: its sentence says what to do
+            raise
         if device != "auto":
             raise DeviceError("the GPU ran out of memory for this pair; choose the CPU (device 'cpu') or free GPU memory") from exc
         log.warning("GPU out of memory; registering on the CPU instead")
@@ -196,6 +199,7 @@ def _register(
         stage_grid(stage.spec, fixed_grid)
     if refine_steps > 0:
         refinement_grid(stack.stages[-1], fixed_grid)
+    check_memory(stack, fixed_grid, moving_grid, device, refine_steps=refine_steps, moving_labels=moving_labels is not None)
 
     with steps.step("preprocess"):
         fixed_raw = image_to_tensor(fixed, device)

@@ -632,23 +632,23 @@ def test_a_registration_that_fits_passes(small_stack, monkeypatch: pytest.Monkey
     need = check_memory(small_stack, grid((64, 64, 64)), grid((64, 64, 64)), "cpu", available=2**34)
     assert 0 < need.total < 2**30
     monkeypatch.setattr(dlir.memory, "available_memory", lambda device: None)  # not known here (not Linux): no check
-    assert check_memory(small_stack, grid((4096,) * 3), grid((64,) * 3), "cpu").total > 2**40
+    assert check_memory(small_stack, grid((2048,) * 3), grid((64,) * 3), "cpu").total > 2**36
 
 
 def test_a_huge_fixed_image_is_refused_before_anything_is_allocated(small_stack) -> None:
     with pytest.raises(DeviceError) as refused:
-        check_memory(small_stack, grid((4096, 4096, 2048)), grid((64,) * 3), "cpu", available=8 * 2**30)
+        check_memory(small_stack, grid((2048, 2048, 2048)), grid((64,) * 3), "cpu", available=8 * 2**30)
     message = str(refused.value)
     assert "needs about" in message and "GB of memory" in message and "only 8.0 GB is available" in message
-    assert "fixed image 4096x4096x2048 voxels" in message and "crop or resample the fixed image" in message
+    assert "fixed image 2048x2048x2048 voxels" in message and "crop or resample the fixed image" in message
     assert not isinstance(refused.value, GPUMemoryError) and "\n" not in message
 
 
 def test_a_too_fine_network_grid_is_refused_suggesting_a_coarser_one(good: Path, tmp_path: Path) -> None:
-    fine = load_stack(forge(good, tmp_path / "fine.safetensors", stage(1, spacing_mm=[0.05, 0.05, 0.05])))
-    with pytest.raises(DeviceError) as refused:
-        check_memory(fine, grid((256, 256, 256)), grid((256,) * 3), "cpu", available=16 * 2**30)
-    assert re.search(r"stage 2's network grid 51\d\dx51\d\dx51\d\d voxels", str(refused.value)), str(refused.value)
+    fine = load_stack(forge(good, tmp_path / "fine.safetensors", stage(1, spacing_mm=[0.5, 0.5, 0.5])))
+    with pytest.raises(DeviceError) as refused:  # 512^3 network voxels: within the grid bound, not in 4 GB
+        check_memory(fine, grid((256, 256, 256)), grid((256,) * 3), "cpu", available=4 * 2**30)
+    assert re.search(r"stage 2's network grid 51\dx51\dx51\d voxels", str(refused.value)), str(refused.value)
     assert "coarser network grid (larger spacing_mm)" in str(refused.value)
 
 
@@ -665,7 +665,7 @@ def test_the_estimate_grows_with_the_grids_refinement_and_labels(small_stack) ->
     assert estimate(small_stack, grid((64,) * 3), grid((128,) * 3)).total > base.total
     assert estimate(small_stack, grid((64,) * 3), grid((64,) * 3), moving_labels=True).total > base.total
     assert estimate(small_stack, grid((64,) * 3), grid((64,) * 3), refine_steps=5).total >= base.total
-    assert estimate(small_stack, grid((10**6,) * 3), grid((10**6,) * 3)).total > 10**18  # arithmetic only
+    assert estimate(small_stack, grid((2048,) * 3), grid((2048,) * 3)).total > 2**36  # arithmetic only
 
 
 @pytest.mark.skipif(not Path("/proc/meminfo").is_file(), reason="MemAvailable is read from Linux's /proc/meminfo")
@@ -678,8 +678,8 @@ def test_available_memory_is_read_on_linux() -> None:
                     reason="dlir.register does not call dlir.memory.check_memory yet")
 def test_dlir_register_refuses_a_pair_that_would_not_fit_before_allocating(good: Path, tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture) -> None:
-    """A stack on a 0.05 mm network grid and a 256 mm fixed image: 10^11 network voxels, refused at once."""
-    fine = forge(good, tmp_path / "fine.safetensors", stage(1, spacing_mm=[0.05, 0.05, 0.05]))
+    """A stack on a 0.4 mm network grid and a 256 mm fixed image: 2.6e8 network voxels (29 GB), refused at once."""
+    fine = forge(good, tmp_path / "fine.safetensors", stage(1, spacing_mm=[0.4, 0.4, 0.4]))
     ramp = np.add.outer(np.add.outer(np.arange(32.0), np.arange(32.0)), np.arange(32.0)).astype(np.float32)
     paths = []
     for name in ("fixed", "moving"):
