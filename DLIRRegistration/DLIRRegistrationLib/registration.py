@@ -163,9 +163,9 @@ def _outputNode(scene, target: OutputTarget, className: str, name: str):
 def _writeOutputs(scene, request: OutputRequest, result, layers: list[LabelLayer],
                   fixedGeometry: VolumeGeometry, fixedVolumeNode, movingVolumeNode, movingSegmentationNode) -> dict:
     moving, fixed = movingVolumeNode.GetName(), fixedVolumeNode.GetName()
-    transformNode = _outputNode(scene, request.transform, "vtkMRMLGridTransformNode", f"{moving} to {fixed} (DLIR)")
+    transformNode = _outputNode(scene, request.transform, "vtkMRMLTransformNode", f"{moving} to {fixed} (DLIR)")
     if transformNode is not None:
-        setRegistrationResult(transformNode, result.displacement, fixedGeometry, fixedVolumeNode, movingVolumeNode)
+        setRegistrationResult(transformNode, result.itk_transform(), fixedVolumeNode, movingVolumeNode)
 
     warpedNode = _outputNode(scene, request.warpedVolume, "vtkMRMLScalarVolumeNode", f"{moving} warped (DLIR)")
     if warpedNode is not None:

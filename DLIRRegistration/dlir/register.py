@@ -33,6 +33,7 @@ import torch
 
 from .device import resolve_device
 from .errors import CancelledError, DeviceError, InputError, StackError
+from .export import itk_transform
 from .geometry import Grid, image_to_tensor, sample, tensor_to_image
 from .io import check_image, check_label_map
 from .memory import check_memory
@@ -75,11 +76,16 @@ class Registration:
     timings: dict[str, float] = field(default_factory=dict)
     overlap_fraction: float = 1.0  # share of fixed voxels inside the moving image after the initial alignment
     warnings: list[str] = field(default_factory=list)  # sentences also logged as warnings
+    #: the stage transforms ``[T0, T1, ..., Tn]`` in the computation's coordinates: LPS mm plus ``frame_offset``
+    stage_transforms: list[SpatialTransform] = field(default_factory=list, repr=False)
+    frame_offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
-    def itk_transform(self) -> sitk.DisplacementFieldTransform:
-        """A new ITK transform equal to the displacement (fixed -> moving, resampling direction)."""
-        field_image = sitk.Cast(self.displacement, sitk.sitkVectorFloat64)
-        return sitk.DisplacementFieldTransform(field_image)
+    def itk_transform(self) -> sitk.CompositeTransform:
+        """A new, compact ITK transform equal to ``T`` (fixed -> moving, resampling direction; see :mod:`dlir.export`).
+
+        Its size follows the stages' network grids, not the fixed image.
+        """
+        return itk_transform(self.stage_transforms, self.frame_offset)
 
     def summary(self) -> dict[str, object]:
         """JSON-ready numbers of the run."""
@@ -259,6 +265,8 @@ def _register(
         timings=steps.timings,
         overlap_fraction=overlap,
         warnings=warnings,
+        stage_transforms=transforms,
+        frame_offset=tuple(float(v) for v in offset),
     )
 
 

@@ -43,14 +43,11 @@ def dense_labels(moving: sitk.Image) -> sitk.Image:
     return image
 
 
-def field_of(transform: sitk.Transform) -> sitk.Image:
-    """The displacement field image inside a transform read from a file (maybe wrapped in a composite)."""
-    if transform.GetTransformEnum() == sitk.sitkComposite:
-        composite = sitk.CompositeTransform(transform)
-        assert composite.GetNumberOfTransforms() == 1
-        transform = composite.GetNthTransform(0)
-    assert transform.GetTransformEnum() == sitk.sitkDisplacementField, transform.GetName()
-    return sitk.DisplacementFieldTransform(transform).GetDisplacementField()
+def compact_parts(transform: sitk.Transform) -> list[sitk.Transform]:
+    """The parts of a transform read from ``transform.h5``: an ITK composite (the last part acts first)."""
+    assert transform.GetTransformEnum() == sitk.sitkComposite, transform.GetName()
+    composite = sitk.CompositeTransform(transform)
+    return [composite.GetNthTransform(i) for i in range(composite.GetNumberOfTransforms())]
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +89,14 @@ def test_transform_file_reproduces_warped_image_and_labels(
     for image in (engine, sitk.ReadImage(str(out / "labels.nii.gz")), sitk.ReadImage(str(out / "jacobian.nii.gz"))):
         assert Grid.from_image(image).same_as(Grid.from_image(fixed), tol=1e-5), "an output is not on the fixed grid"
 
-    # the transform is a dense field on the fixed grid (so it means the same thing to ITK at every voxel)
-    field = field_of(transform)
-    assert Grid.from_image(field).same_as(Grid.from_image(fixed), tol=1e-5)
+    # the transform is compact: the stages (affines, fields on the coarse network grids), never a full-resolution grid
+    parts = compact_parts(transform)  # initial alignment, then the small stack's affine and B-spline stages
+    assert [p.GetName() for p in parts] == ["AffineTransform", "AffineTransform", "DisplacementFieldTransform"]
+    stage_field = sitk.DisplacementFieldTransform(parts[2]).GetDisplacementField()
+    assert stage_field.GetSpacing() == (4.0, 4.0, 4.0)  # the B-spline stage's network grid, whatever the fixed grid
+    assert (out / "transform.h5").stat().st_size < 10e6
+    field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(),
+                                              fixed.GetSpacing(), fixed.GetDirection())
 
     ours = sitk.GetArrayFromImage(engine)
     itk = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))

@@ -21,8 +21,17 @@ from scipy import ndimage
 from dlir.errors import StackError
 from dlir.recipe import Recipe, StageSpec
 from dlir.register import Registration, register
-from dlir.stack import (FORMAT_VERSION, Manifest, build_stack, list_stacks, list_unusable, load_stack, read_manifest, resolve_stack,
-                        save_stack)
+from dlir.stack import (
+    FORMAT_VERSION,
+    Manifest,
+    build_stack,
+    list_stacks,
+    list_unusable,
+    load_stack,
+    read_manifest,
+    resolve_stack,
+    save_stack,
+)
 
 RunDlir = Callable[..., subprocess.CompletedProcess]
 

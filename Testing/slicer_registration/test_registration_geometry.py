@@ -71,7 +71,7 @@ def test_linear_parent_transforms_are_folded_in_and_non_linear_ones_refused(scen
 
 def test_grid_transform_is_from_parent_fixed_to_moving_in_ras(scene) -> None:
     from DLIRRegistrationLib.gridtransform import setRegistrationResult
-    from DLIRRegistrationLib.volumes import imageGeometry, volumeNodeToImage
+    from DLIRRegistrationLib.volumes import volumeNodeToImage
 
     fixed = volume_from_array(scene, np.zeros((6, 7, 8), np.float32), oblique_ijk_to_ras(), "fixed")
     moving = volume_from_array(scene, np.zeros((6, 7, 8), np.float32), np.eye(4), "moving")
@@ -80,8 +80,8 @@ def test_grid_transform_is_from_parent_fixed_to_moving_in_ras(scene) -> None:
     field[..., 0] = 10.0  # +10 mm L in LPS = -10 mm R
     displacement = sitk.GetImageFromArray(field, isVector=True)
     displacement.CopyInformation(reference)
-    transform = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "t")
-    setRegistrationResult(transform, displacement, imageGeometry(reference), fixed, moving)
+    transform = scene.AddNewNodeByClass("vtkMRMLTransformNode", "t")
+    setRegistrationResult(transform, sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64)), fixed, moving)
     point = ijk_to_ras(fixed) @ [3, 3, 3, 1]
     mapped = transform.GetTransformFromParent().TransformPoint(point[:3])
     assert np.allclose(np.array(mapped) - point[:3], [-10.0, 0.0, 0.0], atol=1e-9)

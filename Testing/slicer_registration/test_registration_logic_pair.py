@@ -136,3 +136,26 @@ def _well_inside(outputs, moving) -> np.ndarray:
     size = np.array(moving.GetImageData().GetDimensions())
     ok = np.all((moving_index >= 1) & (moving_index <= size - 2), axis=1)
     return ok.reshape(field.shape[:3])
+
+
+def test_the_transform_node_is_compact_and_saves_as_the_engines_composite(run, tmp_path: Path) -> None:
+    """The node holds the stages (affines and fields on the network grids, linear), and writes back what the engine writes."""
+    import slicer
+
+    fixed, moving, segmentation, outputs = run
+    general = outputs.transformNode.GetTransformFromParent()
+    parts = [general.GetConcatenatedTransform(i) for i in range(general.GetNumberOfConcatenatedTransforms())]
+    grids = [p for p in parts if p.IsA("vtkGridTransform")]
+    ours = outputs.registration.itk_transform()
+    assert len(parts) == ours.GetNumberOfTransforms() >= 3  # the initial alignment and every stage
+    assert len(grids) == sum(ours.GetNthTransform(i).GetName() == "DisplacementFieldTransform" for i in range(len(parts))) >= 1
+    for grid in grids:
+        assert grid.GetInterpolationModeAsString() == "Linear"
+        assert min(grid.GetDisplacementGrid().GetSpacing()) >= 4.0  # a network grid, not the fixed image's
+    storage = slicer.vtkMRMLTransformStorageNode()
+    storage.SetFileName(str(tmp_path / "saved.h5"))
+    assert storage.WriteData(outputs.transformNode)
+    saved = sitk.ReadTransform(str(tmp_path / "saved.h5"))
+    rng = np.random.default_rng(1)
+    for point in rng.uniform(-60, 60, (50, 3)):
+        assert np.allclose(saved.TransformPoint(tuple(point)), ours.TransformPoint(tuple(point)), atol=1e-4)

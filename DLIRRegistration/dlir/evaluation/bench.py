@@ -93,14 +93,15 @@ def _specs(config: BenchConfig, pair: Pair, folder: Path, stack: Path) -> dict[s
 
 def read_run_output(folder: Path, measurement: Measurement) -> MethodOutput:
     """The outputs a measured run wrote (see :mod:`dlir.evaluation.measure`) as a :class:`MethodOutput`."""
+    warped = sitk.ReadImage(str(folder / "warped.nii.gz"), sitk.sitkFloat32)
+    # DLIR writes a compact composite (stages on their network grids), elastix a dense field: both sampled on the fixed grid
     transform = sitk.ReadTransform(str(folder / "transform.h5"))
-    if isinstance(transform, sitk.CompositeTransform):
-        transform = transform.GetNthTransform(0)
-    displacement = sitk.Cast(sitk.DisplacementFieldTransform(transform).GetDisplacementField(), sitk.sitkVectorFloat32)
+    displacement = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat32, warped.GetSize(), warped.GetOrigin(),
+                                                     warped.GetSpacing(), warped.GetDirection())
     labels = folder / "labels.nii.gz"
     return MethodOutput(
         displacement=displacement,
-        warped=sitk.ReadImage(str(folder / "warped.nii.gz"), sitk.sitkFloat32),
+        warped=warped,
         warped_labels=sitk.ReadImage(str(labels)) if labels.is_file() else None,
         timings=measurement.timings,
         total_s=measurement.warm_s,
