@@ -2,17 +2,15 @@
 
 The top layer of the engine: it parses arguments and calls the engine (:mod:`dlir.outputs`,
 :mod:`dlir.stack`, :mod:`dlir.training`, :mod:`dlir.evaluation`), importing each only when its
-command runs, so ``dlir --help`` starts without PyTorch.  Every user-caused failure ends with
+command runs, so ``dlir --help`` and ``dlir register --help`` start without PyTorch, SimpleITK
+or NumPy (``Testing/engine/test_startup.py``); only the named command's options are built (the
+training flags need :mod:`dlir.training.config`).  Every user-caused failure ends with
 ``error: <one sentence>`` on stderr and exit code 2; input files are only ever read.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -93,6 +91,10 @@ def _register_cohort(stack_path: Path, source: Path, out: Path, options: dict, o
     once; a background thread reads the next pair while the current one is registered
     (:class:`dlir.prefetch.PairReader`), so a pair's ``read`` time is only what was not hidden.
     """
+    import csv
+    import io
+    import logging
+
     from tqdm import tqdm
 
     from .outputs import SUMMARY_FILE, OutputError, OutputFolder, register_into, staged_folder, write_text_atomically
@@ -149,6 +151,8 @@ def _add_info(p: argparse.ArgumentParser) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    import json
+
     from .stack import describe, load_stack, resolve_stack, scan_registry
 
     if args.list or not args.stack:
@@ -320,14 +324,17 @@ COMMANDS: list[Command] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``dlir`` parser; given ``argv``, only the commands named in it get their options (a faster start)."""
     parser = argparse.ArgumentParser(prog="dlir", description="DLIR: deep-learning image registration (de Vos et al. 2019)")
     parser.add_argument("--version", action="version", version=f"dlir {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
+    named = None if argv is None else set(argv)
     for name, help_text, add, run in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        add(p)
+        if named is None or name in named:  # a command not on the command line is never parsed: its options can wait
+            add(p)
         p.set_defaults(run=run)
     return parser
 
@@ -335,7 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``dlir`` command: exit code 0, 1 (some pairs of a cohort failed), 2 (``error: <sentence>``) or 130 (Ctrl-C)."""
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser(argv).parse_args(argv)
+        import logging
+
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
         return int(args.run(args))
     except DLIRError as exc:
