@@ -5,8 +5,10 @@ Run it when nothing else runs on the machine (it times things; compare ratios fr
 
     .venv/bin/python Testing/benchmarks/clinical.py --out out/clinical | tee out/clinical.txt
 
-(about 25-40 minutes on 2 cores the first time, of which about 5 make the cached pairs; see
-``Testing/benchmarks/RESULTS.md``).  A smoke run with tiny images and a few elastix iterations:
+(roughly 15-25 minutes on 2 idle cores the first time, of which 3-5 make the cached pairs, and
+up to about 13 GB of memory for DLIR at 80 M voxels before the full-resolution rewrite; ``--repeats
+1 1`` or ``--no-elastix-above 52`` shorten it; see ``Testing/benchmarks/RESULTS.md``).  A smoke run
+with tiny images and a few elastix iterations (under a minute):
 
     .venv/bin/python Testing/benchmarks/clinical.py --quick --out /tmp/clinical-smoke
 
