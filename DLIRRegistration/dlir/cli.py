@@ -2,17 +2,15 @@
 
 The top layer of the engine: it parses arguments and calls the engine (:mod:`dlir.outputs`,
 :mod:`dlir.stack`, :mod:`dlir.training`, :mod:`dlir.evaluation`), importing each only when its
-command runs, so ``dlir --help`` starts without PyTorch.  Every user-caused failure ends with
+command runs, so ``dlir --help`` and ``dlir register --help`` start without PyTorch, SimpleITK
+or NumPy (``Testing/engine/test_startup.py``); only the named command's options are built (the
+training flags need :mod:`dlir.training.config`).  Every user-caused failure ends with
 ``error: <one sentence>`` on stderr and exit code 2; input files are only ever read.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -89,12 +87,19 @@ def _register_cohort(stack_path: Path, source: Path, out: Path, options: dict, o
 
     The cohort is staged and put in place as a whole (``out`` is absent or complete), each pair
     folder atomically inside it.  A pair that fails (a refused input, or an unexpected error) is
-    recorded in ``summary.csv`` with its sentence and the others go on.
+    recorded in ``summary.csv`` with its sentence and the others go on.  The stack is loaded
+    once; a background thread reads the next pair while the current one is registered
+    (:class:`dlir.prefetch.PairReader`), so a pair's ``read`` time is only what was not hidden.
     """
+    import csv
+    import io
+    import logging
+
     from tqdm import tqdm
 
     from .outputs import SUMMARY_FILE, OutputError, OutputFolder, register_into, staged_folder, write_text_atomically
     from .pairs import read_pairs
+    from .prefetch import PairReader
     from .stack import load_stack
 
     pairs = read_pairs(source)
@@ -103,15 +108,16 @@ def _register_cohort(stack_path: Path, source: Path, out: Path, options: dict, o
         for what in ("fixed", "moving", "moving_labels", "fixed_mask", "fixed_labels"):
             inputs[f"{what.replace('_', ' ')} of pair {pair.id}"] = getattr(pair, what)
     rows, failures = [], 0
-    with OutputFolder(out, inputs, overwrite=overwrite) as folder:
-        stack = load_stack(stack_path)
+    with OutputFolder(out, inputs, overwrite=overwrite) as folder, PairReader(pairs) as reader:
+        stack = load_stack(stack_path)  # while the first pair is read
         for pair in tqdm(pairs, desc="pairs", unit="pair", disable=not sys.stderr.isatty()):
             row = dict.fromkeys(SUMMARY_COLUMNS, "") | {"id": pair.id}
             try:
+                images = reader.next()  # this pair's read error, if any, is raised here
                 with staged_folder(folder.temp / pair.id, shown=out / pair.id) as temp:
                     result = register_into(temp, stack, pair.fixed, pair.moving, moving_labels=pair.moving_labels,
                                            fixed_mask=pair.fixed_mask, fixed_labels=pair.fixed_labels,
-                                           show_progress=False, shown=out / pair.id, **options)
+                                           show_progress=False, shown=out / pair.id, images=images, **options)
                 row.update(status="ok", total_s=result["total_s"], folding_fraction=result["folding_fraction"],
                            jacobian_std=result["jacobian_std"])
             except DLIRError as exc:
@@ -145,6 +151,8 @@ def _add_info(p: argparse.ArgumentParser) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    import json
+
     from .stack import describe, load_stack, resolve_stack, scan_registry
 
     if args.list or not args.stack:
@@ -316,14 +324,17 @@ COMMANDS: list[Command] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``dlir`` parser; given ``argv``, only the commands named in it get their options (a faster start)."""
     parser = argparse.ArgumentParser(prog="dlir", description="DLIR: deep-learning image registration (de Vos et al. 2019)")
     parser.add_argument("--version", action="version", version=f"dlir {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
+    named = None if argv is None else set(argv)
     for name, help_text, add, run in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        add(p)
+        if named is None or name in named:  # a command not on the command line is never parsed: its options can wait
+            add(p)
         p.set_defaults(run=run)
     return parser
 
@@ -331,7 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``dlir`` command: exit code 0, 1 (some pairs of a cohort failed), 2 (``error: <sentence>``) or 130 (Ctrl-C)."""
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser(argv).parse_args(argv)
+        import logging
+
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
         return int(args.run(args))
     except DLIRError as exc:

@@ -38,8 +38,9 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from .errors import DLIRError
-from .io import _captured_stderr, check_label_map, read_image, write_image, write_transform
+from .io import _captured_stderr, write_image, write_transform
 from .metrics import dice
+from .prefetch import STDERR_CAPTURE_LOCK, PairImages, read_pair_images
 from .register import register
 from .stack import Stack
 
@@ -117,22 +118,20 @@ def register_into(
     label_interpolation: str = "nearest",
     show_progress: bool = True,
     shown: Path | None = None,
+    images: PairImages | None = None,
 ) -> dict[str, object]:
     """Read, register and write one pair into the existing, empty (staging) ``folder``; ``result.json`` last.
 
     Not atomic by itself: use :func:`register_pair`, or an :class:`OutputFolder` /
     :func:`staged_folder` around it.  ``shown`` names the final folder in error messages.
+    ``images``: the pair's files already read (:func:`dlir.prefetch.read_pair_images`; a cohort
+    reads them ahead), used instead of reading the paths, which then only name the files.
     """
     shown = folder if shown is None else shown
-    t0 = time.perf_counter()
-    fixed = read_image(fixed_path, "fixed image")
-    moving = read_image(moving_path, "moving image")
-    labels = None if moving_labels is None else read_image(moving_labels, "moving label map")
-    mask = None if fixed_mask is None else read_image(fixed_mask, "fixed mask")
-    reference = None
-    if fixed_labels is not None:
-        reference = check_label_map(read_image(fixed_labels, "fixed label map"), fixed, "fixed label map", "fixed image")
-    read_s = time.perf_counter() - t0
+    if images is None:
+        images = read_pair_images(fixed_path, moving_path, moving_labels, fixed_mask, fixed_labels)
+    fixed, moving, labels, mask, reference = images.fixed, images.moving, images.moving_labels, images.fixed_mask, images.fixed_labels
+    read_s = images.read_s
 
     with tqdm(total=100, desc="register", unit="%", disable=not show_progress, leave=False,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}") as bar:
@@ -183,7 +182,7 @@ def _write_checked(path: Path, shown: Path, write: Callable[[Path], object]) -> 
     flushed to disk (``fsync``), which also reports errors a file system only finds then.
     """
     failure: BaseException | None = None
-    with _captured_stderr() as said:
+    with STDERR_CAPTURE_LOCK, _captured_stderr() as said:  # never while a cohort's reader thread captures
         try:
             write(path)
         except (OSError, RuntimeError) as exc:
