@@ -49,8 +49,10 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _outputs(folder: Path) -> dict[str, np.ndarray]:
     arrays = {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in sorted(folder.glob("*.nii.gz"))}
-    field = sitk.DisplacementFieldTransform(sitk.ReadTransform(str(folder / "transform.h5")))
-    arrays["transform.h5"] = sitk.GetArrayFromImage(field.GetDisplacementField())
+    warped = sitk.ReadImage(str(folder / "warped.nii.gz"))
+    field = sitk.TransformToDisplacementField(sitk.ReadTransform(str(folder / "transform.h5")), sitk.sitkVectorFloat64,
+                                              warped.GetSize(), warped.GetOrigin(), warped.GetSpacing(), warped.GetDirection())
+    arrays["transform.h5"] = sitk.GetArrayFromImage(field)
     return arrays
 
 
