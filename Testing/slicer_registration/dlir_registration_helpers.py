@@ -8,6 +8,13 @@ import numpy as np
 import vtk
 
 
+def blob(shape: tuple[int, int, int] = (12, 14, 16), shift: float = 0.0) -> np.ndarray:
+    """A Gaussian blob ``[K, J, I]`` (float32, peak 100) at the centre of ``shape``, moved ``shift`` voxels along i."""
+    k, j, i = np.mgrid[0:shape[0], 0:shape[1], 0:shape[2]]
+    ck, cj, ci = (s // 2 for s in shape)
+    return (100 * np.exp(-((i - ci - shift) ** 2 + (j - cj) ** 2 + (k - ck) ** 2) / 20.0)).astype(np.float32)
+
+
 def read_volume(scene, path: Path, name: str, class_name: str = "vtkMRMLScalarVolumeNode"):
     """A volume node read from a file by Slicer's own storage node (its own RAS <-> LPS handling)."""
     import slicer

@@ -13,14 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dlir_registration_helpers import assert_same_state, node_ids, snapshot, volume_from_array
+from dlir_registration_helpers import assert_same_state, blob, node_ids, snapshot, volume_from_array
 
 SHAPE = (10, 12, 14)  # (K, J, I)
-
-
-def blob(shift: float = 0.0) -> np.ndarray:
-    k, j, i = np.mgrid[0 : SHAPE[0], 0 : SHAPE[1], 0 : SHAPE[2]]
-    return (100 * np.exp(-((i - 7 - shift) ** 2 + (j - 6) ** 2 + (k - 5) ** 2) / 20.0)).astype(np.float32)
 
 
 @pytest.fixture
@@ -29,8 +24,8 @@ def inputs(scene):
     import slicer
 
     m = np.diag([3.0, 3.0, 4.0, 1.0])
-    fixed = volume_from_array(scene, blob(), m, "fixed")
-    moving = volume_from_array(scene, blob(1.5), m, "moving")
+    fixed = volume_from_array(scene, blob(SHAPE), m, "fixed")
+    moving = volume_from_array(scene, blob(SHAPE, 1.5), m, "moving")
     labels = np.zeros(SHAPE, np.uint8)
     labels[3:7, 4:8, 5:9] = 1
     labelmap = slicer.util.addVolumeFromArray(labels, ijkToRAS=m, name="labels", nodeClassName="vtkMRMLLabelMapVolumeNode")
@@ -48,18 +43,18 @@ def _spoil(scene, case: str):
 
     m = np.diag([3.0, 3.0, 4.0, 1.0])
     if case == "nan voxels":
-        array = blob()
+        array = blob(SHAPE)
         array[2, 3, 4] = np.nan
         return volume_from_array(scene, array, m, "NaN volume"), "NaN or infinite voxels"
     if case == "infinite voxels":
-        array = blob()
+        array = blob(SHAPE)
         array[1, 1, 1], array[5, 5, 5] = np.inf, -np.inf
         return volume_from_array(scene, array, m, "Inf volume"), "NaN or infinite voxels"
     if case == "constant":
         return volume_from_array(scene, np.full(SHAPE, 7.0, np.float32), m, "constant volume"), "constant"
     if case == "no image data":
         return scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty volume"), "no image data"
-    node = volume_from_array(scene, blob(), m, f"volume with {case}")
+    node = volume_from_array(scene, blob(SHAPE), m, f"volume with {case}")
     if case == "zero spacing":
         node.SetSpacing(0.0, 3.0, 4.0)
         return node, "spacing"
@@ -122,10 +117,10 @@ def test_a_pair_that_does_not_overlap_is_registered_with_a_warning(scene, stack)
     """A moving volume 2 m away from the fixed one and no initial alignment: registered, but the results say so."""
     from DLIRRegistrationLib.registration import OutputRequest, registerVolumes
 
-    fixed = volume_from_array(scene, blob(), np.diag([3.0, 3.0, 4.0, 1.0]), "fixed")
+    fixed = volume_from_array(scene, blob(SHAPE), np.diag([3.0, 3.0, 4.0, 1.0]), "fixed")
     far = np.diag([3.0, 3.0, 4.0, 1.0])
     far[0, 3] = 2000.0
-    moving = volume_from_array(scene, blob(), far, "moving far away")
+    moving = volume_from_array(scene, blob(SHAPE), far, "moving far away")
     outputs = registerVolumes(scene, fixed, moving, stack, device="cpu", outputs=OutputRequest(show=False),
                               initialAlignment="none")
     assert any("do not overlap" in w for w in outputs.warnings), outputs.warnings

@@ -7,12 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dlir_registration_helpers import assert_same_state, node_ids, snapshot, volume_from_array
-
-
-def blob(shape=(12, 14, 16), shift=0.0) -> np.ndarray:
-    k, j, i = np.mgrid[0:shape[0], 0:shape[1], 0:shape[2]]
-    return (100 * np.exp(-((i - 8 - shift) ** 2 + (j - 7) ** 2 + (k - 6) ** 2) / 20.0)).astype(np.float32)
+from dlir_registration_helpers import assert_same_state, blob, node_ids, snapshot, volume_from_array
 
 
 @pytest.fixture
