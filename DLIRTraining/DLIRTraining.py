@@ -50,6 +50,12 @@ class DLIRTraining(ScriptedLoadableModule):
             "Train a DLIR (unsupervised deep-learning image registration, de Vos et al. 2019) stage stack on your own "
             "images: an affine stage, then B-spline stages coarse to fine. Training runs in a separate process; stop keeps "
             "the last checkpoint and resume continues it, also after a restart. A finished stack appears in DLIR Registration."
+            "<br><br>Which pairs? <b>Synthetic pairs</b> deform one of your images (a stack for that anatomy and modality, "
+            "intra-patient motion). <b>Synthetic shapes</b> are random label maps drawn with random contrasts (SynthMorph): "
+            "they need no images and teach registration itself, for anatomies and contrasts you have few images of; set "
+            "the share to 1 to train on shapes alone. <b>Dice weight</b> mixes the soft Dice of known labels (shapes always "
+            "have them) into the similarity: 1 for shapes alone (their two images have unrelated contrasts), 0 to 0.5 with "
+            "real images of one modality."
         )
         self.parent.acknowledgementText = _(
             "Method: B.D. de Vos et al., A deep learning framework for unsupervised affine and deformable image "
@@ -85,6 +91,8 @@ class DLIRTrainingParameterNode:
     checkpointEvery: Annotated[int, WithinRange(1, 1000000)] = TrainingSettings.checkpointEvery
     validateEvery: Annotated[int, WithinRange(0, 1000000)] = TrainingSettings.validateEvery
     syntheticFraction: Annotated[float, WithinRange(0.0, 1.0)] = TrainingSettings.syntheticFraction
+    shapesFraction: Annotated[float, WithinRange(0.0, 1.0)] = TrainingSettings.shapesFraction
+    diceWeight: Annotated[float, WithinRange(0.0, 1.0)] = TrainingSettings.diceWeight
     channels: Annotated[int, WithinRange(1, 256)] = TrainingSettings.channels
     stackName: str = TrainingSettings.stackName
     description: str = TrainingSettings.description

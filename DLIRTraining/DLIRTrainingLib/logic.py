@@ -103,10 +103,11 @@ class TrainingLogic:
         taken = stackNameTaken(config.name, target)
         if taken is not None:
             raise InputError(f"a stack named {config.name} already exists ({taken}); choose another name")
-        fromScene = DataSource(settings.dataSource) == DataSource.SCENE
+        shapesOnly = config.data.shapes_fraction >= 1 and not config.data.images and not volumes
+        fromScene = DataSource(settings.dataSource) == DataSource.SCENE and not shapesOnly
         if fromScene:
             checkSceneVolumes(volumes, labelMaps)
-        else:
+        elif not shapesOnly:
             checkImages(config.data.images)
         folder.mkdir(parents=True)
         try:

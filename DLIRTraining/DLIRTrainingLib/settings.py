@@ -20,6 +20,8 @@ The GUI's recipe choices and the equivalent ``dlir train`` flags::
     affineIterations=A, bsplineIterations=B   --iterations A,B,B (one per stage)
     alpha=X                  --alpha 0,X,X (the affine stage has none)
     learningRate, batchSize, patchSize, channels   --learning-rate, --batch-size, --patch-size, --channels
+    diceWeight=W             --dice-weight W
+    shapesFraction=S         --shapes-fraction S (1: synthetic shapes only, no images needed)
     intensity=CT / MR        --intensity ct / mr
 """
 
@@ -93,6 +95,8 @@ class TrainingSettings:
     checkpointEvery: int = _CONFIG.checkpoint_every
     validateEvery: int = _CONFIG.validate_every
     syntheticFraction: float = _DATA.synthetic_fraction
+    shapesFraction: float = _DATA.shapes_fraction
+    diceWeight: float = _OUTLINE.dice_weight
     channels: int = _OUTLINE.channels
     stackName: str = _CONFIG.name
     description: str = _CONFIG.description
@@ -136,7 +140,8 @@ class TrainingSettings:
                        grid_spacing_mm=float(self.gridSpacing), channels=int(self.channels),
                        affine_iterations=int(self.affineIterations), bspline_iterations=int(self.bsplineIterations),
                        learning_rate=float(self.learningRate), batch_size=int(self.batchSize), patch_size=int(self.patchSize),
-                       alpha=float(self.alpha), intensity=Intensity(self.intensity).value)
+                       alpha=float(self.alpha), intensity=Intensity(self.intensity).value,
+                       dice_weight=float(self.diceWeight))
 
 
 def buildConfig(settings: TrainingSettings, images: str | None = None) -> TrainConfig:
@@ -148,7 +153,8 @@ def buildConfig(settings: TrainingSettings, images: str | None = None) -> TrainC
     """
     recipe = settings.outline().recipe()
     data = DataSpec(images=settings.imagesSource() if images is None else str(images),
-                    validation_count=int(settings.validationCount), synthetic_fraction=float(settings.syntheticFraction))
+                    validation_count=int(settings.validationCount), synthetic_fraction=float(settings.syntheticFraction),
+                    shapes_fraction=float(settings.shapesFraction))
     config = TrainConfig(name=(settings.stackName or "").strip(), description=settings.description or "",
                          device=str(settings.device), seed=int(settings.seed), checkpoint_every=int(settings.checkpointEvery),
                          validate_every=int(settings.validateEvery), data=data, recipe=recipe)

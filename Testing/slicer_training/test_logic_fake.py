@@ -97,3 +97,15 @@ def test_a_fresh_logic_lists_jobs_and_rebuilds_their_curves(logic: TrainingLogic
     assert fresh.curves(jobs[0]) is curves  # made once
     with pytest.raises(Exception, match="finished"):
         fresh.resume(jobs[0])
+
+
+def test_synthetic_shapes_alone_need_no_images(logic: TrainingLogic, tmp_path: Path) -> None:
+    settings = TrainingSettings(dataSource=DataSource.FOLDER, dataFolder="", stackName="shapes-only", shapesFraction=1.0,
+                                diceWeight=1.0, device="cpu")
+    job = logic.start(settings)
+    request = TrainConfig.read(job.folder / REQUEST_FILE)
+    assert request.data.images == "" and request.data.shapes_fraction == 1.0
+    assert all(stage.dice_weight == 1.0 for stage in request.recipe.stages)
+    with pytest.raises(InputError, match="no training images"):  # a share below 1 still needs images
+        logic.start(TrainingSettings(dataSource=DataSource.FOLDER, dataFolder="", stackName="half", shapesFraction=0.5))
+    run(logic, job)

@@ -85,6 +85,10 @@ def test_a_csv_source_is_the_images_flag(images: Path) -> None:
         dict(bsplineSpacings="64, 32, 16", batchSize=4, learningRate=1e-4),
         ["--control-points-mm", "64,32,16", "--batch-size", "4", "--learning-rate", "1e-4"],
         id="three-bspline-stages"),
+    pytest.param(
+        dict(shapesFraction=0.5, diceWeight=0.3, syntheticFraction=0.2),
+        ["--shapes-fraction", "0.5", "--dice-weight", "0.3", "--synthetic-fraction", "0.2"],
+        id="shapes-and-dice"),
 ])
 def test_the_same_choices_make_the_same_config(images: Path, choices: dict, flags: list[str]) -> None:
     gui = buildConfig(TrainingSettings(stackName=NAME, dataFolder=images, **choices))

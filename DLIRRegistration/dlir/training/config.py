@@ -62,7 +62,7 @@ from ..recipe import DEFAULT_BENDING_WEIGHT, INTENSITY_PRESETS, Recipe, StageSpe
 from .toml_writer import dumps
 
 #: stage settings that can be given per stage on the command line (one value, or a comma list)
-STAGE_FLAGS = ("iterations", "learning_rate", "batch_size", "patch_size", "alpha", "channels")
+STAGE_FLAGS = ("iterations", "learning_rate", "batch_size", "patch_size", "alpha", "channels", "dice_weight")
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,8 @@ class Outline:
     ``channels`` kernels per convolution; iterations per affine and per B-spline stage; the
     learning rate, batch size and patch size (voxels of the stage grid) of every stage; the bending
     weight ``alpha`` of the B-spline stages (per mm^2); ``intensity`` a name of
-    :data:`dlir.recipe.INTENSITY_PRESETS`.
+    :data:`dlir.recipe.INTENSITY_PRESETS`; ``dice_weight`` the share of soft Dice in every stage's
+    similarity on pairs with known labels (synthetic shapes, labelled images).
     """
 
     affine: bool = True
@@ -176,6 +177,7 @@ class Outline:
     patch_size: int = StageSpec.patch_size
     alpha: float = DEFAULT_BENDING_WEIGHT
     intensity: str = "mr"
+    dice_weight: float = StageSpec.dice_weight
 
     def recipe(self) -> Recipe:
         """The recipe; raises :class:`InputError` with one sentence naming the first unusable choice."""
@@ -198,7 +200,7 @@ class Outline:
                 raise InputError("list the B-spline control-point spacings coarse to fine (largest first), e.g. '32, 16'")
             previous = mm
         common = dict(channels=int(self.channels), learning_rate=float(self.learning_rate),
-                      batch_size=int(self.batch_size), patch_size=int(self.patch_size))
+                      batch_size=int(self.batch_size), patch_size=int(self.patch_size), dice_weight=float(self.dice_weight))
         stages = [StageSpec("affine", spacing_mm=(2 * g,) * 3, iterations=int(self.affine_iterations), **common)] if self.affine else []
         stages += [StageSpec("bspline", spacing_mm=(g,) * 3, control_point_spacing=int(round(mm / g)), alpha=float(self.alpha),
                              iterations=int(self.bspline_iterations), **common) for mm in self.control_points_mm]
@@ -367,7 +369,7 @@ def apply_flags(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
         values = [v.strip() for v in str(text).split(",") if v.strip()]
         if len(values) not in (1, len(stages)):
             raise InputError(f"--{name.replace('_', '-')} takes one value or {len(stages)} (one per stage), got {len(values)}")
-        kind = float if name in ("learning_rate", "alpha") else int
+        kind = float if name in ("learning_rate", "alpha", "dice_weight") else int
         try:
             parsed = [kind(v) for v in values]
         except ValueError:
