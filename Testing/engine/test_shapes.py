@@ -138,3 +138,20 @@ def test_bad_training_values_stop_with_one_sentence_naming_the_key(section: str,
     with pytest.raises(InputError, match=key) as caught:
         TrainConfig.from_dict({"name": "x", section: values})
     assert "\n" not in str(caught.value)
+
+
+def test_realistic_augmentation_of_real_images_is_off_by_default_and_varies_when_asked() -> None:
+    from dlir.training.synthetic import augment_intensity
+
+    labels = label_map(SMALL, torch.Generator().manual_seed(11))
+    image = draw_image(labels, replace(SMALL, noise=0.0, bias=0.0), torch.Generator().manual_seed(12))
+    plain = SyntheticSpec(intensity=0.0, noise=0.0)
+    assert torch.equal(augment_intensity(image, plain, torch.Generator().manual_seed(0), 2.0), image.clamp(0, 1))
+    scanner = SyntheticSpec(intensity=0.0, noise=0.0, bias=0.4, blur_mm=3.0, thick_slice_probability=1.0, thick_slice_max=4)
+    varied = augment_intensity(image, scanner, torch.Generator().manual_seed(0), 2.0)
+    assert varied.shape == image.shape and 0 <= float(varied.min()) and float(varied.max()) <= 1
+    assert float((varied - image).abs().mean()) > 0.01
+    again = augment_intensity(image, scanner, torch.Generator().manual_seed(0), 2.0)
+    assert torch.equal(varied, again)
+    with pytest.raises(InputError, match="synthetic.thick_slice_probability"):
+        SyntheticSpec(thick_slice_probability=1.5)

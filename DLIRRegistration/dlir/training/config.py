@@ -73,7 +73,11 @@ class SyntheticSpec:
     point's displacement, mm) make the smooth part; ``rotation_deg`` (per axis), ``scale``
     (relative, per axis), ``shear`` and ``translation_mm`` bound the affine part (uniform);
     ``intensity`` bounds a random gamma / contrast change and ``noise`` the Gaussian noise
-    (fractions of the [0, 1] intensity range).
+    (fractions of the [0, 1] intensity range).  Realistic scanner variation, each off at 0 (so a
+    configuration without them draws exactly the pairs it drew before): ``bias`` the largest
+    amplitude of a smooth multiplicative log bias field, ``blur_mm`` the largest Gaussian blur
+    (sigma, mm), ``thick_slice_probability`` the chance of thick-slice partial volume (up to
+    ``thick_slice_max`` voxels averaged along a random axis).
     """
 
     control_point_spacing_mm: float = 40.0
@@ -84,13 +88,19 @@ class SyntheticSpec:
     translation_mm: float = 5.0
     intensity: float = 0.1
     noise: float = 0.01
+    bias: float = 0.0
+    blur_mm: float = 0.0
+    thick_slice_probability: float = 0.0
+    thick_slice_max: float = 4.0
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            if not math.isfinite(getattr(self, f.name)) or getattr(self, f.name) < 0:
+                raise InputError(f"synthetic.{f.name} must be a finite number >= 0, got {getattr(self, f.name)}")
         if self.control_point_spacing_mm <= 0:
             raise InputError("synthetic.control_point_spacing_mm must be positive")
-        for f in fields(self):
-            if getattr(self, f.name) < 0:
-                raise InputError(f"synthetic.{f.name} must not be negative")
+        if self.thick_slice_probability > 1:
+            raise InputError(f"synthetic.thick_slice_probability must lie between 0 and 1, got {self.thick_slice_probability}")
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..geometry import Grid, sample
 from ..transforms import Composite, grid_points
+from .augment import bias_field, blur, smooth_noise, thick_slices, uniform
 from .config import ShapeSpec, SyntheticSpec
 from .synthetic import random_transform
 
@@ -33,64 +33,12 @@ def shape_grid(spec: ShapeSpec) -> Grid:
     return Grid((spec.size,) * 3, (spec.spacing_mm,) * 3, (-half,) * 3, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
 
 
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand(1, generator=generator, dtype=torch.float64))
-
-
-def _smooth_noise(channels: int, size: int, cells: int, generator: torch.Generator) -> torch.Tensor:
-    """``[1, channels, size, size, size]`` smooth random noise with a correlation length of ``size / cells`` voxels.
-
-    A ``cells``^3 lattice of white noise is upsampled 4x, blurred there by half a lattice cell (which
-    removes the kinks of linear interpolation, so argmax boundaries are smooth surfaces), then
-    upsampled linearly to ``size``; the work at full size is one interpolation.
-    """
-    lattice = torch.randn((1, channels, cells, cells, cells), generator=generator)
-    middle = min(size, 4 * cells)
-    smooth = _blur(F.interpolate(lattice, size=(middle,) * 3, mode="trilinear", align_corners=True), 0.5 * middle / cells)
-    return F.interpolate(smooth, size=(size,) * 3, mode="trilinear", align_corners=True)
-
-
 def label_map(spec: ShapeSpec, generator: torch.Generator, n_labels: int | None = None) -> torch.Tensor:
     """A random label map ``[1, 1, D, H, W]`` (int64, labels 1..n) on :func:`shape_grid`."""
     n = n_labels if n_labels is not None else int(torch.randint(spec.labels_min, spec.labels_max + 1, (1,), generator=generator))
-    blob = _uniform(generator, spec.blob_mm_min, spec.blob_mm_max)
+    blob = uniform(generator, spec.blob_mm_min, spec.blob_mm_max)
     cells = max(2, math.ceil(spec.size * spec.spacing_mm / blob) + 1)
-    return (_smooth_noise(n, spec.size, cells, generator).argmax(dim=1, keepdim=True) + 1).long()
-
-
-def _blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``[1, C, D, H, W]`` (each channel alone) with ``sigma`` voxels (replicated borders)."""
-    if sigma < 0.3:
-        return image
-    radius = max(1, math.ceil(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=image.dtype)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    channels = image.shape[1]
-    for dim in (2, 3, 4):
-        shape = [1, 1, 1, 1, 1]
-        shape[dim] = kernel.numel()
-        pad = [0] * 6
-        pad[2 * (4 - dim)] = pad[2 * (4 - dim) + 1] = radius
-        image = F.conv3d(F.pad(image, pad, mode="replicate"), kernel.view(shape).expand(channels, 1, *shape[2:]), groups=channels)
-    return image
-
-
-def _thick_slices(image: torch.Tensor, generator: torch.Generator, spec: ShapeSpec) -> torch.Tensor:
-    """Partial volume of thick slices: blocks of ``k`` voxels along a random axis averaged and repeated."""
-    k = int(torch.randint(2, spec.thick_slice_max + 1, (1,), generator=generator)) if spec.thick_slice_max >= 2 else 1
-    if k < 2:
-        return image
-    dim = 2 + int(torch.randint(0, 3, (1,), generator=generator))
-    n = image.shape[dim]
-    blocks = math.ceil(n / k)
-    pad = [0] * 6
-    pad[2 * (4 - dim) + 1] = blocks * k - n
-    padded = F.pad(image, pad, mode="replicate")
-    shape = list(padded.shape)
-    shape[dim:dim + 1] = [blocks, k]
-    averaged = padded.reshape(shape).mean(dim=dim + 1, keepdim=True).expand(shape).reshape(padded.shape)
-    return averaged.narrow(dim, 0, n)
+    return (smooth_noise(n, (spec.size,) * 3, cells, generator).argmax(dim=1, keepdim=True) + 1).long()
 
 
 def draw_image(labels: torch.Tensor, spec: ShapeSpec, generator: torch.Generator) -> torch.Tensor:
@@ -100,18 +48,17 @@ def draw_image(labels: torch.Tensor, spec: ShapeSpec, generator: torch.Generator
     spreads = torch.rand(n + 1, generator=generator) * spec.spread
     index = labels[0, 0]
     image = means[index] + spreads[index] * torch.randn(index.shape, generator=generator)
-    image = _blur(image[None, None], _uniform(generator, 0.0, spec.blur_mm) / spec.spacing_mm)
+    image = blur(image[None, None], uniform(generator, 0.0, spec.blur_mm) / spec.spacing_mm)
     if spec.bias > 0:
-        log_bias = _smooth_noise(1, spec.size, 4, generator) * _uniform(generator, 0.0, spec.bias)
-        image = image * torch.exp(log_bias)
+        image = bias_field(image, spec.bias, generator)
     low, high = image.amin(), image.amax()
     image = (image - low) / (high - low).clamp(min=1e-6)
     if spec.gamma > 0:
-        image = image ** math.exp(_uniform(generator, -spec.gamma, spec.gamma))
+        image = image ** math.exp(uniform(generator, -spec.gamma, spec.gamma))
     if float(torch.rand(1, generator=generator)) < spec.thick_slice_probability:
-        image = _thick_slices(image, generator, spec)
+        image = thick_slices(image, generator, spec.thick_slice_max)
     if spec.noise > 0:
-        image = image + torch.randn(image.shape, generator=generator) * _uniform(generator, 0.0, spec.noise)
+        image = image + torch.randn(image.shape, generator=generator) * uniform(generator, 0.0, spec.noise)
     return image.clamp(0, 1)
 
 

@@ -19,6 +19,7 @@ import torch
 from ..geometry import Grid, sample
 from ..nets import cubic_bspline
 from ..transforms import AffineTransform, Composite, DisplacementField, grid_points
+from .augment import bias_field, blur, thick_slices, uniform
 from .config import SyntheticSpec
 
 
@@ -73,12 +74,23 @@ def random_transform(spec: SyntheticSpec, grid: Grid, generator: torch.Generator
     return Composite([affine, smooth])
 
 
-def augment_intensity(image: torch.Tensor, spec: SyntheticSpec, generator: torch.Generator) -> torch.Tensor:
-    """A random gamma and contrast change and Gaussian noise of an image in [0, 1] (a new tensor, clipped to [0, 1])."""
+def augment_intensity(image: torch.Tensor, spec: SyntheticSpec, generator: torch.Generator,
+                      spacing_mm: float = 1.0) -> torch.Tensor:
+    """A random scanner-like variation of an image in [0, 1] on a grid of ``spacing_mm`` (a new tensor, clipped to [0, 1]).
+
+    In this order, each only when its setting is above 0: blur, bias field, gamma and contrast,
+    thick-slice partial volume, Gaussian noise (see :class:`~dlir.training.config.SyntheticSpec`).
+    """
+    if spec.blur_mm > 0:
+        image = blur(image, uniform(generator, 0.0, spec.blur_mm) / spacing_mm)
+    if spec.bias > 0:
+        image = bias_field(image, spec.bias, generator)
     if spec.intensity > 0:
         gamma = math.exp(float(_uniform(generator, spec.intensity, 1)))
         contrast = 1 + float(_uniform(generator, spec.intensity, 1))
         image = (image.clamp(min=0) ** gamma - 0.5) * contrast + 0.5
+    if spec.thick_slice_probability > 0 and float(torch.rand(1, generator=generator)) < spec.thick_slice_probability:
+        image = thick_slices(image, generator, int(spec.thick_slice_max))
     if spec.noise > 0:
         image = image + torch.randn(image.shape, generator=generator) * spec.noise
     return image.clamp(0, 1)
@@ -96,5 +108,7 @@ def synthetic_pair(
     points = transform(grid_points(grid, 1, image.device))
     fixed = sample(image, grid, points)
     fixed_labels = None if labels is None else sample(labels, grid, points, mode="nearest")
-    return (augment_intensity(fixed, spec, generator), augment_intensity(image, spec, generator), transform, fixed_labels)
+    spacing = min(grid.spacing)
+    return (augment_intensity(fixed, spec, generator, spacing), augment_intensity(image, spec, generator, spacing), transform,
+            fixed_labels)
 

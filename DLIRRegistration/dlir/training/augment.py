@@ -1,0 +1,71 @@
+"""Image augmentation primitives shared by the synthetic pairs of real images (:mod:`.synthetic`)
+and the synthetic shapes (:mod:`.shapes`): smooth random noise, Gaussian blur, a smooth
+multiplicative bias field and thick-slice partial volume.  Images are ``[1, C, D, H, W]``; lengths
+in voxels; all randomness from the given ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def uniform(generator: torch.Generator, low: float, high: float) -> float:
+    """A number drawn uniformly from ``[low, high)``."""
+    return low + (high - low) * float(torch.rand(1, generator=generator, dtype=torch.float64))
+
+
+def smooth_noise(channels: int, shape: tuple[int, int, int], cells: int, generator: torch.Generator) -> torch.Tensor:
+    """``[1, channels, D, H, W]`` smooth random noise with a correlation length of about ``max(shape) / cells`` voxels.
+
+    A ``cells``^3 lattice of white noise is upsampled 4x, blurred there by half a lattice cell (which
+    removes the kinks of linear interpolation, so argmax boundaries are smooth surfaces), then
+    upsampled linearly to ``shape``; the work at full size is one interpolation.
+    """
+    lattice = torch.randn((1, channels, cells, cells, cells), generator=generator)
+    middle = min(max(shape), 4 * cells)
+    smooth = blur(F.interpolate(lattice, size=(middle,) * 3, mode="trilinear", align_corners=True), 0.5 * middle / cells)
+    return F.interpolate(smooth, size=tuple(shape), mode="trilinear", align_corners=True)
+
+
+def blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``[1, C, D, H, W]`` (each channel alone) with ``sigma`` voxels (replicated borders)."""
+    if sigma < 0.3:
+        return image
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=image.dtype)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = image.shape[1]
+    for dim in (2, 3, 4):
+        shape = [1, 1, 1, 1, 1]
+        shape[dim] = kernel.numel()
+        pad = [0] * 6
+        pad[2 * (4 - dim)] = pad[2 * (4 - dim) + 1] = radius
+        image = F.conv3d(F.pad(image, pad, mode="replicate"), kernel.view(shape).expand(channels, 1, *shape[2:]), groups=channels)
+    return image
+
+
+def bias_field(image: torch.Tensor, amplitude: float, generator: torch.Generator) -> torch.Tensor:
+    """``image`` times ``exp(b)``, ``b`` a smooth random field (about four cells across) of amplitude up to ``amplitude``."""
+    log_bias = smooth_noise(1, tuple(image.shape[2:]), 4, generator) * uniform(generator, 0.0, amplitude)
+    return image * torch.exp(log_bias)
+
+
+def thick_slices(image: torch.Tensor, generator: torch.Generator, most: int) -> torch.Tensor:
+    """Partial volume of thick slices: blocks of 2..``most`` voxels along a random axis averaged and repeated."""
+    if most < 2:
+        return image
+    k = int(torch.randint(2, most + 1, (1,), generator=generator))
+    dim = 2 + int(torch.randint(0, 3, (1,), generator=generator))
+    n = image.shape[dim]
+    blocks = math.ceil(n / k)
+    pad = [0] * 6
+    pad[2 * (4 - dim) + 1] = blocks * k - n
+    padded = F.pad(image, pad, mode="replicate")
+    shape = list(padded.shape)
+    shape[dim:dim + 1] = [blocks, k]
+    averaged = padded.reshape(shape).mean(dim=dim + 1, keepdim=True).expand(shape).reshape(padded.shape)
+    return averaged.narrow(dim, 0, n)
