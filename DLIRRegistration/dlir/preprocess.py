@@ -23,8 +23,6 @@ from .transforms import AffineTransform, SpatialTransform, grid_points
 _PERCENTILE_SAMPLES = 2_000_000
 #: beyond this magnitude (intensity units) normalisation is computed in float64: float32 overflows at 3.4e38
 _FLOAT32_SAFE = 1e37
-#: bytes one separable smoothing convolution may use (its unfolded input, kernel length x voxels x 4 bytes)
-_SMOOTH_BYTES = 256 * 2**20
 #: a Gaussian wider than this many times the axis length only averages the axis: its sigma is capped there
 _MAX_SIGMA_PER_VOXEL = 8.0
 #: an image is block-averaged for a network grid onto a grid of at most this fraction of the network's spacing
@@ -108,9 +106,9 @@ def smooth_for_spacing(image: torch.Tensor, grid: Grid, target_spacing: tuple[fl
 
     Along each image axis, sigma (voxels) = (target / source spacing - 1) / 2, none when the
     target is not coarser.  Separable convolution with replicated borders.  Memory stays bounded
-    on extreme grids (e.g. 0.01 mm voxels smoothed for a 4 mm network grid): a convolution that
-    would unfold more than 256 MB runs in chunks, and a kernel longer than its axis becomes the
-    equivalent (axis x axis) matrix, with sigma capped at 8 times the axis length (beyond that
+    on extreme grids (e.g. 0.01 mm voxels smoothed for a 4 mm network grid): a convolution is a
+    sum of shifted copies (the padded image and the result, nothing unfolded), and a kernel
+    longer than its axis becomes the equivalent (axis x axis) matrix, with sigma capped at 8 times the axis length (beyond that
     the axis is averaged either way).
     """
     target = min(target_spacing)
@@ -143,6 +141,15 @@ def antialiased_source(
     Without block averaging (factors 1) this is :func:`smooth_for_spacing` exactly.
     """
     fi, fj, fk = coarse_factors(grid, target_spacing)
+    factors = (fi, fj, fk)
+    target = min(target_spacing)
+    sigmas = []
+    for axis, f in enumerate(factors):
+        sigma = (target / grid.spacing[axis] - 1) / 2  # voxels of ``grid``, as smooth_for_spacing
+        # residual variance in coarse voxels: the Gaussian's, less the block's and less part of the extra blur of
+        # linear interpolation between coarse voxels rather than original ones (t (1 - t) h^2, h^2 / 6 on average)
+        variance = (sigma**2 - (f**2 - 1) / 12) / f**2 - _INTERPOLATION_BLUR * (f**2 - 1) / (6 * f**2)
+        sigmas.append(math.sqrt(max(variance, 0.0)) if sigma >= 0.25 else 0.0)
     depth, height, width = grid.shape
     step = fk * max(1, _SOURCE_SLAB_VOXELS // (fk * height * width))
     parts = []
@@ -152,24 +159,17 @@ def antialiased_source(
         pad = (0, (-width) % fi, 0, (-height) % fj, 0, (-(k1 - k0)) % fk)
         if any(pad):
             part = F.pad(part, pad, mode="replicate")
-        parts.append(F.avg_pool3d(part, (fk, fj, fi)) if (fi, fj, fk) != (1, 1, 1) else part)
+        if factors != (1, 1, 1):
+            part = F.avg_pool3d(part, (fk, fj, fi))
+        parts.append(_smooth(part, [sigmas[0], sigmas[1], 0.0]))  # within slices: slab by slab
     coarse = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-    factors = (fi, fj, fk)
+    del parts
     m = grid.index_to_physical()
     origin = (m @ np.array([(f - 1) / 2 for f in factors] + [1.0]))[:3]
     coarse_grid = Grid(size=(coarse.shape[4], coarse.shape[3], coarse.shape[2]),
                        spacing=tuple(s * f for s, f in zip(grid.spacing, factors)),  # type: ignore[arg-type]
                        origin=tuple(float(o) for o in origin), direction=grid.direction)  # type: ignore[arg-type]
-    target = min(target_spacing)
-    sigmas = []
-    for axis, f in enumerate(factors):
-        sigma = (target / grid.spacing[axis] - 1) / 2  # voxels of ``grid``, as smooth_for_spacing
-        # residual variance in coarse voxels: the Gaussian's, less the block's and less the extra blur of linear
-        # interpolation between coarse voxels rather than original ones (t (1 - t) h^2, 1/6 h^2 on average)
-        variance = (sigma**2 - (f**2 - 1) / 12) / f**2 - _INTERPOLATION_BLUR * (f**2 - 1) / (6 * f**2)
-        residual = math.sqrt(max(variance, 0.0)) if sigma >= 0.25 else 0.0
-        sigmas.append(residual)
-    return _smooth(coarse, sigmas), coarse_grid
+    return _smooth(coarse, [0.0, 0.0, sigmas[2]]), coarse_grid
 
 
 def sample_source(image: torch.Tensor, image_grid: Grid, extent: Grid, points: torch.Tensor) -> torch.Tensor:
@@ -204,25 +204,21 @@ def _smooth(image: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
 
 
 def _smooth_axis_by_convolution(image: torch.Tensor, dim: int, kernel: torch.Tensor) -> torch.Tensor:
-    """``image`` ``[N, C, D, H, W]`` convolved along ``dim`` with ``kernel`` (replicated borders), in chunks when large."""
-    k = kernel.to(device=image.device, dtype=image.dtype)
-    r = (k.numel() - 1) // 2
-    shape = [1, 1, 1, 1, 1]
-    shape[dim] = k.numel()
+    """``image`` ``[N, C, D, H, W]`` convolved along ``dim`` with ``kernel`` (replicated borders).
+
+    As a sum of shifted copies (one multiply-add per tap), so it needs the padded image and the
+    result only: no unfolded input of kernel-length times the image, whatever the image's size.
+    """
+    k = kernel.double().tolist()
+    r = (len(k) - 1) // 2
+    n = image.shape[dim]
     pad = [0, 0, 0, 0, 0, 0]
     pad[2 * (4 - dim)] = pad[2 * (4 - dim) + 1] = r
-    c = image.shape[1]
-    weight = k.view(shape).expand(c, 1, *shape[2:])
-
-    def convolve(part: torch.Tensor) -> torch.Tensor:
-        return F.conv3d(F.pad(part, pad, mode="replicate"), weight, groups=c)
-
-    if image.numel() * k.numel() * image.element_size() <= _SMOOTH_BYTES:
-        return convolve(image)
-    split = max((d for d in (2, 3, 4) if d != dim), key=lambda d: image.shape[d])
-    per_slice = image.numel() // image.shape[split] * k.numel() * image.element_size()
-    step = max(1, _SMOOTH_BYTES // per_slice)
-    return torch.cat([convolve(part) for part in image.split(step, dim=split)], dim=split)
+    padded = F.pad(image, pad, mode="replicate")
+    out = padded.narrow(dim, 0, n) * k[0]
+    for tap in range(1, len(k)):
+        out.add_(padded.narrow(dim, tap, n), alpha=k[tap])
+    return out
 
 
 def _smooth_axis_by_matrix(image: torch.Tensor, dim: int, sigma: float) -> torch.Tensor:

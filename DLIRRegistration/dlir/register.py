@@ -48,7 +48,7 @@ Cancel = Callable[[], bool]
 LabelInterpolation = Literal["nearest", "one-hot-linear"]
 
 #: voxels per chunk when evaluating the transform on the full-resolution fixed grid
-_CHUNK_VOXELS = 2_000_000
+_CHUNK_VOXELS = 1_000_000
 #: below this share of fixed voxels inside the moving image after the initial alignment, the
 #: images count as not overlapping (a warning, and ``no_overlap`` in the summary)
 NO_OVERLAP_BELOW = 0.01
