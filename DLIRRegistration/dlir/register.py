@@ -253,7 +253,8 @@ def _register(
         stage_grid(stage.spec, fixed_grid)
     if refine_steps > 0:
         refinement_grid(stack.stages[-1], fixed_grid)
-    check_memory(stack, fixed_grid, moving_grid, device, refine_steps=refine_steps, moving_labels=moving_labels is not None)
+    check_memory(stack, fixed_grid, moving_grid, device, refine_steps=refine_steps, moving_labels=moving_labels is not None,
+                 displacement="displacement" in wanted)
 
     fixed_voxels = sitk.GetArrayViewFromImage(fixed)  # views in the images' own types: no full-resolution copy
     moving_voxels = sitk.GetArrayViewFromImage(moving)
