@@ -484,21 +484,27 @@ def full_resolution(
 def _warp_block(moving: np.ndarray, grid: Grid, points: torch.Tensor, dtype: np.dtype) -> np.ndarray:
     """``moving`` (``[D, H, W]``, any type, on ``grid``) at LPS ``points`` ``[1, d, h, w, 3]``: trilinear, 0 outside, as ``dtype``.
 
-    Only the block of the moving image that holds the points (plus one voxel) is converted to
-    float32; the result is that of :func:`dlir.geometry.sample` on the whole image.
+    As :func:`dlir.geometry.sample` on the whole image (inside = continuous index in
+    ``[-0.5, size - 0.5]``, border values clamped), but only the block of the moving image that
+    holds the points (plus a voxel) is converted to float32.
     """
-    idx = grid.continuous_index(points).reshape(-1, 3)
+    idx = grid.continuous_index(points)
+    flat = idx.reshape(-1, 3)
     size = np.asarray(grid.size)
-    low = np.clip(np.floor(idx.amin(0).cpu().double().numpy()).astype(np.int64) - 1, 0, size - 1)
-    high = np.clip(np.ceil(idx.amax(0).cpu().double().numpy()).astype(np.int64) + 2, low + 1, size)
+    low = np.clip(np.floor(flat.amin(0).cpu().double().numpy()).astype(np.int64) - 1, 0, size - 1)
+    high = np.clip(np.ceil(flat.amax(0).cpu().double().numpy()).astype(np.int64) + 2, low + 1, size)
     block = np.array(moving[low[2] : high[2], low[1] : high[1], low[0] : high[0]], dtype=np.float32)
-    origin = (grid.index_to_physical() @ np.append(low.astype(np.float64), 1.0))[:3]
-    sub = Grid(tuple(int(v) for v in high - low), grid.spacing, tuple(float(o) for o in origin), grid.direction)  # type: ignore[arg-type]
-    values = sample(torch.from_numpy(block).to(points.device)[None, None], sub, points)[0, 0]
+    n = torch.as_tensor((high - low - 1).clip(min=1), dtype=idx.dtype, device=idx.device)
+    coords = (idx - torch.as_tensor(low, dtype=idx.dtype, device=idx.device)) * (2.0 / n) - 1.0
+    values = torch.nn.functional.grid_sample(torch.from_numpy(block).to(points.device)[None, None], coords,
+                                             mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
+    full = torch.as_tensor(size, dtype=idx.dtype, device=idx.device)
+    inside = ((idx >= -0.5) & (idx <= full - 0.5)).all(dim=-1)[0]
+    values = values.masked_fill(~inside, 0.0)
     if dtype.kind in "iub":
-        info = np.iinfo(dtype) if dtype.kind != "b" else None
         values = torch.round(values)
-        if info is not None:
+        if dtype.kind != "b":
+            info = np.iinfo(dtype)
             values = values.clamp(float(info.min), float(info.max))
         return values.cpu().numpy().astype(dtype)
     return values.cpu().numpy().astype(dtype, copy=False)
