@@ -2,9 +2,16 @@
 
 Flow: check inputs -> normalise intensities -> initial alignment (centres by default) -> stage
 1..n on their network grids -> optional test-time refinement -> the composed transform
-``T = T0 o T1 o ... o Tn`` evaluated on the FULL-resolution fixed grid -> warped moving image
-(linear), warped labels (nearest neighbour, or linear on one-hot then argmax), det-Jacobian map,
-folding fraction and std of the Jacobian.  All in LPS mm; T maps fixed points to moving points.
+``T = T0 o T1 o ... o Tn`` evaluated once per voxel of the FULL-resolution fixed grid, slab by slab
+(:func:`full_resolution`) -> warped moving image (linear, in the moving image's pixel type),
+warped labels (nearest neighbour, or linear on one-hot then argmax), det-Jacobian map, folding
+fraction and std of the Jacobian.  All in LPS mm; T maps fixed points to moving points.
+
+Memory grows with the outputs only: the images are read in their own types (network inputs come
+from one anti-aliased, block-averaged copy per stage spacing, see :class:`~dlir.pipeline.PreparedImage`),
+each slab converts only what it needs to float32, and only the outputs asked for (``outputs``)
+are kept at full resolution; the displacement field and the Jacobian map are computed on demand
+from the kept transform when they were not asked for.
 
 Coordinates: the whole computation runs in LPS mm relative to the fixed image's centre (both
 grids are translated by minus that centre, in double precision), so images far from the origin

@@ -3,7 +3,8 @@
     python Testing/benchmarks/fullres_ct.py make DIR        # writes DIR/{fixed,moving,moving_labels,fixed_labels}.nii.gz
     python Testing/benchmarks/fullres_ct.py run DIR OUT [--outputs ...]   # dlir register, prints result.json timings and peak RSS
 
-Peak RSS is the child's ``ru_maxrss``; run when the machine is otherwise idle.
+Peak RSS is the child's ``ru_maxrss``, CPU time its user + system time; run when the machine is otherwise
+idle (``OMP_NUM_THREADS=1`` gives steadier numbers on a shared machine).
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ def run(folder: Path, out: Path, extra: list[str]) -> None:
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak = usage.ru_maxrss / 2**20
     result = json.loads((out / "result.json").read_text())
     sizes = {p.name: round(p.stat().st_size / 2**20, 1) for p in sorted(out.iterdir())}
-    print(json.dumps({"wall_s": round(wall, 2), "peak_rss_gb": round(peak, 2), "timings_s": result["timings_s"],
+    print(json.dumps({"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2), "peak_rss_gb": round(peak, 2), "timings_s": result["timings_s"],
                       "total_s": result["total_s"], "dice": result.get("dice"), "folding": result["folding_fraction"],
                       "files_mb": sizes}, indent=1))
 
