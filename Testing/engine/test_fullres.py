@@ -114,6 +114,19 @@ def test_network_inputs_from_block_averages_stay_close_on_a_fine_grid() -> None:
         assert torch.equal(a == 0, b == 0)  # the same voxels fall outside the image
 
 
+def test_anti_aliased_sources_in_one_slice_slabs_equal_one_slab(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dlir.preprocess
+
+    grid = _oblique_grid((90, 70, 33), (0.5, 0.6, 1.1))
+    voxels = _moving(grid)
+    spacing = (4.0, 4.0, 4.0)
+    whole = PreparedImage.from_array(voxels, grid, IntensitySpec()).source_for(spacing)
+    monkeypatch.setattr(dlir.preprocess, "_SOURCE_SLAB_VOXELS", 1)
+    slabs = PreparedImage.from_array(voxels, grid, IntensitySpec()).source_for(spacing)
+    assert coarse_factors(grid, spacing) == (2, 2, 1) and whole[1] == slabs[1]
+    assert torch.equal(whole[0], slabs[0])
+
+
 # ----------------------------------------------------------------------------------- one pass at full resolution
 def test_separable_first_field_equals_the_pointwise_field() -> None:
     grid = Grid((70, 50, 20), (0.9, 1.1, 2.5), (-30.0, -25.0, -20.0), (1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
