@@ -119,7 +119,7 @@ def registerVolumes(
 
     result = register(fixedImage, movingImage, loaded, moving_labels=layers[0].image if layers else None,
                       device=device, refine_steps=refineSteps, initial_alignment=initialAlignment,
-                      progress=progress, cancel=cancel)
+                      progress=progress, cancel=cancel, outputs=_engineOutputs(request, bool(layers)))
 
     created = SceneChanges(scene)
     try:
@@ -128,17 +128,33 @@ def registerVolumes(
     except BaseException:
         created.undo()
         raise
-    jacobian = sitk.GetArrayViewFromImage(result.jacobian)
+    foldedVoxels = round(result.folding_fraction * int(np.prod(fixedImage.GetSize())))  # no Jacobian image needed
     return RegistrationOutputs(
         **nodes,
         device=result.device,
         seconds=time.perf_counter() - start,
         foldingPercent=100.0 * result.folding_fraction,
-        foldingVolumeMm3=float(np.count_nonzero(jacobian <= 0)) * fixedGeometry.voxelVolumeMm3(),
+        foldingVolumeMm3=float(foldedVoxels) * fixedGeometry.voxelVolumeMm3(),
         jacobianStd=result.jacobian_std,
         warnings=warnings + list(result.warnings),
         registration=result,
     )
+
+
+def _engineOutputs(request: OutputRequest, hasSegments: bool) -> list[str]:
+    """What the engine computes for the ticked outputs (nothing else at full resolution)."""
+    wanted = []
+    if _asked(request.warpedVolume):
+        wanted.append("warped")
+    if hasSegments and _asked(request.segmentation):
+        wanted.append("labels")
+    if _asked(request.jacobianVolume) or _asked(request.foldingSegmentation):
+        wanted.append("jacobian")
+    return wanted  # the transform node is the compact transform: nothing at full resolution
+
+
+def _asked(target: OutputTarget) -> bool:
+    return target is not False and target is not None
 
 
 def _loadStack(stack):
@@ -188,7 +204,8 @@ def _writeOutputs(scene, request: OutputRequest, result, layers: list[LabelLayer
         name = f"{movingSegmentationNode.GetName()} on {fixed} (DLIR)"
         segmentationNode = _outputNode(scene, request.segmentation, "vtkMRMLSegmentationNode", name)
     if segmentationNode is not None:
-        fillSegmentation(segmentationNode, _propagatedSegments(result, layers, movingSegmentationNode), fixedGeometry)
+        fillSegmentation(segmentationNode, _propagatedSegments(result, layers, movingSegmentationNode, fixedVolumeNode),
+                         fixedGeometry)
 
     if request.show:
         display.showInSliceViews(scene, fixedVolumeNode, jacobianNode,
@@ -197,19 +214,20 @@ def _writeOutputs(scene, request: OutputRequest, result, layers: list[LabelLayer
             "foldingSegmentationNode": foldingNode, "segmentationNode": segmentationNode}
 
 
-def _propagatedSegments(result, layers: list[LabelLayer], movingSegmentationNode) -> list[tuple[np.ndarray, list]]:
+def _propagatedSegments(result, layers: list[LabelLayer], movingSegmentationNode, fixedVolumeNode) -> list[tuple[np.ndarray, list]]:
     """Every layer warped onto the fixed grid, with (segment ID, source segment, label) of its segments.
 
     Layer 0 is the engine's own label warp; further layers (overlapping segments) are warped with
     the same displacement by ITK's nearest-neighbour resampling.
     """
     source = movingSegmentationNode.GetSegmentation()
+    reference = result.warped_labels if result.warped_labels is not None else volumeNodeToImage(fixedVolumeNode, "fixed volume")
     warpedLayers = []
     for index, layer in enumerate(layers):
         if index == 0:
             warped = result.warped_labels
         else:
-            warped = sitk.Resample(layer.image, result.warped, result.itk_transform(), sitk.sitkNearestNeighbor, 0)
+            warped = sitk.Resample(layer.image, reference, result.itk_transform(), sitk.sitkNearestNeighbor, 0)
         segments = [(segmentId, source.GetSegment(segmentId), value) for value, segmentId in enumerate(layer.segmentIds, start=1)]
         warpedLayers.append((sitk.GetArrayFromImage(warped), segments))
     return warpedLayers

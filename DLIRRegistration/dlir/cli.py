@@ -40,6 +40,9 @@ def _add_register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine", type=int, default=0, metavar="N", help="test-time refinement: N optimiser steps (default 0)")
     p.add_argument("--initial-alignment", choices=("centre", "com", "none"), help="override the stack's initial alignment")
     p.add_argument("--label-interpolation", choices=("nearest", "one-hot-linear"), default="nearest")
+    p.add_argument("--outputs", default="warped,labels,jacobian,transform", metavar="LIST",
+                   help="comma-separated outputs to compute and write, from warped, labels, jacobian, transform "
+                        "(default all; result.json is always written, with folding and std of the Jacobian)")
 
 
 def _run_register(args: argparse.Namespace) -> int:
@@ -51,8 +54,10 @@ def _run_register(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output_folder(out)  # before anything is read: an unusable --out is said first
     stack_path = resolve_stack(args.stack)
+    from .outputs import check_outputs
+
     options = dict(device=args.device, refine_steps=args.refine, initial_alignment=args.initial_alignment,
-                   label_interpolation=args.label_interpolation)
+                   label_interpolation=args.label_interpolation, outputs=check_outputs(args.outputs.split(",")))
     if args.pairs:
         if args.fixed or args.moving:
             raise InputError("give either FIXED MOVING or --pairs, not both")

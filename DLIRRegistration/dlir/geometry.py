@@ -217,6 +217,9 @@ def sample(
     """
     if image.dim() != 5 or points.dim() != 5 or points.shape[-1] != 3:
         raise ValueError(f"expected image [N,C,D,H,W] and points [N,d,h,w,3], got {tuple(image.shape)} and {tuple(points.shape)}")
+    if outside is None:  # no inside test: LPS -> normalised coordinates in one affine map (one pass over the points)
+        coords = _normalised_coordinates(grid, points).to(image.dtype)
+        return F.grid_sample(image, coords, mode=mode, padding_mode="border", align_corners=True)
     idx = grid.continuous_index(points)
     size = torch.as_tensor(grid.size, dtype=idx.dtype, device=idx.device)
     coords = (idx * (2.0 / (size - 1).clamp(min=1)) - 1.0).to(image.dtype)
@@ -225,6 +228,20 @@ def sample(
         inside = ((idx >= -0.5) & (idx <= size - 0.5)).all(dim=-1)
         out = out.masked_fill(~inside.unsqueeze(1), outside)
     return out
+
+
+def _normalised_coordinates(grid: Grid, points: torch.Tensor, shift: np.ndarray | None = None,
+                            size: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``grid_sample``'s coordinates (align_corners) of LPS ``points`` ``[..., 3]``: the continuous index of ``grid``
+    (less ``shift``, for a block starting there) scaled to [-1, 1] over ``size`` voxels (default the grid's)."""
+    m = grid.physical_to_index()[:3]
+    n = np.asarray(grid.size if size is None else size, dtype=np.float64)
+    scale = 2.0 / np.maximum(n - 1, 1)
+    matrix = m[:, :3] * scale[:, None]
+    offset = (m[:, 3] - (0.0 if shift is None else shift)) * scale - 1.0
+    a = torch.as_tensor(matrix, dtype=points.dtype, device=points.device)
+    b = torch.as_tensor(offset, dtype=points.dtype, device=points.device)
+    return torch.addmm(b, points.reshape(-1, 3), a.T).reshape(points.shape)
 
 
 def image_to_tensor(image: sitk.Image, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -2,10 +2,11 @@
 is allocated, against the memory available on the chosen device.
 
 The estimate counts the float32 tensors a registration holds at its peak (see :func:`estimate`):
-the input images and their normalised and anti-aliased copies, each stage's network grid
-(resampled inputs, sampling points and the activations of the widest layer), the refinement
-grid, and the full-resolution outputs on the fixed grid (displacement, warped image, labels and
-the Jacobian with its derivatives).  It is an estimate, meant to refuse in a second what would
+the images' anti-aliased copies per stage spacing (the images themselves are the caller's, read
+slab by slab in their own type), each stage's network grid (resampled inputs, sampling points and
+the activations of the widest layer), the refinement grid, and the full-resolution outputs on the
+fixed grid (warped image, labels, Jacobian, the displacement when it is kept) with the slabs
+they are computed in.  It is an estimate, meant to refuse in a second what would
 otherwise swap, be killed, or fail after minutes; it is not a bound on every allocation.
 
 Available memory: on CUDA the GPU's free memory (``torch.cuda.mem_get_info``); on the CPU Linux's
@@ -29,17 +30,21 @@ from .stack import Stack
 
 FLOAT = 4  # bytes of a float32 value
 
-# float32 values held per voxel (measured on the CPU with ``resource.getrusage``: the estimate is
-# within about 15 % of the peak for full-resolution-, network- and refinement-dominated runs)
-#: per fixed-grid voxel, all along: the raw and normalised image (plus one anti-aliased copy per stage spacing)
-PER_FIXED_INPUT = 2
-#: per moving-grid voxel, all along: the raw and normalised image (plus copies, and the labels when given)
-PER_MOVING_INPUT = 2
-#: per fixed-grid voxel at the full-resolution step: displacement (3), warped image and labels (2),
-#: the Jacobian's nine derivatives, nine matrix entries, determinant and temporaries (21)
-PER_FIXED_OUTPUT = 26
-#: the slabs of the full-resolution step (``dlir.register._CHUNK_VOXELS`` voxels, float64 indices)
-SLAB_BYTES = 2_000_000 * 80
+# float32 values held per voxel (measured on the CPU with VmHWM: see Testing/engine/test_fullres.py)
+#: per fixed-grid voxel, all along: nothing beyond the caller's image (read slab by slab in its own type), plus
+#: one anti-aliased copy per stage spacing (counted at full size: block averaging shrinks it on fine grids)
+PER_FIXED_INPUT = 0
+#: per moving-grid voxel, all along: as the fixed image (the label codes, when given, count one)
+PER_MOVING_INPUT = 0
+#: per fixed-grid voxel at the full-resolution step: warped image, labels and Jacobian, each as an array
+#: and as the image made of it (at most 4 bytes each)
+PER_FIXED_OUTPUT = 6
+#: per fixed-grid voxel, when the full-resolution displacement is kept (for a displacement-field transform
+#: file): the field as array and image (6), its float64 copy and the ITK transform's (12)
+PER_FIXED_DISPLACEMENT = 18
+#: the slabs of the full-resolution step (``dlir.register._CHUNK_VOXELS`` voxels: points, mapped points,
+#: displacement, the Jacobian's derivatives and the sampling temporaries)
+SLAB_BYTES = 1_000_000 * 250
 #: per network-grid voxel of a stage: fixed and moving resampled, sampling points and their image
 #: through the transforms so far, one sampled value (12), plus this many per channel (widest layers)
 PER_STAGE_VOXEL = 12
@@ -75,7 +80,7 @@ class MemoryEstimate:
 
 
 def estimate(stack: Stack, fixed_grid: Grid, moving_grid: Grid, refine_steps: int = 0,
-             moving_labels: bool = False) -> MemoryEstimate:
+             moving_labels: bool = False, displacement: bool = True) -> MemoryEstimate:
     """The peak memory (bytes) of registering an image on ``moving_grid`` onto one on ``fixed_grid``.
 
     Pure arithmetic on grid sizes: nothing is allocated, so it is safe for any grid.
@@ -83,7 +88,7 @@ def estimate(stack: Stack, fixed_grid: Grid, moving_grid: Grid, refine_steps: in
     fixed_voxels, moving_voxels = _voxels(fixed_grid), _voxels(moving_grid)
     copies = len({stage.spec.spacing_mm for stage in stack.stages})  # anti-aliased copies, cached per spacing
     inputs = FLOAT * (fixed_voxels * (PER_FIXED_INPUT + copies) + moving_voxels * (PER_MOVING_INPUT + copies + moving_labels))
-    full = FLOAT * fixed_voxels * PER_FIXED_OUTPUT + SLAB_BYTES
+    full = FLOAT * fixed_voxels * (PER_FIXED_OUTPUT + PER_FIXED_DISPLACEMENT * displacement) + SLAB_BYTES
     largest, index, shape = 0, 1, (1, 1, 1)
     for k, stage in enumerate(stack.stages, 1):
         grid = stage_grid(stage.spec, fixed_grid)
@@ -150,7 +155,8 @@ def _cgroup_room(root: Path = Path("/sys/fs/cgroup")) -> int | None:
 
 
 def check_memory(stack: Stack, fixed_grid: Grid, moving_grid: Grid, device: torch.device | str,
-                 refine_steps: int = 0, moving_labels: bool = False, available: int | None = None) -> MemoryEstimate:
+                 refine_steps: int = 0, moving_labels: bool = False, available: int | None = None,
+                 displacement: bool = True) -> MemoryEstimate:
     """Refuse, with one sentence, a registration that would not fit in the memory available on ``device``.
 
     ``available`` (bytes) overrides what :func:`available_memory` finds (for tests).  Raises
@@ -158,7 +164,7 @@ def check_memory(stack: Stack, fixed_grid: Grid, moving_grid: Grid, device: torc
     to the CPU) and :class:`~dlir.errors.DeviceError` on the CPU; returns the estimate otherwise.
     """
     device = torch.device(device)
-    need = estimate(stack, fixed_grid, moving_grid, refine_steps, moving_labels)
+    need = estimate(stack, fixed_grid, moving_grid, refine_steps, moving_labels, displacement)
     room = available if available is not None else available_memory(device)
     if room is None or need.total <= room:
         return need

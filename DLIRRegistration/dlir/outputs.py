@@ -30,14 +30,14 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Callable
 
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from .errors import DLIRError
+from .errors import DLIRError, InputError
 from .io import _captured_stderr, write_image, write_transform
 from .metrics import dice
 from .prefetch import STDERR_CAPTURE_LOCK, PairImages, read_pair_images
@@ -53,6 +53,10 @@ TRANSFORM_FILE = "transform.h5"
 LABELS_FILE = "labels.nii.gz"
 RESULT_FILE = "result.json"
 OUTPUT_FILES = (WARPED_FILE, JACOBIAN_FILE, TRANSFORM_FILE, LABELS_FILE, RESULT_FILE)
+#: what ``dlir register --outputs`` can ask for (default all), the file each writes, and what the engine makes for it
+OUTPUTS = ("warped", "labels", "jacobian", "transform")
+OUTPUT_FILE = {"warped": WARPED_FILE, "labels": LABELS_FILE, "jacobian": JACOBIAN_FILE, "transform": TRANSFORM_FILE}
+_ENGINE_OUTPUT = {"warped": "warped", "labels": "labels", "jacobian": "jacobian"}  # the transform needs no full-resolution work
 #: the table of a cohort (``dlir register --pairs``) beside its pair folders
 SUMMARY_FILE = "summary.csv"
 #: ``out`` + this suffix: the lock file of a run writing into ``out`` (beside it)
@@ -83,6 +87,7 @@ def register_pair(
     label_interpolation: str = "nearest",
     show_progress: bool = True,
     overwrite: bool = True,
+    outputs: Collection[str] | None = None,
 ) -> dict[str, object]:
     """Read, register and write one pair's output files into ``out``; returns the contents of ``result.json``.
 
@@ -98,7 +103,7 @@ def register_pair(
         result = register_into(folder.temp, stack, fixed_path, moving_path, moving_labels=moving_labels,
                                fixed_mask=fixed_mask, fixed_labels=fixed_labels, device=device, refine_steps=refine_steps,
                                initial_alignment=initial_alignment, label_interpolation=label_interpolation,
-                               show_progress=show_progress, shown=Path(out))
+                               show_progress=show_progress, shown=Path(out), outputs=outputs)
         folder.commit()
     return result
 
@@ -119,6 +124,7 @@ def register_into(
     show_progress: bool = True,
     shown: Path | None = None,
     images: PairImages | None = None,
+    outputs: Collection[str] | None = None,
 ) -> dict[str, object]:
     """Read, register and write one pair into the existing, empty (staging) ``folder``; ``result.json`` last.
 
@@ -126,7 +132,12 @@ def register_into(
     :func:`staged_folder` around it.  ``shown`` names the final folder in error messages.
     ``images``: the pair's files already read (:func:`dlir.prefetch.read_pair_images`; a cohort
     reads them ahead), used instead of reading the paths, which then only name the files.
+    ``outputs``: the files to make and write, a subset of :data:`OUTPUTS` (default all;
+    ``labels`` only with moving labels); only those are computed, except the folding fraction and
+    std of the Jacobian, which ``result.json`` always reports.  Dice (with ``fixed_labels``) needs
+    ``labels``.
     """
+    wanted = check_outputs(outputs)
     shown = folder if shown is None else shown
     if images is None:
         images = read_pair_images(fixed_path, moving_path, moving_labels, fixed_mask, fixed_labels)
@@ -141,12 +152,17 @@ def register_into(
 
         reg = register(fixed, moving, stack, moving_labels=labels, fixed_mask=mask, device=device,
                        refine_steps=refine_steps, initial_alignment=initial_alignment,
-                       label_interpolation=label_interpolation, progress=progress)
+                       label_interpolation=label_interpolation, progress=progress,
+                       outputs=[_ENGINE_OUTPUT[name] for name in wanted if name in _ENGINE_OUTPUT])
 
     t1 = time.perf_counter()
-    _write_checked(folder / WARPED_FILE, shown, lambda p: write_image(reg.warped, p))
-    _write_checked(folder / JACOBIAN_FILE, shown, lambda p: write_image(reg.jacobian, p))
-    _write_checked(folder / TRANSFORM_FILE, shown, lambda p: write_transform(reg.itk_transform(), p))
+    if reg.warped is not None:
+        warped = reg.warped
+        _write_checked(folder / WARPED_FILE, shown, lambda p: write_image(warped, p))
+    if "jacobian" in wanted:
+        _write_checked(folder / JACOBIAN_FILE, shown, lambda p: write_image(reg.jacobian, p))
+    if "transform" in wanted:
+        _write_checked(folder / TRANSFORM_FILE, shown, lambda p: write_transform(reg.itk_transform(), p))
     if reg.warped_labels is not None:
         labels_out = reg.warped_labels
         _write_checked(folder / LABELS_FILE, shown, lambda p: write_image(labels_out, p))
@@ -163,6 +179,17 @@ def register_into(
     text = json.dumps(result, indent=2) + "\n"
     _write_checked(folder / RESULT_FILE, shown, lambda p: p.write_text(text, encoding="utf-8"))
     return result
+
+
+def check_outputs(outputs: Collection[str] | None) -> tuple[str, ...]:
+    """The asked outputs in :data:`OUTPUTS` order (all when None); :class:`~dlir.errors.InputError` for an unknown one."""
+    if outputs is None:
+        return OUTPUTS
+    names = {name.strip() for name in outputs if name.strip()}
+    unknown = sorted(names - set(OUTPUTS))
+    if unknown:
+        raise InputError(f"unknown output {', '.join(repr(n) for n in unknown)}: choose from {', '.join(OUTPUTS)}")
+    return tuple(name for name in OUTPUTS if name in names)
 
 
 def _dice_before_after(reference: sitk.Image, moving_labels: sitk.Image, warped_labels: sitk.Image) -> dict[str, dict[str, float]]:

@@ -11,14 +11,24 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
-from .errors import StackError
+from .errors import InputError, StackError
 from .geometry import Grid
-from .preprocess import initial_alignment, network_grid, normalise_intensity, smooth_for_spacing, to_grid
+from .preprocess import (
+    antialiased_source,
+    apply_window,
+    initial_alignment,
+    intensity_window,
+    network_grid,
+    normalise_intensity,
+    sample_source,
+    smooth_for_spacing,
+)
 from .recipe import IntensitySpec, StageSpec
 from .stack import Stack
-from .transforms import Composite, SpatialTransform, is_finite
+from .transforms import AffineTransform, Composite, SpatialTransform, grid_points, is_finite
 
 #: ``step(name)``: a context around one named step (progress, cancel and timing in inference)
 StepHook = Callable[[str], AbstractContextManager[None]]
@@ -26,21 +36,84 @@ StepHook = Callable[[str], AbstractContextManager[None]]
 
 @dataclass
 class PreparedImage:
-    """A normalised image ``[1, 1, D, H, W]`` (intensities in [0, 1]) with its grid and anti-aliased copies."""
+    """A normalised image (intensities in [0, 1]) with its grid and anti-aliased copies for the network grids.
 
-    tensor: torch.Tensor
+    Either ``tensor`` holds the normalised image ``[1, 1, D, H, W]`` (training, small images), or
+    ``source`` holds the voxels ``[D, H, W]`` in their own type (an int16 CT stays int16) with the
+    intensity ``window`` (low, high), normalised slab by slab when needed (inference: no
+    full-resolution float copy is made).  :meth:`source_for` gives the copy anti-aliased for one
+    spacing, on a coarser grid (:func:`~dlir.preprocess.antialiased_source`), cached.
+    """
+
+    tensor: torch.Tensor | None
     grid: Grid
-    _smoothed: dict[tuple[float, float, float], torch.Tensor] = field(default_factory=dict, repr=False)
+    source: np.ndarray | None = None
+    window: tuple[float, float] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    extremes: tuple[float, float] | None = None
+    _coarse: dict[tuple[float, float, float], tuple[torch.Tensor, Grid]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.tensor is not None:
+            self.device = self.tensor.device
 
     @classmethod
     def from_tensor(cls, raw: torch.Tensor, grid: Grid, intensity: IntensitySpec) -> "PreparedImage":
         return cls(normalise_intensity(raw, intensity), grid)
 
+    @classmethod
+    def from_array(cls, voxels: np.ndarray, grid: Grid, intensity: IntensitySpec, device: torch.device | str = "cpu") -> "PreparedImage":
+        """Keep ``voxels`` ``[D, H, W]`` (any numeric type; not copied, not modified) and their intensity window."""
+        window = intensity_window(voxels, intensity)
+        extremes = (float(voxels.min()), float(voxels.max()))
+        return cls(None, grid, voxels, window, torch.device(device), extremes)
+
+    def slab(self, k0: int, k1: int) -> torch.Tensor:
+        """Normalised slices ``k0 .. k1-1``, float32 ``[1, 1, k1-k0, H, W]`` on the image's device."""
+        if self.tensor is not None:
+            return self.tensor[:, :, k0:k1]
+        assert self.source is not None and self.window is not None
+        part = torch.from_numpy(np.array(self.source[k0:k1], dtype=np.float32)).to(self.device)[None, None]
+        return apply_window(part, *self.window, extremes=self.extremes)
+
+    def normalised(self) -> torch.Tensor:
+        """The whole normalised image ``[1, 1, D, H, W]`` (a full-resolution float copy for array-backed images)."""
+        return self.tensor if self.tensor is not None else self.slab(0, self.grid.shape[0])
+
     def smoothed(self, spacing: tuple[float, float, float]) -> torch.Tensor:
-        """The image anti-aliased for resampling at ``spacing`` mm (cached)."""
-        if spacing not in self._smoothed:
-            self._smoothed[spacing] = smooth_for_spacing(self.tensor, self.grid, spacing)
-        return self._smoothed[spacing]
+        """The whole image anti-aliased at full resolution for resampling at ``spacing`` mm (not cached)."""
+        return smooth_for_spacing(self.normalised(), self.grid, spacing)
+
+    def source_for(self, spacing: tuple[float, float, float]) -> tuple[torch.Tensor, Grid]:
+        """(image, grid): the image anti-aliased for resampling at ``spacing`` mm, on a coarser grid (cached)."""
+        if spacing not in self._coarse:
+            self._coarse[spacing] = antialiased_source(self.slab, self.grid, spacing)
+        return self._coarse[spacing]
+
+    def resampled(self, spacing: tuple[float, float, float], transform: SpatialTransform | None, grid: Grid) -> torch.Tensor:
+        """The image anti-aliased for ``spacing`` and resampled onto ``grid`` through ``transform``, 0 outside."""
+        image, image_grid = self.source_for(spacing)
+        pts = grid_points(grid, image.shape[0], image.device)
+        if transform is not None:
+            pts = transform(pts)
+        return sample_source(image, image_grid, self.grid, pts)
+
+    def centre_of_mass(self) -> np.ndarray:
+        """Intensity-weighted centre (LPS mm) of the normalised image, slab by slab."""
+        depth, height, width = self.grid.shape
+        step = max(1, 4_000_000 // (height * width))
+        total = 0.0
+        moments = np.zeros(3)
+        for k0 in range(0, depth, step):
+            w = self.slab(k0, min(depth, k0 + step))[0, 0].double()
+            total += float(w.sum())
+            for axis, dim in ((0, 2), (1, 1), (2, 0)):  # i (W), j (H), k (D)
+                profile = w.sum(dim=tuple(d for d in range(3) if d != dim))
+                offset = k0 if axis == 2 else 0
+                moments[axis] += float((profile * (torch.arange(w.shape[dim], dtype=torch.float64, device=w.device) + offset)).sum())
+        if total <= 0:
+            raise InputError("the image is empty (all zero after normalisation): no centre of mass")
+        return (self.grid.index_to_physical() @ np.append(moments / total, 1.0))[:3]
 
 
 def stage_grid(spec: StageSpec, fixed_grid: Grid) -> Grid:
@@ -53,15 +126,19 @@ def stage_inputs(
 ) -> tuple[Grid, torch.Tensor, torch.Tensor]:
     """(grid, fixed, moving warped by ``transform``) for a stage, tensors ``[1, 1, D, H, W]``."""
     grid = stage_grid(spec, fixed.grid)
-    f = to_grid(fixed.smoothed(spec.spacing_mm), fixed.grid, None, grid)
-    m = to_grid(moving.smoothed(spec.spacing_mm), moving.grid, transform, grid)
+    f = fixed.resampled(spec.spacing_mm, None, grid)
+    m = moving.resampled(spec.spacing_mm, transform, grid)
     return grid, f, m
 
 
 def alignment(stack: Stack, fixed: PreparedImage, moving: PreparedImage, mode: str | None = None) -> SpatialTransform:
     """The initial alignment ``T0`` (``mode`` overrides the stack's recipe)."""
     mode = mode or stack.manifest.recipe.initial_alignment
-    return initial_alignment(mode, fixed.tensor, fixed.grid, moving.tensor, moving.grid)
+    if mode == "com":
+        shift = moving.centre_of_mass() - fixed.centre_of_mass()
+        return AffineTransform.translation(torch.as_tensor(shift, dtype=torch.float32, device=fixed.device)[None])
+    placeholder = torch.empty(0, device=fixed.device)  # centre / none use the grids only
+    return initial_alignment(mode, placeholder, fixed.grid, placeholder, moving.grid)
 
 
 def run_stages(

@@ -8,6 +8,7 @@ in LPS mm, and is deterministic, so training and inference see identical inputs.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,30 +23,57 @@ from .transforms import AffineTransform, SpatialTransform, grid_points
 _PERCENTILE_SAMPLES = 2_000_000
 #: beyond this magnitude (intensity units) normalisation is computed in float64: float32 overflows at 3.4e38
 _FLOAT32_SAFE = 1e37
-#: bytes one separable smoothing convolution may use (its unfolded input, kernel length x voxels x 4 bytes)
-_SMOOTH_BYTES = 256 * 2**20
 #: a Gaussian wider than this many times the axis length only averages the axis: its sigma is capped there
 _MAX_SIGMA_PER_VOXEL = 8.0
+#: an image is block-averaged for a network grid onto a grid of at most this fraction of the network's spacing
+COARSE_FRACTION = 1 / 3
+#: share of the average extra blur of interpolating on the coarse grid that the residual Gaussian leaves out
+_INTERPOLATION_BLUR = 0.5
+#: voxels of an image converted to float32 at a time when it is brought toward a network grid
+_SOURCE_SLAB_VOXELS = 4_000_000
 #: the most voxels a network grid may have (an image header with a wrong spacing can ask for any number)
 MAX_NETWORK_VOXELS = 2**28
 
 
 def normalise_intensity(image: torch.Tensor, spec: IntensitySpec) -> torch.Tensor:
     """Scale intensities to [0, 1] as ``spec`` says (window in image units or percentiles), clipped."""
+    low, high = intensity_window(image, spec)
+    return apply_window(image, low, high)
+
+
+def intensity_window(image: torch.Tensor | np.ndarray, spec: IntensitySpec) -> tuple[float, float]:
+    """(low, high): the intensities that :func:`normalise_intensity` maps to 0 and 1.
+
+    ``image`` is a tensor or an array of any numeric type; percentiles are estimated on the same
+    strided subset of at most about 2 million voxels either way, so both give the same window.
+    """
     if spec.kind == "window":
-        low, high = spec.low, spec.high
+        return spec.low, spec.high
+    if isinstance(image, np.ndarray):
+        flat_np = image.reshape(-1)
+        step = max(1, flat_np.size // _PERCENTILE_SAMPLES)
+        subset = torch.from_numpy(np.ascontiguousarray(flat_np[::step]).astype(np.float32)).double()
     else:
         flat = image.flatten()
         step = max(1, flat.numel() // _PERCENTILE_SAMPLES)
         subset = flat[::step].double()
-        low, high = percentiles(subset, (spec.low, spec.high))
-        if high <= low:
-            high = float(subset.max())
-            low = float(subset.min())
-        if high <= low:
-            raise InputError("the image is constant: there is nothing to register")
+    low, high = percentiles(subset, (spec.low, spec.high))
+    if high <= low:
+        high = float(subset.max())
+        low = float(subset.min())
+    if high <= low:
+        raise InputError("the image is constant: there is nothing to register")
+    return low, high
+
+
+def apply_window(image: torch.Tensor, low: float, high: float, extremes: tuple[float, float] | None = None) -> torch.Tensor:
+    """``(image - low) / (high - low)`` clipped to [0, 1]; in float64 when float32 would overflow.
+
+    ``extremes`` (min, max of the whole image) decides that for a part of an image (a slab).
+    """
     span = high - low
-    extreme = max(abs(float(image.max()) - low), abs(float(image.min()) - low))
+    lo, hi = (float(image.min()), float(image.max())) if extremes is None else extremes
+    extreme = max(abs(hi - low), abs(lo - low))
     if span > _FLOAT32_SAFE or extreme > _FLOAT32_SAFE:  # huge intensities: float32 would overflow to inf / inf = NaN
         return ((image.double() - low) / span).clamp(0, 1).to(image.dtype)
     return ((image - low) / span).clamp(0, 1)
@@ -78,15 +106,93 @@ def smooth_for_spacing(image: torch.Tensor, grid: Grid, target_spacing: tuple[fl
 
     Along each image axis, sigma (voxels) = (target / source spacing - 1) / 2, none when the
     target is not coarser.  Separable convolution with replicated borders.  Memory stays bounded
-    on extreme grids (e.g. 0.01 mm voxels smoothed for a 4 mm network grid): a convolution that
-    would unfold more than 256 MB runs in chunks, and a kernel longer than its axis becomes the
-    equivalent (axis x axis) matrix, with sigma capped at 8 times the axis length (beyond that
+    on extreme grids (e.g. 0.01 mm voxels smoothed for a 4 mm network grid): a convolution is a
+    sum of shifted copies (the padded image and the result, nothing unfolded), and a kernel
+    longer than its axis becomes the equivalent (axis x axis) matrix, with sigma capped at 8 times the axis length (beyond that
     the axis is averaged either way).
     """
     target = min(target_spacing)
+    return _smooth(image, [(target / grid.spacing[axis] - 1) / 2 for axis in range(3)])
+
+
+def coarse_factors(grid: Grid, target_spacing: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Integer block-averaging factors (i, j, k) that bring ``grid`` toward a grid for ``target_spacing`` mm.
+
+    The coarse grid's spacing stays at most :data:`COARSE_FRACTION` of the target (the smallest
+    of its three spacings, as :func:`smooth_for_spacing`), so that resampling it trilinearly adds
+    little blur of its own.
+    """
+    target = min(target_spacing)
+    return tuple(max(1, int(math.floor(COARSE_FRACTION * target / s + 1e-6))) for s in grid.spacing)  # type: ignore[return-value]
+
+
+def antialiased_source(
+    slab: Callable[[int, int], torch.Tensor], grid: Grid, target_spacing: tuple[float, float, float]
+) -> tuple[torch.Tensor, Grid]:
+    """The image on ``grid`` anti-aliased for resampling at ``target_spacing`` mm, on a coarser grid.
+
+    One pass over the image, slab by slab along k (``slab(k0, k1)`` gives slices ``k0 .. k1-1``
+    as float32 ``[1, 1, k1-k0, H, W]``, e.g. normalised from the image's own type): block averages
+    by :func:`coarse_factors` (replicated borders where the size is not a multiple), then the
+    residual Gaussian so that the total variance per axis equals :func:`smooth_for_spacing`'s
+    (a block of ``f`` voxels has variance ``(f^2 - 1) / 12`` voxels^2).  Returns the coarse image
+    ``[1, 1, d, h, w]`` and its grid: block centres, so it covers up to ``f - 1`` voxels beyond the
+    image at the far borders; sample it with :func:`sample_source` to keep 0 outside the image.
+    Without block averaging (factors 1) this is :func:`smooth_for_spacing` exactly.
+    """
+    fi, fj, fk = coarse_factors(grid, target_spacing)
+    factors = (fi, fj, fk)
+    target = min(target_spacing)
+    sigmas = []
+    for axis, f in enumerate(factors):
+        sigma = (target / grid.spacing[axis] - 1) / 2  # voxels of ``grid``, as smooth_for_spacing
+        # residual variance in coarse voxels: the Gaussian's, less the block's and less part of the extra blur of
+        # linear interpolation between coarse voxels rather than original ones (t (1 - t) h^2, h^2 / 6 on average)
+        variance = (sigma**2 - (f**2 - 1) / 12) / f**2 - _INTERPOLATION_BLUR * (f**2 - 1) / (6 * f**2)
+        sigmas.append(math.sqrt(max(variance, 0.0)) if sigma >= 0.25 else 0.0)
+    depth, height, width = grid.shape
+    step = fk * max(1, _SOURCE_SLAB_VOXELS // (fk * height * width))
+    parts = []
+    for k0 in range(0, depth, step):
+        k1 = min(depth, k0 + step)
+        part = slab(k0, k1)
+        pad = (0, (-width) % fi, 0, (-height) % fj, 0, (-(k1 - k0)) % fk)
+        if any(pad):
+            part = F.pad(part, pad, mode="replicate")
+        if factors != (1, 1, 1):
+            part = F.avg_pool3d(part, (fk, fj, fi))
+        parts.append(_smooth(part, [sigmas[0], sigmas[1], 0.0]))  # within slices: slab by slab
+    coarse = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    del parts
+    m = grid.index_to_physical()
+    origin = (m @ np.array([(f - 1) / 2 for f in factors] + [1.0]))[:3]
+    coarse_grid = Grid(size=(coarse.shape[4], coarse.shape[3], coarse.shape[2]),
+                       spacing=tuple(s * f for s, f in zip(grid.spacing, factors)),  # type: ignore[arg-type]
+                       origin=tuple(float(o) for o in origin), direction=grid.direction)  # type: ignore[arg-type]
+    return _smooth(coarse, [0.0, 0.0, sigmas[2]]), coarse_grid
+
+
+def sample_source(image: torch.Tensor, image_grid: Grid, extent: Grid, points: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples of a (coarse) ``image`` on ``image_grid`` at LPS ``points``, 0 outside ``extent``'s image.
+
+    As :func:`dlir.geometry.sample` on the original image: inside = continuous index of ``extent``
+    in ``[-0.5, size - 0.5]``; between the coarse grid's border centres and that limit the border
+    value is kept.
+    """
+    if image_grid == extent:
+        return sample(image, image_grid, points)
+    out = sample(image, image_grid, points, outside=None)
+    idx = extent.continuous_index(points)
+    size = torch.as_tensor(extent.size, dtype=idx.dtype, device=idx.device)
+    inside = ((idx >= -0.5) & (idx <= size - 0.5)).all(dim=-1)
+    return out.masked_fill(~inside.unsqueeze(1), 0.0)
+
+
+def _smooth(image: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
+    """Separable Gaussian of ``image`` ``[N, C, D, H, W]`` with ``sigmas`` (voxels) along (i, j, k); replicated borders."""
     out = image
     for axis, dim in ((0, 4), (1, 3), (2, 2)):
-        sigma = (target / grid.spacing[axis] - 1) / 2
+        sigma = sigmas[axis]
         length = image.shape[dim]
         if sigma < 0.25 or length < 2:
             continue
@@ -98,25 +204,21 @@ def smooth_for_spacing(image: torch.Tensor, grid: Grid, target_spacing: tuple[fl
 
 
 def _smooth_axis_by_convolution(image: torch.Tensor, dim: int, kernel: torch.Tensor) -> torch.Tensor:
-    """``image`` ``[N, C, D, H, W]`` convolved along ``dim`` with ``kernel`` (replicated borders), in chunks when large."""
-    k = kernel.to(device=image.device, dtype=image.dtype)
-    r = (k.numel() - 1) // 2
-    shape = [1, 1, 1, 1, 1]
-    shape[dim] = k.numel()
+    """``image`` ``[N, C, D, H, W]`` convolved along ``dim`` with ``kernel`` (replicated borders).
+
+    As a sum of shifted copies (one multiply-add per tap), so it needs the padded image and the
+    result only: no unfolded input of kernel-length times the image, whatever the image's size.
+    """
+    k = kernel.double().tolist()
+    r = (len(k) - 1) // 2
+    n = image.shape[dim]
     pad = [0, 0, 0, 0, 0, 0]
     pad[2 * (4 - dim)] = pad[2 * (4 - dim) + 1] = r
-    c = image.shape[1]
-    weight = k.view(shape).expand(c, 1, *shape[2:])
-
-    def convolve(part: torch.Tensor) -> torch.Tensor:
-        return F.conv3d(F.pad(part, pad, mode="replicate"), weight, groups=c)
-
-    if image.numel() * k.numel() * image.element_size() <= _SMOOTH_BYTES:
-        return convolve(image)
-    split = max((d for d in (2, 3, 4) if d != dim), key=lambda d: image.shape[d])
-    per_slice = image.numel() // image.shape[split] * k.numel() * image.element_size()
-    step = max(1, _SMOOTH_BYTES // per_slice)
-    return torch.cat([convolve(part) for part in image.split(step, dim=split)], dim=split)
+    padded = F.pad(image, pad, mode="replicate")
+    out = padded.narrow(dim, 0, n) * k[0]
+    for tap in range(1, len(k)):
+        out.add_(padded.narrow(dim, tap, n), alpha=k[tap])
+    return out
 
 
 def _smooth_axis_by_matrix(image: torch.Tensor, dim: int, sigma: float) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from .geometry import Grid, sample
 from .losses import stage_loss
 from .pipeline import PreparedImage
-from .preprocess import network_grid, to_grid
+from .preprocess import network_grid
 from .stages import Stage
 from .transforms import DisplacementField, SpatialTransform, grid_points
 
@@ -45,12 +45,12 @@ def refine(
     """
     spec = stage.spec
     grid = refinement_grid(stage, fixed.grid)
-    f = to_grid(fixed.smoothed(grid.spacing), fixed.grid, None, grid)
+    f = fixed.resampled(grid.spacing, None, grid)
     with torch.no_grad():  # the moving image through the earlier stages, on a box with margin for this stage's motion
         margin = 4 * max(spec.spacing_mm)
         lower, upper = grid.bounding_box()
         outer = Grid.axis_aligned_box(lower - margin, upper + margin, grid.spacing)
-        m = to_grid(moving.smoothed(grid.spacing), moving.grid, earlier, outer)
+        m = moving.resampled(grid.spacing, earlier, outer)
     variable = raw.detach().clone().requires_grad_(True)
     optimiser = torch.optim.Adam([variable], lr=LEARNING_RATE[spec.kind])
     points = grid_points(grid, 1, f.device)

@@ -2,9 +2,16 @@
 
 Flow: check inputs -> normalise intensities -> initial alignment (centres by default) -> stage
 1..n on their network grids -> optional test-time refinement -> the composed transform
-``T = T0 o T1 o ... o Tn`` evaluated on the FULL-resolution fixed grid -> warped moving image
-(linear), warped labels (nearest neighbour, or linear on one-hot then argmax), det-Jacobian map,
-folding fraction and std of the Jacobian.  All in LPS mm; T maps fixed points to moving points.
+``T = T0 o T1 o ... o Tn`` evaluated once per voxel of the FULL-resolution fixed grid, slab by slab
+(:func:`full_resolution`) -> warped moving image (linear, in the moving image's pixel type),
+warped labels (nearest neighbour, or linear on one-hot then argmax), det-Jacobian map, folding
+fraction and std of the Jacobian.  All in LPS mm; T maps fixed points to moving points.
+
+Memory grows with the outputs only: the images are read in their own types (network inputs come
+from one anti-aliased, block-averaged copy per stage spacing, see :class:`~dlir.pipeline.PreparedImage`),
+each slab converts only what it needs to float32, and only the outputs asked for (``outputs``)
+are kept at full resolution; the displacement field and the Jacobian map are computed on demand
+from the kept transform when they were not asked for.
 
 Coordinates: the whole computation runs in LPS mm relative to the fixed image's centre (both
 grids are translated by minus that centre, in double precision), so images far from the origin
@@ -25,7 +32,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal
+from typing import Callable, Collection, Iterator, Literal
 
 import numpy as np
 import SimpleITK as sitk
@@ -34,14 +41,13 @@ import torch
 from .device import resolve_device
 from .errors import CancelledError, DeviceError, InputError, StackError
 from .export import itk_transform
-from .geometry import Grid, image_to_tensor, sample, tensor_to_image
+from .geometry import Grid
 from .io import check_image, check_label_map
 from .memory import check_memory
-from .metrics import folding_fraction, jacobian_std
 from .pipeline import PreparedImage, alignment, check_stage_output, run_stages, stage_grid
 from .refine import refine, refinement_grid
 from .stack import Stack
-from .transforms import Composite, SpatialTransform, jacobian_determinant
+from .transforms import Composite, SpatialTransform, evaluate_on_slab, jacobian_determinant
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +56,7 @@ Cancel = Callable[[], bool]
 LabelInterpolation = Literal["nearest", "one-hot-linear"]
 
 #: voxels per chunk when evaluating the transform on the full-resolution fixed grid
-_CHUNK_VOXELS = 2_000_000
+_CHUNK_VOXELS = 1_000_000
 #: below this share of fixed voxels inside the moving image after the initial alignment, the
 #: images count as not overlapping (a warning, and ``no_overlap`` in the summary)
 NO_OVERLAP_BELOW = 0.01
@@ -59,15 +65,21 @@ _OVERLAP_POINTS = 32**3
 #: one-hot-linear with at most this many labels (background included) sums each label's weight
 #: directly; beyond, the weights of the 8 neighbours' own labels (the same sums, any label count)
 _FEW_LABELS = 16
+#: the full-resolution results :func:`register` can make (``outputs``) and those it makes by default
+ENGINE_OUTPUTS = ("warped", "labels", "jacobian", "displacement")
+DEFAULT_OUTPUTS = ("warped", "labels", "jacobian")
 
 
 @dataclass
 class Registration:
-    """The result of one registration, everything on the full-resolution fixed grid (LPS mm)."""
+    """The result of one registration, everything on the full-resolution fixed grid (LPS mm).
 
-    displacement: sitk.Image  # 3-vector float32, u(x) with T(x) = x + u(x): fixed -> moving
-    warped: sitk.Image  # moving resampled on the fixed grid (linear), float32
-    jacobian: sitk.Image  # det(I + du/dx), float32
+    ``warped``, ``warped_labels`` and the Jacobian image are made when asked for (``outputs`` of
+    :func:`register`); ``displacement`` and ``jacobian`` are also computed on demand from the
+    composed ``transform`` (by slabs; cached once computed) when the run did not make them.
+    """
+
+    warped: sitk.Image | None  # moving resampled on the fixed grid (linear): the moving image's pixel type (integers rounded) or float32
     warped_labels: sitk.Image | None
     folding_fraction: float  # share of voxels (in the mask when given) with det <= 0
     jacobian_std: float
@@ -76,16 +88,42 @@ class Registration:
     timings: dict[str, float] = field(default_factory=dict)
     overlap_fraction: float = 1.0  # share of fixed voxels inside the moving image after the initial alignment
     warnings: list[str] = field(default_factory=list)  # sentences also logged as warnings
-    #: the stage transforms ``[T0, T1, ..., Tn]`` in the computation's coordinates: LPS mm plus ``frame_offset``
-    stage_transforms: list[SpatialTransform] = field(default_factory=list, repr=False)
-    frame_offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    transform: SpatialTransform | None = None  # T, fixed -> moving, in the coordinates of ``grid``
+    grid: Grid | None = None  # the fixed grid as the computation saw it (translated by minus its centre)
+    output_grid: Grid | None = None  # the fixed image's own grid
+    _displacement: sitk.Image | None = field(default=None, repr=False)
+    _jacobian: sitk.Image | None = field(default=None, repr=False)
+
+    @property
+    def displacement(self) -> sitk.Image:
+        """u(x) with T(x) = x + u(x) (fixed -> moving), 3-vector float32 on the fixed grid."""
+        if self._displacement is None:
+            self._displacement = self._evaluate(displacement=True).displacement
+        return self._displacement
+
+    @property
+    def jacobian(self) -> sitk.Image:
+        """det(I + du/dx) per fixed voxel, float32."""
+        if self._jacobian is None:
+            self._jacobian = self._evaluate(jacobian=True).jacobian
+        return self._jacobian
+
+    def _evaluate(self, **wanted: bool) -> "FullResolution":
+        if self.transform is None or self.grid is None or self.output_grid is None:
+            raise ValueError("this registration holds no transform to evaluate")
+        device = torch.device(self.device)
+        with torch.no_grad():
+            return full_resolution(self.transform, self.grid, self.output_grid, device, **wanted)
 
     def itk_transform(self) -> sitk.CompositeTransform:
         """A new, compact ITK transform equal to ``T`` (fixed -> moving, resampling direction; see :mod:`dlir.export`).
 
         Its size follows the stages' network grids, not the fixed image.
         """
-        return itk_transform(self.stage_transforms, self.frame_offset)
+        if self.transform is None or self.grid is None or self.output_grid is None:
+            raise ValueError("this registration holds no transform to export")
+        shift = np.asarray(self.grid.origin, dtype=np.float64) - np.asarray(self.output_grid.origin, dtype=np.float64)
+        return itk_transform([self.transform], shift)
 
     def summary(self) -> dict[str, object]:
         """JSON-ready numbers of the run."""
@@ -114,8 +152,18 @@ def register(
     label_interpolation: LabelInterpolation = "nearest",
     progress: Progress | None = None,
     cancel: Cancel | None = None,
+    outputs: Collection[str] | None = None,
+    float_warped: bool = False,
 ) -> Registration:
     """Register ``moving`` onto ``fixed`` with ``stack``; inputs are never modified.
+
+    ``outputs``: which full-resolution results to make, a subset of :data:`ENGINE_OUTPUTS`
+    (default: warped, labels and jacobian).  ``displacement`` keeps the full-resolution field from
+    the same pass (else :attr:`Registration.displacement` computes it when first read, as
+    :attr:`Registration.jacobian` does when ``jacobian`` is not asked for).  Folding fraction and
+    std of the Jacobian are always computed (slab by slab, nothing kept): they are the run's
+    quality numbers.  ``float_warped``: the warped image as float32 instead of the moving image's
+    pixel type (integer types are rounded to the nearest value and clipped to the type's range).
 
     ``initial_alignment`` (``centre``, ``com`` or ``none``) overrides the stack's recipe.
     ``refine_steps`` > 0 runs that many optimiser steps on the stack's loss, starting from the
@@ -124,8 +172,8 @@ def register(
     :class:`~dlir.errors.CancelledError` when it returns True.
     On ``device="auto"`` a GPU out-of-memory error falls back to the CPU.
     """
-    fixed_f = check_image(fixed, "fixed image")
-    moving_f = check_image(moving, "moving image")
+    fixed_f = check_image(fixed, "fixed image", as_float32=False)  # read in their own types, never copied whole
+    moving_f = check_image(moving, "moving image", as_float32=False)
     if moving_labels is not None:
         check_label_map(moving_labels, moving, "moving label map", "moving image", allow_negative=True)
     if fixed_mask is not None:
@@ -134,10 +182,14 @@ def register(
         raise InputError("the number of refinement steps cannot be negative")
     if label_interpolation not in ("nearest", "one-hot-linear"):
         raise InputError(f"unknown label interpolation {label_interpolation!r}: use nearest or one-hot-linear")
+    wanted = frozenset(DEFAULT_OUTPUTS if outputs is None else outputs)
+    if not wanted <= set(ENGINE_OUTPUTS):
+        raise InputError(f"unknown outputs {', '.join(sorted(wanted - set(ENGINE_OUTPUTS)))}: choose from {', '.join(ENGINE_OUTPUTS)}")
     target = resolve_device(device)
+    options = (wanted, float_warped)
     try:
         return _register(fixed_f, moving_f, stack, moving_labels, fixed_mask, target, refine_steps,
-                         initial_alignment, label_interpolation, progress, cancel)
+                         initial_alignment, label_interpolation, progress, cancel, options)
     except torch.cuda.OutOfMemoryError as exc:
         torch.cuda.empty_cache()
         if device != "auto" and isinstance(exc, DeviceError):  # our own estimate: its sentence says what to do
@@ -146,7 +198,7 @@ def register(
             raise DeviceError("the GPU ran out of memory for this pair; choose the CPU (device 'cpu') or free GPU memory") from exc
         log.warning("GPU out of memory; registering on the CPU instead")
         return _register(fixed_f, moving_f, stack, moving_labels, fixed_mask, torch.device("cpu"), refine_steps,
-                         initial_alignment, label_interpolation, progress, cancel)
+                         initial_alignment, label_interpolation, progress, cancel, options)
 
 
 class _Steps:
@@ -179,6 +231,13 @@ class _Steps:
         if self.progress is not None:
             self.progress(name, (self.done + fraction) / self.total)
 
+    def record(self, name: str, seconds: float) -> None:
+        """A step done as part of another one (timed there): its time and progress."""
+        self.timings[name] = seconds
+        self.done += 1
+        if self.progress is not None:
+            self.progress(name, self.done / self.total)
+
 
 def _register(
     fixed: sitk.Image,
@@ -192,7 +251,9 @@ def _register(
     label_interpolation: LabelInterpolation,
     progress: Progress | None,
     cancel: Cancel | None,
+    options: tuple[frozenset[str], bool] = (frozenset(("warped", "labels", "jacobian")), False),
 ) -> Registration:
+    wanted, float_warped = options
     n_stages = len(stack.stages)
     steps = _Steps(n_stages + 3 + (refine_steps > 0), progress, cancel, device)
     stack = stack.to(device).eval()
@@ -205,13 +266,14 @@ def _register(
         stage_grid(stage.spec, fixed_grid)
     if refine_steps > 0:
         refinement_grid(stack.stages[-1], fixed_grid)
-    check_memory(stack, fixed_grid, moving_grid, device, refine_steps=refine_steps, moving_labels=moving_labels is not None)
+    check_memory(stack, fixed_grid, moving_grid, device, refine_steps=refine_steps, moving_labels=moving_labels is not None,
+                 displacement="displacement" in wanted)
 
+    fixed_voxels = sitk.GetArrayViewFromImage(fixed)  # views in the images' own types: no full-resolution copy
+    moving_voxels = sitk.GetArrayViewFromImage(moving)
     with steps.step("preprocess"):
-        fixed_raw = image_to_tensor(fixed, device)
-        moving_raw = image_to_tensor(moving, device)
-        fixed_p = PreparedImage.from_tensor(fixed_raw, fixed_grid, intensity)
-        moving_p = PreparedImage.from_tensor(moving_raw, moving_grid, intensity)
+        fixed_p = PreparedImage.from_array(fixed_voxels, fixed_grid, intensity, device)
+        moving_p = PreparedImage.from_array(moving_voxels, moving_grid, intensity, device)
         initial = alignment(stack, fixed_p, moving_p, initial_mode)
         overlap = overlap_fraction(initial, fixed_grid, moving_grid, device)
     warnings = []
@@ -234,39 +296,42 @@ def _register(
                                     fixed_p, moving_p, refine_steps)
             check_stage_output(f"the refinement ({refine_steps} steps) of stage {n_stages}/{n_stages}", stack.name,
                                None, transforms[-1])
+    del fixed_p, moving_p  # their anti-aliased copies
 
     transform = Composite(transforms)
+    mask = None
+    if fixed_mask is not None:
+        mask = sitk.GetArrayViewFromImage(fixed_mask)
+        if not mask.any():
+            raise InputError("the fixed mask is empty: no voxel to compute folding on")
     with torch.no_grad():
         with steps.step("warp"):
-            displacement, warped, labels = _full_resolution(
-                transform, fixed_grid, moving_raw, moving_grid, moving_labels, label_interpolation, device,
-                lambda fraction: steps.within("warp", fraction),
+            result = full_resolution(
+                transform, fixed_grid, output_grid, device,
+                moving=moving_voxels if "warped" in wanted else None, moving_grid=moving_grid,
+                moving_labels=moving_labels if "labels" in wanted else None, label_interpolation=label_interpolation,
+                jacobian="jacobian" in wanted, statistics=True, displacement="displacement" in wanted, mask=mask,
+                float_warped=float_warped, report=lambda fraction: steps.within("warp", fraction),
+                stack_name=stack.name,
             )
-            if not bool(torch.isfinite(displacement).all()):
-                raise StackError(f"the transform composed from the stages of the stack '{stack.name}' has NaN or "
-                                 "infinite values on the fixed grid; the stack is unusable for these images")
-        with steps.step("jacobian"):
-            det = jacobian_determinant(displacement, fixed_grid)[0]
-            mask = None if fixed_mask is None else torch.from_numpy(sitk.GetArrayFromImage(fixed_mask) > 0).to(device)
-            if mask is not None and not bool(mask.any()):
-                raise InputError("the fixed mask is empty: no voxel to compute folding on")
-            folding = folding_fraction(det, mask)
-            jac_std = jacobian_std(det, mask)
+        steps.timings["warp"] -= result.jacobian_s
+        steps.record("jacobian", result.jacobian_s)
 
     return Registration(
-        displacement=tensor_to_image(displacement[0].movedim(0, -1), output_grid),
-        warped=tensor_to_image(warped, output_grid),
-        jacobian=tensor_to_image(det.float(), output_grid),
-        warped_labels=None if labels is None else _as_label_image(labels, output_grid, moving_labels),
-        folding_fraction=folding,
-        jacobian_std=jac_std,
+        warped=result.warped,
+        warped_labels=result.labels,
+        folding_fraction=result.folding_fraction,
+        jacobian_std=result.jacobian_std,
         device=str(device),
         stack_name=stack.name,
         timings=steps.timings,
         overlap_fraction=overlap,
         warnings=warnings,
-        stage_transforms=transforms,
-        frame_offset=tuple(float(v) for v in offset),
+        transform=transform,
+        grid=fixed_grid,
+        output_grid=output_grid,
+        _displacement=result.displacement,
+        _jacobian=result.jacobian,
     )
 
 
@@ -289,63 +354,205 @@ def overlap_fraction(initial: SpatialTransform, fixed_grid: Grid, moving_grid: G
     return float(inside.double().mean())
 
 
-def _full_resolution(
+@dataclass
+class FullResolution:
+    """What one pass over the full-resolution fixed grid made (None: not asked for)."""
+
+    warped: sitk.Image | None = None
+    labels: sitk.Image | None = None
+    jacobian: sitk.Image | None = None
+    displacement: sitk.Image | None = None
+    folding_fraction: float = math.nan
+    jacobian_std: float = math.nan
+    jacobian_s: float = 0.0  # seconds spent on the Jacobian (inside the pass)
+
+
+class _Moments:
+    """Count, mean and sum of squared deviations of values seen chunk by chunk (Chan et al.'s merge), float64."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2, self.folded = 0, 0.0, 0.0, 0
+
+    def add(self, values: torch.Tensor) -> None:
+        v = values.double()
+        n = v.numel()
+        if n == 0:
+            return
+        mean = float(v.mean())
+        m2 = float(((v - mean) ** 2).sum())
+        self.folded += int((v <= 0).sum())
+        total = self.n + n
+        delta = mean - self.mean
+        self.m2 += m2 + delta * delta * self.n * n / total
+        self.mean += delta * n / total
+        self.n = total
+
+    def folding(self) -> float:
+        return self.folded / self.n if self.n else math.nan
+
+    def std(self) -> float:  # sample standard deviation (ddof=1), as dlir.metrics.jacobian_std
+        return math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else math.nan
+
+
+def full_resolution(
     transform: SpatialTransform,
     fixed_grid: Grid,
-    moving: torch.Tensor,
-    moving_grid: Grid,
-    moving_labels: sitk.Image | None,
-    label_interpolation: LabelInterpolation,
+    output_grid: Grid,
     device: torch.device,
+    *,
+    moving: np.ndarray | None = None,
+    moving_grid: Grid | None = None,
+    moving_labels: sitk.Image | None = None,
+    label_interpolation: LabelInterpolation = "nearest",
+    jacobian: bool = False,
+    statistics: bool = False,
+    displacement: bool = False,
+    mask: np.ndarray | None = None,
+    float_warped: bool = False,
     report: Callable[[float], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
-    """Displacement ``[1, 3, D, H, W]``, warped image ``[D, H, W]`` and warped labels on the fixed grid.
+    stack_name: str = "",
+    chunk_voxels: int | None = None,
+) -> FullResolution:
+    """Evaluate ``transform`` once per voxel of ``fixed_grid``, by slabs along k, and make what is asked for.
 
-    Evaluated in slabs along k to bound memory on large images; ``report(fraction)`` after each
-    slab.  The labels come back as an array ``[D, H, W]`` of the moving label map's own type, every
-    value exactly one of the moving labels (or 0 outside the moving image).
+    ``moving`` (voxels ``[D, H, W]`` of any numeric type, on ``moving_grid``): the warped image
+    (linear, 0 outside), in the moving image's type (integers rounded, clipped to the type's range)
+    or float32 (float types, or ``float_warped``); each slab reads only the block of the moving
+    image its points fall in, converted to float32.  ``moving_labels``: warped labels (codes
+    gathered exactly).  ``jacobian`` / ``statistics``: det(I + du/dx) as an image / its folding
+    fraction and std (in ``mask`` when given), with central differences across slab borders (a
+    one-slice halo carried from slab to slab: the same values as on the whole grid at once).
+    ``displacement``: the field u as a 3-vector float32 image.  Images are put on ``output_grid``.
+    Nothing of full resolution is allocated except the outputs asked for (and the label codes of
+    the moving label map).  ``report(fraction)`` after each slab.
     """
     depth, height, width = fixed_grid.shape
-    slab = max(1, _CHUNK_VOXELS // (height * width))
-    index_to_lps = torch.as_tensor(fixed_grid.index_to_physical(), dtype=torch.float64, device=device)
+    slab = max(1, (chunk_voxels or _CHUNK_VOXELS) // (height * width))
+    need_det = jacobian or statistics
     table: np.ndarray | None = None
     codes: torch.Tensor | None = None
+    labels_out: np.ndarray | None = None
     if moving_labels is not None:
-        table, codes = _label_codes(sitk.GetArrayFromImage(moving_labels), device)
-    disp = torch.empty((1, 3, depth, height, width), dtype=torch.float32, device=device)
-    warped = torch.empty((depth, height, width), dtype=torch.float32, device=device)
-    warped_codes = None if codes is None else torch.zeros((depth, height, width), dtype=torch.int64, device=device)
-    jj, ii = torch.meshgrid(torch.arange(height, dtype=torch.float64, device=device),
-                            torch.arange(width, dtype=torch.float64, device=device), indexing="ij")
+        assert moving_grid is not None
+        table, codes = _label_codes(sitk.GetArrayViewFromImage(moving_labels), device)
+        labels_out = np.empty((depth, height, width), dtype=table.dtype)
+    warped_out = None
+    if moving is not None:
+        assert moving_grid is not None
+        kind = np.dtype(np.float32) if float_warped or moving.dtype.kind not in "iub" else moving.dtype
+        warped_out = np.empty((depth, height, width), dtype=kind)
+    det_out = np.empty((depth, height, width), dtype=np.float32) if jacobian else None
+    disp_out = np.empty((depth, height, width, 3), dtype=np.float32) if displacement else None
+    moments = _Moments()
+    jacobian_s = 0.0
+    carried: tuple[torch.Tensor, torch.Tensor] | None = None  # (mapped, u) of slices k0 - 1 and k0
     for k0 in range(0, depth, slab):
         k1 = min(depth, k0 + slab)
-        kk = torch.arange(k0, k1, dtype=torch.float64, device=device).view(-1, 1, 1).expand(-1, height, width)
-        idx = torch.stack([ii.expand_as(kk), jj.expand_as(kk), kk], dim=-1)
-        pts = (idx @ index_to_lps[:3, :3].T + index_to_lps[:3, 3]).float()[None]
-        mapped = transform(pts)
-        disp[:, :, k0:k1] = (mapped - pts).movedim(-1, 1)
-        warped[k0:k1] = sample(moving, moving_grid, mapped)[0, 0]
-        if table is not None and codes is not None and warped_codes is not None:
-            warped_codes[k0:k1] = _warp_label_codes(codes, len(table), moving_grid, mapped[0], label_interpolation)
+        end = min(depth, k1 + 1) if need_det else k1  # one slice beyond: the next slab's halo
+        first = k0 if carried is None else k0 + 1
+        pts, mapped_new = evaluate_on_slab(transform, fixed_grid, first, end, device)
+        if not bool(torch.isfinite(mapped_new).all()):
+            raise StackError(f"the transform composed from the stages of the stack '{stack_name}' has NaN or "
+                             "infinite values on the fixed grid; the stack is unusable for these images")
+        u_new = mapped_new - pts
+        del pts
+        if carried is None:
+            mapped, u, start = mapped_new, u_new, k0
+        else:
+            mapped, u, start = torch.cat([carried[0], mapped_new], 1), torch.cat([carried[1], u_new], 1), k0 - 1
+        inner = slice(k0 - start, k1 - start)
+        if need_det:
+            carried = (mapped[:, k1 - 1 - start : k1 + 1 - start], u[:, k1 - 1 - start : k1 + 1 - start])
+        here = mapped[:, inner]
+        if warped_out is not None and moving is not None and moving_grid is not None:
+            warped_out[k0:k1] = _warp_block(moving, moving_grid, here, warped_out.dtype)
+        if table is not None and codes is not None and labels_out is not None and moving_grid is not None:
+            labels_out[k0:k1] = table[_warp_label_codes(codes, len(table), moving_grid, here[0], label_interpolation).cpu().numpy()]
+        if disp_out is not None:
+            disp_out[k0:k1] = u[0, inner].cpu().numpy()
+        if need_det:
+            t0 = time.perf_counter()
+            halo = Grid((width, height, u.shape[1]), fixed_grid.spacing, fixed_grid.origin, fixed_grid.direction)
+            det = jacobian_determinant(u.movedim(-1, 1), halo)[0, inner]
+            if det_out is not None:
+                det_out[k0:k1] = det.cpu().numpy()
+            if statistics:
+                moments.add(det if mask is None else det[torch.from_numpy(np.asarray(mask[k0:k1]) > 0).to(det.device)])
+            jacobian_s += time.perf_counter() - t0
         if report is not None and k1 < depth:
             report(k1 / depth)
-    labels = None if table is None or warped_codes is None else table[warped_codes.cpu().numpy()]
-    return disp, warped, labels
+    t0 = time.perf_counter()
+    out = FullResolution(
+        warped=None if warped_out is None else output_grid.apply_to(sitk.GetImageFromArray(warped_out)),
+        labels=None if labels_out is None else _as_label_image(labels_out, output_grid, moving_labels),
+        jacobian=None if det_out is None else output_grid.apply_to(sitk.GetImageFromArray(det_out)),
+        displacement=None if disp_out is None else output_grid.apply_to(sitk.GetImageFromArray(disp_out, isVector=True)),
+        folding_fraction=moments.folding(),
+        jacobian_std=moments.std(),
+    )
+    out.jacobian_s = jacobian_s + (time.perf_counter() - t0 if jacobian else 0.0)
+    return out
+
+
+def _warp_block(moving: np.ndarray, grid: Grid, points: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    """``moving`` (``[D, H, W]``, any type, on ``grid``) at LPS ``points`` ``[1, d, h, w, 3]``: trilinear, 0 outside, as ``dtype``.
+
+    As :func:`dlir.geometry.sample` on the whole image (inside = continuous index in
+    ``[-0.5, size - 0.5]``, border values clamped), but only the block of the moving image that
+    holds the points (plus a voxel) is converted to float32.
+    """
+    idx = grid.continuous_index(points)
+    flat = idx.reshape(-1, 3)
+    size = np.asarray(grid.size)
+    low = np.clip(np.floor(flat.amin(0).cpu().double().numpy()).astype(np.int64) - 1, 0, size - 1)
+    high = np.clip(np.ceil(flat.amax(0).cpu().double().numpy()).astype(np.int64) + 2, low + 1, size)
+    block = np.array(moving[low[2] : high[2], low[1] : high[1], low[0] : high[0]], dtype=np.float32)
+    n = torch.as_tensor((high - low - 1).clip(min=1), dtype=idx.dtype, device=idx.device)
+    coords = (idx - torch.as_tensor(low, dtype=idx.dtype, device=idx.device)) * (2.0 / n) - 1.0
+    values = torch.nn.functional.grid_sample(torch.from_numpy(block).to(points.device)[None, None], coords,
+                                             mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
+    full = torch.as_tensor(size, dtype=idx.dtype, device=idx.device)
+    inside = ((idx >= -0.5) & (idx <= full - 0.5)).all(dim=-1)[0]
+    values = values.masked_fill(~inside, 0.0)
+    if dtype.kind in "iub":
+        values = torch.round(values)
+        if dtype.kind != "b":
+            info = np.iinfo(dtype)
+            values = values.clamp(float(info.min), float(info.max))
+        return values.cpu().numpy().astype(dtype)
+    return values.cpu().numpy().astype(dtype, copy=False)
 
 
 def _label_codes(labels: np.ndarray, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
     """(table, codes): ``table[codes] == labels`` exactly, ``codes`` an integer tensor ``[D, H, W]`` on ``device``.
 
     ``table[0]`` is the background 0 (also where no voxel holds 0), then every other label value in
-    ascending order, in the label map's own type: warping moves codes, never label values.
+    ascending order, in the label map's own type: warping moves codes, never label values.  Codes
+    are the smallest integer type that holds them; label maps of 8- and 16-bit integers are coded
+    slab by slab through a lookup table (no full-size 64-bit copy).
     """
-    values, inverse = np.unique(labels, return_inverse=True)
+    if labels.dtype.kind in "iub" and labels.dtype.itemsize <= 2:
+        lowest = int(labels.min())
+        counts = np.zeros(int(labels.max()) - lowest + 1, dtype=np.int64)
+        step = max(1, 4_000_000 // max(1, labels[0].size))
+        for k0 in range(0, labels.shape[0], step):
+            counts += np.bincount((labels[k0 : k0 + step].astype(np.int32) - lowest).ravel(), minlength=counts.size)
+        values = (np.flatnonzero(counts) + lowest).astype(labels.dtype)
+    else:
+        values = np.unique(labels)
     nonzero = values != 0
     table = np.concatenate([np.zeros(1, dtype=values.dtype), values[nonzero]])
-    place = np.where(nonzero, np.cumsum(nonzero), 0)  # 0 for the label 0, else the value's place in ``table``
-    codes = place[inverse.reshape(labels.shape)]
-    kind = torch.int32 if table.size < 2**31 else torch.int64
-    return table, torch.from_numpy(codes.astype(np.int64)).to(device=device, dtype=kind)
+    kind = np.uint8 if table.size <= 256 else np.int16 if table.size <= 2**15 else np.int32 if table.size < 2**31 else np.int64
+    if labels.dtype.kind in "iub" and labels.dtype.itemsize <= 2:
+        lut = np.zeros(counts.size, dtype=kind)
+        lut[values[nonzero].astype(np.int64) - lowest] = np.arange(1, table.size, dtype=kind)
+        codes = np.empty(labels.shape, dtype=kind)
+        for k0 in range(0, labels.shape[0], step):
+            codes[k0 : k0 + step] = lut[labels[k0 : k0 + step].astype(np.int32) - lowest]
+    else:
+        place = np.where(nonzero, np.cumsum(nonzero), 0)  # 0 for the label 0, else the value's place in ``table``
+        codes = place[np.searchsorted(values, labels)].astype(kind)
+    return table, torch.from_numpy(codes).to(device=device)
 
 
 def _warp_label_codes(codes: torch.Tensor, count: int, grid: Grid, points: torch.Tensor, mode: LabelInterpolation) -> torch.Tensor:
