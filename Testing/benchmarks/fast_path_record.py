@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-PAIRS = Path("/work/shared/data/pairs")
+PAIRS = Path(__file__).resolve().parents[3] / "shared" / "data" / "pairs"  # ../shared/data beside the repository
 
 
 def record(out: str) -> None:
