@@ -483,8 +483,10 @@ def start_paused(args: list[object], where: str, mark: Path, hook_dir: Path, at:
     """``python -m dlir ARGS``, paused at ``where``; returns once it is there (the marker file exists)."""
     env = {**os.environ, "PYTHONPATH": f"{hook_dir}{os.pathsep}{SRC}", "DLIR_TEST_PAUSE": where, "DLIR_TEST_MARK": str(mark),
            "DLIR_TEST_PAUSE_AT": str(at), "DLIR_MODELS_DIR": str(hook_dir)}
+    # Ctrl-C's own disposition, even when this test runs in a shell's background job (which ignores SIGINT,
+    # and a child that inherits that would never see it)
     proc = subprocess.Popen([sys.executable, "-m", "dlir", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not mark.exists():
         if proc.poll() is not None:
