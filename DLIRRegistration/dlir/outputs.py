@@ -53,10 +53,9 @@ TRANSFORM_FILE = "transform.h5"
 LABELS_FILE = "labels.nii.gz"
 RESULT_FILE = "result.json"
 OUTPUT_FILES = (WARPED_FILE, JACOBIAN_FILE, TRANSFORM_FILE, LABELS_FILE, RESULT_FILE)
-#: what ``dlir register --outputs`` can ask for (default all), the file each writes, and what the engine makes for it
+#: what ``dlir register --outputs`` can ask for (default all) and the file each writes
 OUTPUTS = ("warped", "labels", "jacobian", "transform")
 OUTPUT_FILE = {"warped": WARPED_FILE, "labels": LABELS_FILE, "jacobian": JACOBIAN_FILE, "transform": TRANSFORM_FILE}
-_ENGINE_OUTPUT = {"warped": "warped", "labels": "labels", "jacobian": "jacobian"}  # the transform needs no full-resolution work
 #: the table of a cohort (``dlir register --pairs``) beside its pair folders
 SUMMARY_FILE = "summary.csv"
 #: ``out`` + this suffix: the lock file of a run writing into ``out`` (beside it)
@@ -153,7 +152,7 @@ def register_into(
         reg = register(fixed, moving, stack, moving_labels=labels, fixed_mask=mask, device=device,
                        refine_steps=refine_steps, initial_alignment=initial_alignment,
                        label_interpolation=label_interpolation, progress=progress,
-                       outputs=[_ENGINE_OUTPUT[name] for name in wanted if name in _ENGINE_OUTPUT])
+                       outputs=[name for name in wanted if name != "transform"])  # the compact transform needs no full-resolution work
 
     t1 = time.perf_counter()
     if reg.warped is not None:

@@ -7,11 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
-from dlir.export import MARGIN_MM, padded_grid
+from dlir.export import MARGIN_MM, itk_transform, padded_grid
 from dlir.geometry import Grid
 from dlir.register import register
 from dlir.stack import load_stack
+from dlir.transforms import DisplacementField
 
 PAIR = "pairs/mni_oblique_aniso"  # oblique (-12 deg) and anisotropic (1.8 x 2.2 x 3.0 mm) fixed grid
 
@@ -54,8 +56,20 @@ def test_far_from_the_origin_the_composite_still_matches(oblique) -> None:
 
 
 def test_the_exported_fields_are_padded_by_their_border_values() -> None:
+    """Within MARGIN_MM outside a stage's grid ITK maps points as the engine does (border values); beyond, unmoved."""
     grid = Grid((10, 8, 6), (4.0, 4.0, 4.0), (1.0, 2.0, 3.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    padded = padded_grid(grid)
     pad = int(np.ceil(MARGIN_MM / 4.0))
+    padded = padded_grid(grid)
     assert padded.size == (10 + 2 * pad, 8 + 2 * pad, 6 + 2 * pad)
     assert np.allclose(padded.origin, np.array(grid.origin) - pad * 4.0)
+    field = DisplacementField(torch.randn((1, 3, 6, 8, 10), generator=torch.Generator().manual_seed(0), dtype=torch.float64), grid)
+    exported = itk_transform([field])
+    lower, upper = grid.bounding_box()
+    rng = np.random.default_rng(0)
+    near = rng.uniform(lower - MARGIN_MM + 1.0, upper + MARGIN_MM - 1.0, (300, 3))  # inside, and in the margin
+    ours = field(torch.from_numpy(near)[None])[0].numpy()
+    itk = np.array([exported.TransformPoint(tuple(x)) for x in near])
+    assert np.abs(itk - ours).max() < 1e-9
+    assert np.any(near < lower) and np.any(near > upper)  # the margin was sampled
+    far = upper + MARGIN_MM + 10.0
+    assert np.allclose(exported.TransformPoint(tuple(far)), far)  # beyond the margin ITK leaves points unmoved

@@ -145,14 +145,19 @@ def test_separable_first_field_equals_the_pointwise_field() -> None:
     assert field_on_grid(field, _oblique_grid((20, 20, 5), (1.0, 1.0, 1.0)), 0, 5) is None  # oblique: pointwise
 
 
-@pytest.mark.parametrize("interpolation", ["nearest", "one-hot-linear"])
-def test_a_run_in_one_slice_slabs_equals_a_run_in_one_slab(interpolation: str) -> None:
+def _oblique_case() -> tuple[Grid, Grid, np.ndarray, sitk.Image, Composite]:
+    """An oblique anisotropic fixed grid, an axis-aligned moving image (int16) with labels, and a transform between them."""
     fixed_grid = _oblique_grid((48, 40, 18), (1.2, 1.0, 2.5))
     moving_grid = Grid((44, 42, 20), (1.3, 1.1, 2.2), (-30.0, -28.0, -22.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
     moving = _moving(moving_grid)
     labels = sitk.GetImageFromArray((np.abs(moving) // 250).astype(np.uint8))
     moving_grid.apply_to(labels)
-    transform = _transform(fixed_grid)
+    return fixed_grid, moving_grid, moving, labels, _transform(fixed_grid)
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "one-hot-linear"])
+def test_a_run_in_one_slice_slabs_equals_a_run_in_one_slab(interpolation: str) -> None:
+    fixed_grid, moving_grid, moving, labels, transform = _oblique_case()
     mask = np.ones(fixed_grid.shape, dtype=np.uint8)
     mask[:4] = 0
 
@@ -172,12 +177,7 @@ def test_a_run_in_one_slice_slabs_equals_a_run_in_one_slab(interpolation: str) -
 def test_outputs_equal_the_pointwise_evaluation_within_the_stated_tolerances() -> None:
     """The earlier engine evaluated T pointwise at float64-built points, warped the whole moving image as float32
     and took det J of the whole displacement: the slab pass agrees within the stated tolerances."""
-    fixed_grid = _oblique_grid((48, 40, 18), (1.2, 1.0, 2.5))
-    moving_grid = Grid((44, 42, 20), (1.3, 1.1, 2.2), (-30.0, -28.0, -22.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
-    moving = _moving(moving_grid)
-    labels = sitk.GetImageFromArray((np.abs(moving) // 250).astype(np.uint8))
-    moving_grid.apply_to(labels)
-    transform = _transform(fixed_grid)
+    fixed_grid, moving_grid, moving, labels, transform = _oblique_case()
     out = full_resolution(transform, fixed_grid, fixed_grid, torch.device("cpu"), moving=moving, moving_grid=moving_grid,
                           moving_labels=labels, jacobian=True, statistics=True, displacement=True, float_warped=True)
     u_ref = displacement_on_grid(transform, fixed_grid)  # [1, 3, D, H, W]

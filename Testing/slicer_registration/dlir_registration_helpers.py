@@ -28,14 +28,27 @@ def read_volume(scene, path: Path, name: str, class_name: str = "vtkMRMLScalarVo
 
 def segmentation_from_labels(scene, path: Path, name: str):
     """A segmentation node with one segment per label of a label-map file (segment names ``Label_N``)."""
+    return _segmentation_of(scene, read_volume(scene, path, name + " labels", "vtkMRMLLabelMapVolumeNode"), name)
+
+
+def segmentation_from_array(scene, labels: np.ndarray, ijk_to_ras: np.ndarray, name: str):
+    """A segmentation node with one segment per label of a (K, J, I) label array on a 4x4 IJK-to-RAS grid."""
     import slicer
 
-    labels = read_volume(scene, path, name + " labels", "vtkMRMLLabelMapVolumeNode")
+    labelmap = slicer.util.addVolumeFromArray(labels, ijkToRAS=ijk_to_ras, name=name + " labels",
+                                              nodeClassName="vtkMRMLLabelMapVolumeNode")
+    return _segmentation_of(scene, labelmap, name)
+
+
+def _segmentation_of(scene, labelmap, name: str):
+    """``labelmap`` imported into a new segmentation node ``name``; the label-map node is removed."""
+    import slicer
+
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     logic = slicer.vtkSlicerSegmentationsModuleLogic()
     logic.SetMRMLScene(scene)
-    assert logic.ImportLabelmapToSegmentationNode(labels, segmentation)
-    scene.RemoveNode(labels)
+    assert logic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    scene.RemoveNode(labelmap)
     return segmentation
 
 

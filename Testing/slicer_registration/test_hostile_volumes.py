@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dlir_registration_helpers import assert_same_state, blob, node_ids, snapshot, volume_from_array
+from dlir_registration_helpers import assert_same_state, blob, node_ids, segmentation_from_array, snapshot, volume_from_array
 
 SHAPE = (10, 12, 14)  # (K, J, I)
 
@@ -21,20 +21,13 @@ SHAPE = (10, 12, 14)  # (K, J, I)
 @pytest.fixture
 def inputs(scene):
     """A good fixed and moving volume and a one-segment moving segmentation."""
-    import slicer
 
     m = np.diag([3.0, 3.0, 4.0, 1.0])
     fixed = volume_from_array(scene, blob(SHAPE), m, "fixed")
     moving = volume_from_array(scene, blob(SHAPE, 1.5), m, "moving")
     labels = np.zeros(SHAPE, np.uint8)
     labels[3:7, 4:8, 5:9] = 1
-    labelmap = slicer.util.addVolumeFromArray(labels, ijkToRAS=m, name="labels", nodeClassName="vtkMRMLLabelMapVolumeNode")
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "moving segmentation")
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLScene(scene)
-    logic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
-    scene.RemoveNode(labelmap)
-    return fixed, moving, segmentation
+    return fixed, moving, segmentation_from_array(scene, labels, m, "moving segmentation")
 
 
 def _spoil(scene, case: str):

@@ -7,13 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dlir_registration_helpers import assert_same_state, blob, node_ids, snapshot, volume_from_array
+from dlir_registration_helpers import assert_same_state, blob, node_ids, segmentation_from_array, snapshot, volume_from_array
 
 
 @pytest.fixture
 def inputs(scene):
     """Fixed and moving blobs (moving under a linear transform) and a two-segment moving segmentation."""
-    import slicer
 
     from DLIRRegistrationLib.volumes import vtkMatrix
 
@@ -28,13 +27,7 @@ def inputs(scene):
     labels = np.zeros((12, 14, 16), np.uint8)
     labels[4:8, 5:9, 6:10] = 1
     labels[2:4, 2:4, 2:4] = 2
-    labelmap = slicer.util.addVolumeFromArray(labels, ijkToRAS=m, name="labels", nodeClassName="vtkMRMLLabelMapVolumeNode")
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "moving segmentation")
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLScene(scene)
-    logic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
-    scene.RemoveNode(labelmap)
-    return fixed, moving, segmentation
+    return fixed, moving, segmentation_from_array(scene, labels, m, "moving segmentation")
 
 
 def test_inputs_identical_after_a_run(scene, inputs, stack) -> None:
