@@ -118,7 +118,7 @@ def registerVolumes(
         layers = exportLayers(scene, movingSegmentationNode, volumeGeometry(movingVolumeNode, "moving volume"))
 
     result = register(fixedImage, movingImage, loaded, moving_labels=layers[0].image if layers else None,
-                      device=device, refine_steps=refineSteps, initial_alignment=initialAlignment,
+                      device=device, refine=refine, initial_alignment=initialAlignment,
                       progress=progress, cancel=cancel, outputs=_engineOutputs(request, bool(layers)))
 
     created = SceneChanges(scene)

@@ -25,6 +25,20 @@ Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[a
 
 
 # ----------------------------------------------------------------------------------- register
+def refinement(text: str) -> int | str:
+    """``--refine``'s value: ``auto`` or a number of steps >= 0 (one sentence, an :class:`InputError`, when neither)."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        steps = int(text)
+    except ValueError:
+        steps = -1
+    if steps < 0:
+        raise InputError(f"--refine {text}: give 'auto' (accurate mode) or a number of refinement steps, not a negative "
+                         "number or other text")
+    return steps
+
+
 def _add_register(p: argparse.ArgumentParser) -> None:
     p.add_argument("fixed", nargs="?", help="fixed image (NIfTI, NRRD, MHA or a DICOM folder)")
     p.add_argument("moving", nargs="?", help="moving image, registered onto the fixed one")
@@ -34,10 +48,13 @@ def _add_register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (new or empty; written whole at the end of the run)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier dlir result in --out (the whole folder)")
     p.add_argument("--moving-labels", help="label map on the moving grid, propagated to the fixed image")
-    p.add_argument("--fixed-mask", help="mask on the fixed grid: folding and Jacobian statistics are computed inside it")
+    p.add_argument("--fixed-mask", help="mask on the fixed grid: refinement measures similarity inside it; folding and "
+                   "Jacobian statistics are computed inside it")
     p.add_argument("--fixed-labels", help="label map on the fixed grid: Dice before/after is reported")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
-    p.add_argument("--refine", type=int, default=0, metavar="N", help="test-time refinement: N optimiser steps (default 0)")
+    p.add_argument("--refine", default="0", metavar="auto|N",
+                   help="auto = accurate mode: the networks' transform optimised on the pair, coarse to fine, to convergence, "
+                        "never folding; N = N optimiser steps at the finest level only (for experiments); default 0 = one shot")
     p.add_argument("--initial-alignment", choices=("centre", "com", "none"), help="override the stack's initial alignment")
     p.add_argument("--label-interpolation", choices=("nearest", "one-hot-linear"), default="nearest")
     p.add_argument("--outputs", default="warped,labels,jacobian,transform", metavar="LIST",
@@ -56,7 +73,7 @@ def _run_register(args: argparse.Namespace) -> int:
     stack_path = resolve_stack(args.stack)
     from .outputs import check_outputs
 
-    options = dict(device=args.device, refine_steps=args.refine, initial_alignment=args.initial_alignment,
+    options = dict(device=args.device, refine=refinement(args.refine), initial_alignment=args.initial_alignment,
                    label_interpolation=args.label_interpolation, outputs=check_outputs(args.outputs.split(",")))
     if args.pairs:
         if args.fixed or args.moving:
@@ -267,7 +284,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stack", required=True, action="append", metavar="[PATTERN=]STACK",
                    help="stage stack (file or registry name); repeat with PATTERN= (e.g. 'lung*=chest-ct') to choose by pair id")
     p.add_argument("--out", required=True, help="output folder: metrics.csv, timings.csv, summary.md, plots, panels/")
-    p.add_argument("--refine", type=int, default=0, metavar="N", help="test-time refinement steps (default 0)")
+    p.add_argument("--refine", default="0", metavar="auto|N", help="DLIR's refinement: auto (accurate mode) or N steps (default 0)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     p.add_argument("--no-plots", action="store_true", help="write the tables only")
 
@@ -278,7 +295,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if not args.no_plots:
         _require_matplotlib()
     out = Path(args.out)
-    scores = evaluate_command(args.pairs, args.stack, out, args.refine, args.device, plots=not args.no_plots)
+    scores = evaluate_command(args.pairs, args.stack, out, refinement(args.refine), args.device, plots=not args.no_plots)
     print("\n".join(summary_table(scores)))
     print(f"report in {out} (summary.md, metrics.csv, timings.csv{'' if args.no_plots else ', plots'})")
     return 0
@@ -288,7 +305,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", help="pairs as for dlir evaluate (default: the bundled sample pair)")
     p.add_argument("--stack", required=True, action="append", metavar="[PATTERN=]STACK",
                    help="stage stack (file or registry name); repeat with PATTERN= to choose by pair id")
-    p.add_argument("--refine", type=int, default=0, metavar="N", help="also run DLIR with N test-time refinement steps")
+    p.add_argument("--refine", default="0", metavar="auto|N", help="also run DLIR refined: auto (accurate mode) or N steps")
     p.add_argument("--quick", action="store_true",
                    help="few elastix iterations and small scaling sizes (a smoke test, not numbers)")
     p.add_argument("--sizes", type=int, nargs="*", metavar="N",
@@ -307,7 +324,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     if not args.no_plots:
         _require_matplotlib()
     comparison, scaling, out = bench_command(
-        args.pairs, args.stack, Path(args.out) if args.out else None, args.refine, args.quick, args.sizes, args.threads,
+        args.pairs, args.stack, Path(args.out) if args.out else None, refinement(args.refine), args.quick, args.sizes, args.threads,
         args.scaling_pair, tuple(args.repeats), plots=not args.no_plots,
         log=lambda message: print(message, file=sys.stderr, flush=True),
     )

@@ -4,7 +4,7 @@ is allocated, against the memory available on the chosen device.
 The estimate counts the float32 tensors a registration holds at its peak (see :func:`estimate`):
 the images' anti-aliased copies per stage spacing (the images themselves are the caller's, read
 slab by slab in their own type), each stage's network grid (resampled inputs, sampling points and
-the activations of the widest layer), the refinement grid, and the full-resolution outputs on the
+the activations of the widest layer), the refinement's pyramid levels, and the full-resolution outputs on the
 fixed grid (warped image, labels, Jacobian, the displacement when it is kept) with the slabs
 they are computed in.  It is an estimate, meant to refuse in a second what would
 otherwise swap, be killed, or fail after minutes; it is not a bound on every allocation.
@@ -25,7 +25,7 @@ import torch
 from .errors import DeviceError
 from .geometry import Grid
 from .pipeline import stage_grid
-from .refine import refinement_grid
+from .refine import RefineSettings, base_spacing
 from .stack import Stack
 
 FLOAT = 4  # bytes of a float32 value
@@ -49,8 +49,9 @@ SLAB_BYTES = 1_000_000 * 250
 #: through the transforms so far, one sampled value (12), plus this many per channel (widest layers)
 PER_STAGE_VOXEL = 12
 PER_CHANNEL_VOXEL = 2.5
-#: per refinement-grid voxel: the similarity's images, points, field and all their gradients
-PER_REFINE_VOXEL = 120
+#: per voxel of the refinement's finest level grid: its points, their voxel indices, the fixed image on it,
+#: the inside test (the random samples drawn from them and the velocity grid are small besides)
+PER_REFINE_VOXEL = 10
 #: memory the process needs besides the tensors (PyTorch's workspaces, the outputs' writers)
 OVERHEAD_BYTES = 100 * 2**20
 
@@ -79,24 +80,31 @@ class MemoryEstimate:
     largest_stage_shape: tuple[int, int, int]  # voxels (i, j, k) of that stage's grid
 
 
-def estimate(stack: Stack, fixed_grid: Grid, moving_grid: Grid, refine_steps: int = 0,
+def estimate(stack: Stack, fixed_grid: Grid, moving_grid: Grid, refine: bool = False,
              moving_labels: bool = False, displacement: bool = True) -> MemoryEstimate:
     """The peak memory (bytes) of registering an image on ``moving_grid`` onto one on ``fixed_grid``.
 
     Pure arithmetic on grid sizes: nothing is allocated, so it is safe for any grid.
     """
     fixed_voxels, moving_voxels = _voxels(fixed_grid), _voxels(moving_grid)
-    copies = len({stage.spec.spacing_mm for stage in stack.stages})  # anti-aliased copies, cached per spacing
+    spacings = {stage.spec.spacing_mm for stage in stack.stages}
+    if refine:  # the refinement's pyramid levels
+        settings = RefineSettings()
+        base = base_spacing(fixed_grid, settings)
+        spacings |= {(base * f,) * 3 for f in settings.level_spacings_mm}
+    copies = len(spacings)  # anti-aliased copies, cached per spacing
     inputs = FLOAT * (fixed_voxels * (PER_FIXED_INPUT + copies) + moving_voxels * (PER_MOVING_INPUT + copies + moving_labels))
     full = FLOAT * fixed_voxels * (PER_FIXED_OUTPUT + PER_FIXED_DISPLACEMENT * displacement) + SLAB_BYTES
     largest, index, shape = 0, 1, (1, 1, 1)
     for k, stage in enumerate(stack.stages, 1):
         grid = stage_grid(stage.spec, fixed_grid)
         need = int(FLOAT * _voxels(grid) * (PER_STAGE_VOXEL + PER_CHANNEL_VOXEL * stage.spec.channels))
-        if refine_steps > 0 and k == len(stack.stages):
-            need = max(need, FLOAT * _voxels(refinement_grid(stage, fixed_grid)) * PER_REFINE_VOXEL)
         if need > largest:
             largest, index, shape = need, k, grid.size
+    if refine:
+        lower, upper = fixed_grid.bounding_box()
+        finest = math.prod(int((u - l) / base) + 1 for l, u in zip(lower, upper))
+        largest = max(largest, FLOAT * finest * PER_REFINE_VOXEL)
     return MemoryEstimate(inputs + max(full, largest) + OVERHEAD_BYTES, inputs, full, largest, index, shape)
 
 
@@ -155,7 +163,7 @@ def _cgroup_room(root: Path = Path("/sys/fs/cgroup")) -> int | None:
 
 
 def check_memory(stack: Stack, fixed_grid: Grid, moving_grid: Grid, device: torch.device | str,
-                 refine_steps: int = 0, moving_labels: bool = False, available: int | None = None,
+                 refine: bool = False, moving_labels: bool = False, available: int | None = None,
                  displacement: bool = True) -> MemoryEstimate:
     """Refuse, with one sentence, a registration that would not fit in the memory available on ``device``.
 
@@ -164,7 +172,7 @@ def check_memory(stack: Stack, fixed_grid: Grid, moving_grid: Grid, device: torc
     to the CPU) and :class:`~dlir.errors.DeviceError` on the CPU; returns the estimate otherwise.
     """
     device = torch.device(device)
-    need = estimate(stack, fixed_grid, moving_grid, refine_steps, moving_labels, displacement)
+    need = estimate(stack, fixed_grid, moving_grid, refine, moving_labels, displacement)
     room = available if available is not None else available_memory(device)
     if room is None or need.total <= room:
         return need

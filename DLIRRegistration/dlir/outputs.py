@@ -41,6 +41,7 @@ from .errors import DLIRError, InputError
 from .io import _captured_stderr, write_image, write_transform
 from .metrics import dice
 from .prefetch import STDERR_CAPTURE_LOCK, PairImages, read_pair_images
+from .refine import Refinement
 from .register import register
 from .stack import Stack
 
@@ -81,7 +82,7 @@ def register_pair(
     fixed_mask: str | Path | None = None,
     fixed_labels: str | Path | None = None,
     device: str = "auto",
-    refine_steps: int = 0,
+    refine: Refinement = 0,
     initial_alignment: str | None = None,
     label_interpolation: str = "nearest",
     show_progress: bool = True,
@@ -100,7 +101,7 @@ def register_pair(
               "fixed mask": fixed_mask, "fixed label map": fixed_labels}
     with OutputFolder(out, inputs, overwrite=overwrite, whole=False) as folder:
         result = register_into(folder.temp, stack, fixed_path, moving_path, moving_labels=moving_labels,
-                               fixed_mask=fixed_mask, fixed_labels=fixed_labels, device=device, refine_steps=refine_steps,
+                               fixed_mask=fixed_mask, fixed_labels=fixed_labels, device=device, refine=refine,
                                initial_alignment=initial_alignment, label_interpolation=label_interpolation,
                                show_progress=show_progress, shown=Path(out), outputs=outputs)
         folder.commit()
@@ -117,7 +118,7 @@ def register_into(
     fixed_mask: str | Path | None = None,
     fixed_labels: str | Path | None = None,
     device: str = "auto",
-    refine_steps: int = 0,
+    refine: Refinement = 0,
     initial_alignment: str | None = None,
     label_interpolation: str = "nearest",
     show_progress: bool = True,
@@ -150,7 +151,7 @@ def register_into(
             bar.update(round(100 * fraction) - bar.n)
 
         reg = register(fixed, moving, stack, moving_labels=labels, fixed_mask=mask, device=device,
-                       refine_steps=refine_steps, initial_alignment=initial_alignment,
+                       refine=refine, initial_alignment=initial_alignment,
                        label_interpolation=label_interpolation, progress=progress,
                        outputs=[name for name in wanted if name != "transform"])  # the compact transform needs no full-resolution work
 

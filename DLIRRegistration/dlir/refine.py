@@ -1,66 +1,360 @@
-"""Test-time refinement: a few optimiser steps on the stack's own loss, starting from the network's
-output (instance optimisation).  Trades a second or so for accuracy on hard pairs.
+"""Instance optimisation ("accurate mode"): the networks' transform refined on the pair itself,
+coarse to fine, diffeomorphic by construction.
 
-Only the LAST stage's output is refined (B-spline control points in voxels, or the 12 affine
-parameters); earlier stages stay as the networks made them.  The loss is the stage's own
-objective (:func:`dlir.losses.stage_loss`), but the similarity is measured on a finer grid than the
-stage's: three quarters of its spacing (not finer than the fixed image's finest spacing), so detail the
-network grid averages away (thin structures, sharp edges) drives the refinement.  On that grid the
-moving image is resampled once through the earlier stages, then through the refined stage at
-every step.
+The networks give ``T_net = P o N`` (fixed point -> moving point, LPS mm): ``P`` the leading
+affine transforms (initial alignment, affine stages), ``N`` the non-linear rest (the B-spline
+stages' fields).  Refinement replaces it by
+
+    ``T = P o C o exp(v)``
+
+``C`` an affine correction (12 parameters, starting at the identity) and ``exp(v)`` the
+exponential of a stationary velocity field ``v`` (LPS mm, on an axis-aligned grid of
+:attr:`RefineSettings.velocity_spacing_mm` over the fixed image), computed by scaling and squaring
+on that grid and trilinear between its nodes.  ``v`` starts as the logarithm of ``N`` (a few
+fixed-point iterations, so ``exp(v)`` reproduces the networks' field to a fraction of a mm), so
+refinement starts where the networks left off; the exponential of a smooth velocity is
+invertible, and a penalty on det J <= :data:`MIN_JACOBIAN` of ``exp(v)`` on its grid guards the
+discretisation: no folding, also on inter-patient pairs where the networks fold.
+
+The objective is the stage objective of :func:`dlir.losses.stage_loss` (``-NCC + alpha *
+bending``) with global NCC measured, as elastix does, on random fixed points (a fixed, seeded set
+per level, so the loss is deterministic and convergence can be detected): points inside the fixed
+image and inside the fixed mask when one is given; samples that land outside the moving image do
+not count.  Levels go coarse to fine over an image pyramid (anti-aliased copies at
+:attr:`RefineSettings.level_spacings_mm` times the base spacing = the fixed image's finest spacing,
+at least :attr:`RefineSettings.finest_mm`); each level stops when its loss has improved by less
+than :attr:`RefineSettings.tolerance` over :attr:`RefineSettings.window` steps (``"auto"``), or
+runs a given number of steps at the finest level only (``--refine N``, for experiments).
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import numpy as np
 import torch
 
+from .errors import InputError
 from .geometry import Grid, sample
-from .losses import stage_loss
+from .losses import bending_energy, ncc
 from .pipeline import PreparedImage
-from .preprocess import network_grid
-from .stages import Stage
-from .transforms import DisplacementField, SpatialTransform, grid_points
+from .preprocess import sample_source
+from .transforms import AffineTransform, Composite, DisplacementField, SpatialTransform, displacement_on_grid, grid_points
 
-#: Adam step sizes for B-spline control points (voxels of their grid) and affine raw parameters
-LEARNING_RATE = {"bspline": 0.3, "affine": 0.005}
-#: the similarity grid's spacing as a fraction of the stage's (measured on mni_iso2mm, 50 steps:
-#: Dice 0.927 at 1.0 with step 0.1, 0.949 at 0.75 with step 0.3, 0.958 at 0.5 for 2.7x the time)
-SPACING_FRACTION = 0.75
+#: ``"auto"`` (accurate mode: all levels, each to convergence) or a number of steps at the finest level
+Refinement = int | Literal["auto"]
+#: ``report(level, levels, step, loss)`` after every optimiser step (progress, cancel)
+Report = Callable[[int, int, int, float], None]
+#: det J of exp(v) below this, on the velocity grid, is penalised (a margin above folding)
+MIN_JACOBIAN = 0.3
 
 
-def refinement_grid(stage: Stage, fixed_grid: Grid) -> Grid:
-    """The grid the refinement's similarity is measured on (LPS, axis-aligned, over the fixed image)."""
-    finest = min(fixed_grid.spacing)
-    spacing = tuple(max(SPACING_FRACTION * s, finest) for s in stage.spec.spacing_mm)
-    return network_grid(fixed_grid, spacing)  # type: ignore[arg-type]
+@dataclass(frozen=True)
+class RefineSettings:
+    """Accurate mode's settings (spacings in mm, steps per level coarse to fine)."""
+
+    level_spacings_mm: tuple[float, ...] = (4.0, 2.0, 1.0)  # image pyramid, times the base spacing
+    grid_spacings_mm: tuple[float, ...] = (24.0, 12.0, 6.0)  # the displacement's grid per level (the last one is exported)
+    finest_mm: float = 1.5  # the base spacing is at least this (a cap on the work for sub-mm images)
+    samples: tuple[int, ...] = (4096, 8192, 16384)  # random fixed points per step
+    pool: int = 16  # each level draws this many steps' worth of random points once; steps take them batch by batch
+    max_steps: tuple[int, ...] = (100, 100, 100)
+    min_steps: int = 20
+    learning_rate_mm: tuple[float, ...] = (0.5, 0.3, 0.2)  # Adam step of the displacement (mm)
+    decay: float = 0.98  # the step sizes shrink by this factor per step (stochastic steps settle)
+    affine_learning_rate: float = 0.002  # Adam step of the affine correction (matrix entries; translation in mm x 100)
+    alpha: float = 0.5  # bending energy weight (per mm^2)
+    fold_weight: float = 10.0
+    penalty_every: int = 4  # bending and folding penalties on every this many steps (weighted up), the costly part of a step
+    tolerance: float = 0.02  # stop a level when its last ``window`` steps improved the loss by less than this share of its gain
+    window: int = 10
+    seed: int = 0
+
+
+@dataclass
+class RefineResult:
+    """The refined transforms and what the optimisation did (for the run's summary)."""
+
+    transforms: list[SpatialTransform]
+    steps: list[int] = field(default_factory=list)  # per level
+    losses: list[float] = field(default_factory=list)  # final loss per level
+    seconds: list[float] = field(default_factory=list)
+    level_spacings: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, list[float]]:
+        """JSON-ready: per level (coarse to fine) its spacing (mm), steps, final loss and seconds."""
+        return {"level_spacing_mm": [round(s, 3) for s in self.level_spacings], "steps": [float(n) for n in self.steps],
+                "loss": [round(x, 5) for x in self.losses], "seconds": [round(t, 3) for t in self.seconds]}
+
+
+def check_refinement(refinement: Refinement) -> None:
+    """One sentence when ``refinement`` is neither ``"auto"`` nor a non-negative number of steps."""
+    if refinement == "auto":
+        return
+    if isinstance(refinement, bool) or not isinstance(refinement, int) or refinement < 0:
+        raise InputError(f"refinement must be 'auto' (accurate mode) or a number of steps >= 0, not {refinement!r}")
+
+
+def base_spacing(fixed_grid: Grid, settings: RefineSettings) -> float:
+    """The finest level's spacing (mm): the fixed image's finest spacing, at least ``settings.finest_mm``."""
+    return max(min(fixed_grid.spacing), settings.finest_mm)
+
+
+def displacement_grid(fixed_grid: Grid, spacing: float) -> Grid:
+    """An axis-aligned LPS grid of ``spacing`` mm over the fixed image, one node beyond it on every side."""
+    lower, upper = fixed_grid.bounding_box()
+    return Grid.axis_aligned_box(lower - spacing, upper + spacing, (spacing,) * 3)
+
+
+def split(transforms: Sequence[SpatialTransform]) -> tuple[list[SpatialTransform], list[SpatialTransform]]:
+    """(leading affine transforms, the rest) of the networks' transforms ``[T0, T1, ..., Tn]``."""
+    leading: list[SpatialTransform] = []
+    for k, transform in enumerate(transforms):
+        if not isinstance(transform, AffineTransform):
+            return leading, list(transforms[k:])
+        leading.append(transform)
+    return leading, []
+
+
+class _Level:
+    """One pyramid level: a pool of random fixed points with everything about them that does not change while the
+    level is optimised, and the moving image's anti-aliased copy.
+
+    Points are drawn uniformly in the fixed image's index box (so any direction and spacing), or, with a
+    mask, uniformly within the set voxels of a strided copy of the mask (one per level voxel, jittered
+    by up to half a stride) and kept only where the mask is set.  Each optimiser step uses a random
+    batch of the pool (stochastic, as elastix's random sampler; the pool is used cyclically).  Per pool point: its fixed intensity,
+    its weight, its image through the field so far, and the trilinear corners and weights on this
+    level's residual grid (so the residual is evaluated by a gather instead of a ``grid_sample``).
+    """
+
+    def __init__(self, spacing: float, fixed: PreparedImage, moving: PreparedImage, mask: np.ndarray | None,
+                 field: torch.Tensor, field_grid: Grid, grid: Grid, count: int, generator: torch.Generator) -> None:
+        spacings = (spacing,) * 3
+        self.spacing = spacing
+        self.moving, self.moving_grid = moving.source_for(spacings)
+        self.extent = moving.grid
+        index, weight = _draw_indices(fixed.grid, mask, spacing, count, generator)
+        to_physical = torch.as_tensor(fixed.grid.index_to_physical(), dtype=torch.float32)
+        points = (index @ to_physical[:3, :3].T + to_physical[:3, 3]).to(fixed.device).reshape(1, -1, 1, 1, 3)
+        image, image_grid = fixed.source_for(spacings)
+        self.fixed = sample_source(image, image_grid, fixed.grid, points).reshape(-1)
+        self.weights = weight.to(device=fixed.device, dtype=self.fixed.dtype)
+        self.moved = (points + _field_at(field, field_grid, points)).reshape(-1, 3)
+        self.corners, self.corner_weights = _trilinear(grid, points.reshape(-1, 3))
+
+    def batch(self, step: int, count: int) -> slice:
+        """The pool points of optimiser step ``step``: the pool (already random) taken ``count`` at a time, cyclically."""
+        size = self.fixed.shape[0]
+        batches = max(1, size // count)
+        start = (step % batches) * count
+        return slice(start, min(size, start + count))
+
+    def residual_at(self, residual: torch.Tensor, pick: slice) -> torch.Tensor:
+        """The residual displacement ``[1, 3, D, H, W]`` (mm, on this level's grid) at the pool points ``pick``, ``[n, 3]``."""
+        corners, weights = self.corners[:, pick], self.corner_weights[:, pick]  # [8, n]
+        values = residual.reshape(3, -1).index_select(1, corners.reshape(-1)).reshape(3, 8, -1)
+        return (values * weights).sum(1).T
+
+    def moving_at(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(moving intensities at ``points``, 1 where the point is inside the moving image else 0)."""
+        values = sample_source(self.moving, self.moving_grid, self.extent, points)
+        with torch.no_grad():
+            idx = self.extent.continuous_index(points)
+            size = torch.as_tensor(self.extent.size, dtype=idx.dtype, device=idx.device)
+            inside = ((idx >= -0.5) & (idx <= size - 0.5)).all(dim=-1).unsqueeze(1).to(values.dtype)
+        return values, inside
+
+
+def _draw_indices(grid: Grid, mask: np.ndarray | None, spacing: float, count: int,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(voxel indices ``[count, 3]`` (i, j, k, whole numbers as floats) of random voxels of ``grid``, 0/1 weights
+    ``[count]``): uniform over the image, or over the set voxels of ``mask`` taken every ``spacing`` mm, jittered within
+    that stride (weight 0 where the jitter leaves the mask)."""
+    size = torch.as_tensor(grid.size, dtype=torch.float32)
+    if mask is None:
+        index = torch.rand((count, 3), generator=generator) * size - 0.5
+    else:
+        stride = np.maximum(1, np.floor(spacing / np.asarray(grid.spacing))).astype(int)  # i, j, k
+        si, sj, sk = (int(v) for v in stride)
+        k, j, i = np.nonzero(mask[::sk, ::sj, ::si])
+        if k.size == 0:
+            raise InputError("no fixed voxel to refine on: the fixed mask is empty")
+        candidates = torch.as_tensor(np.stack([i * si, j * sj, k * sk], axis=1), dtype=torch.float32)
+        pick = torch.randint(candidates.shape[0], (count,), generator=generator)
+        jitter = (torch.rand((count, 3), generator=generator) - 0.5) * torch.as_tensor(stride, dtype=torch.float32)
+        index = candidates[pick] + jitter
+    index = index.round().clamp(min=torch.zeros(3), max=size - 1)  # voxel centres: where the fixed intensities are known
+    weight = torch.ones(count, dtype=torch.bool)
+    if mask is not None:
+        voxel = index.long().numpy()
+        weight &= torch.as_tensor(mask[voxel[:, 2], voxel[:, 1], voxel[:, 0]] > 0)
+    return index, weight.float()
+
+
+def _trilinear(grid: Grid, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat node indices ``[8, n]`` and weights ``[8, n]`` of trilinear interpolation on ``grid`` at ``points`` ``[n, 3]``
+    (LPS mm), indices clamped to the grid (border values extended, as ``grid_sample`` with border padding)."""
+    size = torch.as_tensor(grid.size, device=points.device)  # i, j, k
+    c = grid.continuous_index(points)
+    c = torch.minimum(c.clamp(min=0), (size - 1).to(c.dtype))
+    lower = torch.minimum(c.floor().long(), (size - 2).clamp(min=0))
+    frac = c - lower
+    frac = torch.where(size > 1, frac, torch.zeros_like(frac))
+    upper = torch.minimum(lower + 1, size - 1)
+    corners, weights = [], []
+    for dk in (0, 1):
+        for dj in (0, 1):
+            for di in (0, 1):
+                i = upper[:, 0] if di else lower[:, 0]
+                j = upper[:, 1] if dj else lower[:, 1]
+                k = upper[:, 2] if dk else lower[:, 2]
+                corners.append((k * size[1] + j) * size[0] + i)
+                wi = frac[:, 0] if di else 1 - frac[:, 0]
+                wj = frac[:, 1] if dj else 1 - frac[:, 1]
+                wk = frac[:, 2] if dk else 1 - frac[:, 2]
+                weights.append(wi * wj * wk)
+    return torch.stack(corners), torch.stack(weights)
+
+def _correction(params: torch.Tensor) -> AffineTransform:
+    """The affine correction ``x -> (I + M) x + t``: ``params[:9]`` = M, ``params[9:]`` = t / 100 mm (about the origin,
+    which is the fixed image's centre in the engine's coordinates)."""
+    eye = torch.eye(3, dtype=params.dtype, device=params.device)
+    return AffineTransform((eye + params[:9].reshape(3, 3))[None], (100 * params[9:])[None])
 
 
 def refine(
-    stage: Stage, raw: torch.Tensor, stage_grid: Grid, earlier: SpatialTransform, fixed: PreparedImage, moving: PreparedImage, steps: int
-) -> SpatialTransform:
-    """Optimise a stage's output ``raw`` (on ``stage_grid``) for ``steps`` Adam steps; return its refined transform.
+    transforms: Sequence[SpatialTransform],
+    fixed: PreparedImage,
+    moving: PreparedImage,
+    refinement: Refinement,
+    mask: np.ndarray | None = None,
+    report: Report | None = None,
+    settings: RefineSettings = RefineSettings(),
+) -> RefineResult:
+    """Refine the networks' ``transforms`` ``[T0, ..., Tn]`` on this pair; return ``[P o C, N']`` (one affine, one field).
 
-    ``earlier`` is the composition of all stages before this one (fixed -> moving, LPS mm): the
-    full transform is ``earlier o T_stage``.  ``fixed`` and ``moving`` are the normalised images.
+    ``fixed`` / ``moving``: the normalised images; ``mask``: the fixed mask ``[D, H, W]`` on the fixed
+    grid (non-zero = use), or None.  ``refinement``: ``"auto"`` or a number of steps at the finest level.
     """
-    spec = stage.spec
-    grid = refinement_grid(stage, fixed.grid)
-    f = fixed.resampled(grid.spacing, None, grid)
-    with torch.no_grad():  # the moving image through the earlier stages, on a box with margin for this stage's motion
-        margin = 4 * max(spec.spacing_mm)
-        lower, upper = grid.bounding_box()
-        outer = Grid.axis_aligned_box(lower - margin, upper + margin, grid.spacing)
-        m = moving.resampled(grid.spacing, earlier, outer)
-    variable = raw.detach().clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([variable], lr=LEARNING_RATE[spec.kind])
-    points = grid_points(grid, 1, f.device)
-    for _ in range(steps):
-        transform = stage.transform(variable, stage_grid)
-        warped = sample(m, outer, transform(points))
-        field = transform.field if isinstance(transform, DisplacementField) else None
-        loss = stage_loss(spec, f, warped, field, stage_grid.spacing).loss
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
+    check_refinement(refinement)
+    device = fixed.device
+    leading, rest = split(transforms)
+    field_grid = displacement_grid(fixed.grid, settings.grid_spacings_mm[-1])
     with torch.no_grad():
-        return stage.transform(variable, stage_grid)
+        field = displacement_on_grid(Composite(rest), field_grid, 1, device) if rest else torch.zeros((1, 3, *field_grid.shape), device=device)
+    params = torch.zeros(12, device=device, requires_grad=True)
+    prefix = Composite(leading)
+    base = base_spacing(fixed.grid, settings)
+    levels = list(range(len(settings.level_spacings_mm)))
+    if refinement != "auto":
+        levels = levels[-1:]
+    generator = torch.Generator().manual_seed(settings.seed)
+    result = RefineResult([])
+    for number, k in enumerate(levels):
+        start = time.perf_counter()
+        grid = displacement_grid(fixed.grid, settings.grid_spacings_mm[k])
+        with torch.no_grad():
+            level = _Level(base * settings.level_spacings_mm[k], fixed, moving, mask, field, field_grid, grid,
+                           settings.pool * settings.samples[k], generator)
+            field_here = _resample_field(field, field_grid, grid)  # the field so far on this level's grid
+        residual = torch.zeros_like(field_here, requires_grad=True)
+        optimiser = torch.optim.Adam([
+            {"params": [residual], "lr": settings.learning_rate_mm[k]},
+            {"params": [params], "lr": settings.affine_learning_rate},
+        ])
+        schedule = torch.optim.lr_scheduler.ExponentialLR(optimiser, settings.decay)
+        limit = settings.max_steps[k] if refinement == "auto" else int(refinement)
+        history: list[float] = []
+        for step in range(limit):
+            pick = level.batch(step, settings.samples[k])
+            moved = (level.moved[pick] + level.residual_at(residual, pick)).reshape(1, -1, 1, 1, 3)
+            penalise = step % settings.penalty_every == 0
+            loss = _objective(field_here + residual if penalise else None, grid, _compose(prefix, _correction(params))(moved),
+                              level.fixed[pick].reshape(1, 1, -1, 1, 1), level.weights[pick].reshape(1, 1, -1, 1, 1), level,
+                              settings)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            history.append(float(loss.detach()))
+            if report is not None:
+                report(number + 1, len(levels), step + 1, history[-1])
+            if refinement == "auto" and _converged(history, settings):
+                break
+        with torch.no_grad():
+            field = field + _resample_field(residual.detach(), grid, field_grid)
+        result.steps.append(len(history))
+        result.losses.append(history[-1] if history else float("nan"))
+        result.seconds.append(time.perf_counter() - start)
+        result.level_spacings.append(level.spacing)
+    result.transforms = [_compose(prefix, _correction(params.detach())), DisplacementField(field, field_grid)]
+    return result
+
+
+def _field_at(field: torch.Tensor, grid: Grid, points: torch.Tensor) -> torch.Tensor:
+    """A displacement ``[1, 3, D, H, W]`` on ``grid`` at ``points`` ``[1, n, 1, 1, 3]`` (trilinear, border extended), same shape as the points."""
+    return sample(field, grid, points, outside=None).reshape(1, 3, -1).transpose(1, 2).reshape(points.shape)
+
+
+def _resample_field(field: torch.Tensor, grid: Grid, target: Grid) -> torch.Tensor:
+    """A displacement on ``grid`` trilinearly resampled onto ``target``'s nodes."""
+    return sample(field, grid, grid_points(target, 1, field.device), outside=None)
+
+
+def _objective(field: torch.Tensor | None, grid: Grid, moved: torch.Tensor, fixed: torch.Tensor, weights: torch.Tensor,
+               level: _Level, settings: RefineSettings) -> torch.Tensor:
+    """``-NCC(fixed, moving at moved) + penalty_every * (alpha * bending(field) + fold_weight * mean(relu(MIN_JACOBIAN - det J)^2))``.
+
+    ``field`` is the displacement on this level's ``grid`` (mm), None on the steps that skip the penalties (they
+    are evaluated every ``penalty_every`` steps, weighted up accordingly); ``moved`` the fixed points' images ``T(x)``;
+    ``weights`` 0 for points that do not count (outside the fixed image or mask; those outside the moving image
+    are dropped here).
+    """
+    values, inside = level.moving_at(moved)
+    similarity = ncc(fixed, values, inside * weights).mean()
+    if field is None:
+        return -similarity
+    bending = bending_energy(field, grid.spacing).mean()
+    folding = sum(torch.relu(MIN_JACOBIAN - det).pow(2).mean() for det in corner_jacobians(field, grid.spacing))
+    return -similarity + settings.penalty_every * (settings.alpha * bending + settings.fold_weight * folding)
+
+
+def _compose(prefix: Composite, correction: AffineTransform) -> AffineTransform:
+    """``prefix o correction`` as one affine transform (``prefix`` holds affine transforms only)."""
+    matrix, offset = correction.matrix, correction.offset
+    for transform in reversed(list(prefix.transforms)):
+        assert isinstance(transform, AffineTransform)
+        a = transform.matrix.to(matrix.dtype)
+        matrix, offset = a @ matrix, (a @ offset[:, :, None])[:, :, 0] + transform.offset.to(offset.dtype)
+    return AffineTransform(matrix, offset)
+def corner_jacobians(field: torch.Tensor, spacing: tuple[float, float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """det J of ``x + u`` at two opposite corners of every cell of an axis-aligned grid (identity direction), from the
+    cell's edges: forward differences at its lower corner, backward at its upper one.
+
+    ``field`` ``[1, 3, D, H, W]`` (mm).  Central differences (one value per node) average two cells and can hide a
+    fold in one of them; edges cannot.
+    """
+    sx, sy, sz = spacing
+    u = field[0]
+    dx, dy, dz = (u[:, :, :, 1:] - u[:, :, :, :-1]) / sx, (u[:, :, 1:] - u[:, :, :-1]) / sy, (u[:, 1:] - u[:, :-1]) / sz
+    out = []
+    for lo in (True, False):  # lower corner: edges leaving it; upper corner: edges arriving at it
+        a = slice(None, -1) if lo else slice(1, None)
+        gx, gy, gz = dx[:, a, a, :], dy[:, a, :, a], dz[:, :, a, a]  # d u / d (x, y, z) on the cells' common shape
+        (a11, a21, a31), (a12, a22, a32), (a13, a23, a33) = (gx[0] + 1, gx[1], gx[2]), (gy[0], gy[1] + 1, gy[2]), (gz[0], gz[1], gz[2] + 1)
+        out.append(a11 * (a22 * a33 - a23 * a32) - a12 * (a21 * a33 - a23 * a31) + a13 * (a21 * a32 - a22 * a31))
+    return out[0], out[1]
+
+
+def _converged(history: list[float], settings: RefineSettings) -> bool:
+    """True when the mean loss of the last ``window`` steps is below the previous window's by less than ``tolerance``
+    times the level's gain so far (first window's mean minus the best window mean; after ``min_steps``): a level that
+    starts converged stops after ``min_steps``.  Window means, because every step draws new random points."""
+    w = settings.window
+    if len(history) < max(settings.min_steps, 2 * w):
+        return False
+    means = [sum(history[k - w:k]) / w for k in range(w, len(history) + 1)]
+    return means[-1 - w] - means[-1] <= settings.tolerance * max(means[0] - min(means), 0.0)

@@ -45,7 +45,7 @@ from .geometry import Grid
 from .io import check_image, check_label_map
 from .memory import check_memory
 from .pipeline import PreparedImage, alignment, check_stage_output, run_stages, stage_grid
-from .refine import refine, refinement_grid
+from .refine import Refinement, check_refinement, refine
 from .stack import Stack
 from .transforms import Composite, SpatialTransform, evaluate_on_slab, jacobian_determinant
 
@@ -91,6 +91,7 @@ class Registration:
     transform: SpatialTransform | None = None  # T, fixed -> moving, in the coordinates of ``grid``
     grid: Grid | None = None  # the fixed grid as the computation saw it (translated by minus its centre)
     output_grid: Grid | None = None  # the fixed image's own grid
+    refinement: dict[str, list[float]] | None = None  # per refinement level: spacing (mm), steps, final loss, seconds
     _displacement: sitk.Image | None = field(default=None, repr=False)
     _jacobian: sitk.Image | None = field(default=None, repr=False)
 
@@ -136,6 +137,7 @@ class Registration:
             "no_overlap": self.overlap_fraction < NO_OVERLAP_BELOW,
             "warnings": list(self.warnings),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            **({"refinement": self.refinement} if self.refinement is not None else {}),
         }
 
 
@@ -147,7 +149,7 @@ def register(
     moving_labels: sitk.Image | None = None,
     fixed_mask: sitk.Image | None = None,
     device: str = "auto",
-    refine_steps: int = 0,
+    refine: Refinement = 0,
     initial_alignment: str | None = None,
     label_interpolation: LabelInterpolation = "nearest",
     progress: Progress | None = None,
@@ -166,8 +168,9 @@ def register(
     pixel type (integer types are rounded to the nearest value and clipped to the type's range).
 
     ``initial_alignment`` (``centre``, ``com`` or ``none``) overrides the stack's recipe.
-    ``refine_steps`` > 0 runs that many optimiser steps on the stack's loss, starting from the
-    networks' output.  ``progress(step, fraction)`` is called between steps (and between chunks
+    ``refine``: ``"auto"`` is accurate mode (instance optimisation of the whole transform, coarse to
+    fine, to convergence, never folding: :mod:`dlir.refine`); a number N > 0 runs N optimiser
+    steps at the finest level only (for experiments); 0 is the networks' one-shot result.  ``progress(step, fraction)`` is called between steps (and between chunks
     of the full-resolution warp); ``cancel()`` is polled there too and raises
     :class:`~dlir.errors.CancelledError` when it returns True.
     On ``device="auto"`` a GPU out-of-memory error falls back to the CPU.
@@ -178,8 +181,7 @@ def register(
         check_label_map(moving_labels, moving, "moving label map", "moving image", allow_negative=True)
     if fixed_mask is not None:
         check_label_map(fixed_mask, fixed, "fixed mask", "fixed image")
-    if refine_steps < 0:
-        raise InputError("the number of refinement steps cannot be negative")
+    check_refinement(refine)
     if label_interpolation not in ("nearest", "one-hot-linear"):
         raise InputError(f"unknown label interpolation {label_interpolation!r}: use nearest or one-hot-linear")
     wanted = frozenset(DEFAULT_OUTPUTS if outputs is None else outputs)
@@ -188,7 +190,7 @@ def register(
     target = resolve_device(device)
     options = (wanted, float_warped)
     try:
-        return _register(fixed_f, moving_f, stack, moving_labels, fixed_mask, target, refine_steps,
+        return _register(fixed_f, moving_f, stack, moving_labels, fixed_mask, target, refine,
                          initial_alignment, label_interpolation, progress, cancel, options)
     except torch.cuda.OutOfMemoryError as exc:
         torch.cuda.empty_cache()
@@ -197,7 +199,7 @@ def register(
         if device != "auto":
             raise DeviceError("the GPU ran out of memory for this pair; choose the CPU (device 'cpu') or free GPU memory") from exc
         log.warning("GPU out of memory; registering on the CPU instead")
-        return _register(fixed_f, moving_f, stack, moving_labels, fixed_mask, torch.device("cpu"), refine_steps,
+        return _register(fixed_f, moving_f, stack, moving_labels, fixed_mask, torch.device("cpu"), refine,
                          initial_alignment, label_interpolation, progress, cancel, options)
 
 
@@ -246,7 +248,7 @@ def _register(
     moving_labels: sitk.Image | None,
     fixed_mask: sitk.Image | None,
     device: torch.device,
-    refine_steps: int,
+    refinement: Refinement,
     initial_mode: str | None,
     label_interpolation: LabelInterpolation,
     progress: Progress | None,
@@ -255,7 +257,7 @@ def _register(
 ) -> Registration:
     wanted, float_warped = options
     n_stages = len(stack.stages)
-    steps = _Steps(n_stages + 3 + (refine_steps > 0), progress, cancel, device)
+    steps = _Steps(n_stages + 3 + (refinement != 0), progress, cancel, device)
     stack = stack.to(device).eval()
     # the computation runs relative to the fixed image's centre (see the module docstring)
     output_grid = Grid.from_image(fixed)
@@ -264,9 +266,7 @@ def _register(
     intensity = stack.manifest.recipe.intensity
     for stage in stack.stages:  # refuses network grids an absurd header would blow up, before anything is allocated
         stage_grid(stage.spec, fixed_grid)
-    if refine_steps > 0:
-        refinement_grid(stack.stages[-1], fixed_grid)
-    check_memory(stack, fixed_grid, moving_grid, device, refine_steps=refine_steps, moving_labels=moving_labels is not None,
+    check_memory(stack, fixed_grid, moving_grid, device, refine=refinement != 0, moving_labels=moving_labels is not None,
                  displacement="displacement" in wanted)
 
     fixed_voxels = sitk.GetArrayViewFromImage(fixed)  # views in the images' own types: no full-resolution copy
@@ -288,22 +288,25 @@ def _register(
     with torch.no_grad():
         transforms, raws = run_stages(stack, fixed_p, moving_p, initial, step=steps.step, check_finite=True)
 
-    if refine_steps > 0:
-        name = f"refine ({refine_steps} steps)"
-        with steps.step(name):
-            last = stack.stages[-1]
-            transforms[-1] = refine(last, raws[-1], stage_grid(last.spec, fixed_grid), Composite(transforms[:-1]),
-                                    fixed_p, moving_p, refine_steps)
-            check_stage_output(f"the refinement ({refine_steps} steps) of stage {n_stages}/{n_stages}", stack.name,
-                               None, transforms[-1])
-    del fixed_p, moving_p  # their anti-aliased copies
-
-    transform = Composite(transforms)
     mask = None
     if fixed_mask is not None:
         mask = sitk.GetArrayViewFromImage(fixed_mask)
         if not mask.any():
             raise InputError("the fixed mask is empty: no voxel to compute folding on")
+    refined = None
+    if refinement != 0:
+        name = "refine (accurate)" if refinement == "auto" else f"refine ({refinement} steps)"
+
+        def report(level: int, levels: int, step: int, loss: float) -> None:
+            steps.within(f"{name}: level {level}/{levels}, step {step}, loss {loss:.4f}", (level - 1 + min(step / 80, 1)) / levels)
+
+        with steps.step(name):
+            refined = refine(transforms, fixed_p, moving_p, refinement, mask, report)
+            transforms = refined.transforms
+            check_stage_output(f"the refinement of the stack's transform", stack.name, None, Composite(transforms))
+    del fixed_p, moving_p  # their anti-aliased copies
+
+    transform = Composite(transforms)
     with torch.no_grad():
         with steps.step("warp"):
             result = full_resolution(
@@ -330,6 +333,7 @@ def _register(
         transform=transform,
         grid=fixed_grid,
         output_grid=output_grid,
+        refinement=None if refined is None else refined.summary(),
         _displacement=result.displacement,
         _jacobian=result.jacobian,
     )

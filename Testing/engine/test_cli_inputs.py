@@ -160,7 +160,7 @@ BAD_CASES = [
     ("mask rotated", "fixed", "moving", {"--fixed-mask": "mask_rotated"}, ["fixed mask", "not on the grid of the fixed image"]),
     ("corrupt stack", "fixed", "moving", {"--stack": "corrupt_stack"}, ["corrupt.safetensors", "not a valid safetensors"]),
     ("unknown stack name", "fixed", "moving", {"--stack": "no-such-stack"}, ["no stack named 'no-such-stack'"]),
-    ("negative refinement", "fixed", "moving", {"--refine": "-3"}, ["refinement steps", "negative"]),
+    ("negative refinement", "fixed", "moving", {"--refine": "-3"}, ["--refine -3", "auto", "negative"]),
 ]
 
 

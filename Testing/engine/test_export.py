@@ -11,6 +11,7 @@ import torch
 
 from dlir.export import MARGIN_MM, itk_transform, padded_grid
 from dlir.geometry import Grid
+from dlir.refine import RefineSettings
 from dlir.register import register
 from dlir.stack import load_stack
 from dlir.transforms import DisplacementField
@@ -36,7 +37,7 @@ def oblique(shared_data: Path) -> tuple[sitk.Image, sitk.Image]:
 
 def test_the_composite_is_the_engines_transform_on_an_oblique_anisotropic_pair(oblique) -> None:
     fixed, moving = oblique
-    reg = register(fixed, moving, load_stack("brain-mri"), device="cpu", refine_steps=3)
+    reg = register(fixed, moving, load_stack("brain-mri"), device="cpu")
     transform = reg.itk_transform()
     names = [transform.GetNthTransform(i).GetName() for i in range(transform.GetNumberOfTransforms())]
     assert names == ["AffineTransform", "AffineTransform", "DisplacementFieldTransform", "DisplacementFieldTransform"]
@@ -45,6 +46,19 @@ def test_the_composite_is_the_engines_transform_on_an_oblique_anisotropic_pair(o
     for part, spec in zip([transform.GetNthTransform(i) for i in (2, 3)], stages):
         field = sitk.DisplacementFieldTransform(part).GetDisplacementField()
         assert field.GetSpacing() == spec.spacing_mm and field.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
+
+
+def test_the_refined_composite_is_one_affine_and_one_field(oblique) -> None:
+    """Refinement (accurate mode's code, 3 steps) leaves one affine (initial alignment, affine stage and correction
+    composed) and one displacement field on the refinement's finest grid, and ITK still maps as the engine."""
+    fixed, moving = oblique
+    reg = register(fixed, moving, load_stack("brain-mri"), device="cpu", refine=3)
+    transform = reg.itk_transform()
+    names = [transform.GetNthTransform(i).GetName() for i in range(transform.GetNumberOfTransforms())]
+    assert names == ["AffineTransform", "DisplacementFieldTransform"]
+    assert deviation(reg, fixed, transform) < 1e-3
+    field = sitk.DisplacementFieldTransform(transform.GetNthTransform(1)).GetDisplacementField()
+    assert field.GetSpacing() == (RefineSettings().grid_spacings_mm[-1],) * 3
 
 
 def test_far_from_the_origin_the_composite_still_matches(oblique) -> None:

@@ -664,7 +664,7 @@ def test_the_estimate_grows_with_the_grids_refinement_and_labels(small_stack) ->
     assert estimate(small_stack, grid((128,) * 3), grid((64,) * 3)).total > base.total
     assert estimate(small_stack, grid((64,) * 3), grid((128,) * 3)).total > base.total
     assert estimate(small_stack, grid((64,) * 3), grid((64,) * 3), moving_labels=True).total > base.total
-    assert estimate(small_stack, grid((64,) * 3), grid((64,) * 3), refine_steps=5).total >= base.total
+    assert estimate(small_stack, grid((64,) * 3), grid((64,) * 3), refine=True).total >= base.total
     assert estimate(small_stack, grid((2048,) * 3), grid((2048,) * 3)).total > 2**36  # arithmetic only
 
 

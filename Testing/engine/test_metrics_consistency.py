@@ -50,7 +50,7 @@ def as_transform(displacement: sitk.Image) -> DisplacementField:
 def test_training_register_and_evaluate_agree_on_a_registration(sample: dict[str, sitk.Image], fresh_stack_file: Path) -> None:
     mask = sitk.Cast(sample["fixed_labels"] > 0, sitk.sitkUInt8)
     reg = register(sample["fixed"], sample["moving"], load_stack(fresh_stack_file), moving_labels=sample["moving_labels"],
-                   fixed_mask=mask, device="cpu", refine_steps=15)
+                   fixed_mask=mask, device="cpu", refine=15)
     assert reg.jacobian_std > 1e-3  # refinement made a real, non-uniform field
 
     evaluated = score(pair_data(sample, mask), "dlir", MethodOutput(reg.displacement, reg.warped, reg.warped_labels))

@@ -93,7 +93,7 @@ def test_label_interpolations_agree_on_an_identity_warp(stack) -> None:
 def test_fixed_mask_restricts_the_jacobian_statistics(stack) -> None:
     image = blob_image()
     mask = sitk.Cast(labels_of(image) > 0, sitk.sitkUInt8)
-    result = register(image, image, stack, fixed_mask=mask, device="cpu", refine_steps=3)
+    result = register(image, image, stack, fixed_mask=mask, device="cpu", refine=3)
     det = sitk.GetArrayFromImage(result.jacobian)
     inside = det[sitk.GetArrayFromImage(mask) > 0]
     assert result.jacobian_std == pytest.approx(float(inside.astype(np.float64).std(ddof=1)), rel=1e-4)
@@ -108,7 +108,7 @@ def test_refinement_improves_similarity(stack) -> None:
     moving = blob_image(shift_mm=(3.0, 2.0, -2.0))
     f = image_to_tensor(fixed)
     plain = register(fixed, moving, stack, device="cpu", initial_alignment="none")
-    refined = register(fixed, moving, stack, device="cpu", initial_alignment="none", refine_steps=40)
+    refined = register(fixed, moving, stack, device="cpu", initial_alignment="none", refine=40)
     assert float(ncc(f, image_to_tensor(refined.warped))) > float(ncc(f, image_to_tensor(plain.warped))) + 0.02
     assert refined.folding_fraction == 0.0
     assert "refine (40 steps)" in refined.timings
@@ -119,7 +119,7 @@ def test_inputs_are_never_modified(stack) -> None:
     labels = sitk.Cast(labels_of(moving), sitk.sitkUInt8)
     before = [sitk.GetArrayFromImage(x).copy() for x in (fixed, moving, labels)]
     geometry = [(x.GetOrigin(), x.GetSpacing(), x.GetDirection(), x.GetPixelID()) for x in (fixed, moving, labels)]
-    register(fixed, moving, stack, moving_labels=labels, device="cpu", refine_steps=2)
+    register(fixed, moving, stack, moving_labels=labels, device="cpu", refine=2)
     assert all(np.array_equal(a, sitk.GetArrayFromImage(x)) for a, x in zip(before, (fixed, moving, labels)))
     assert geometry == [(x.GetOrigin(), x.GetSpacing(), x.GetDirection(), x.GetPixelID()) for x in (fixed, moving, labels)]
 

@@ -5,8 +5,8 @@ peak memory.  All are scored by the same code (:mod:`dlir.evaluation.evaluate`).
 table (Dice, HD95, TRE, folding, time and the speed ratio elastix / method) and a scaling table
 (time and peak memory of each method for one pair resampled to several cubic sizes).
 
-Methods: DLIR on the CPU (and on the GPU when PyTorch sees one), DLIR with test-time refinement
-when ``refine`` > 0, elastix with the paper's settings (:mod:`dlir.evaluation.elastix`).
+Methods: DLIR on the CPU (and on the GPU when PyTorch sees one), DLIR refined when ``refine`` is
+``"auto"`` (accurate mode) or a number of steps, elastix with the paper's settings (:mod:`dlir.evaluation.elastix`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import SimpleITK as sitk
 from .. import __version__
 from ..errors import InputError
 from ..pairs import Pair, load_pair, read_pairs, sample_pair
+from ..refine import Refinement
 from .elastix import INSTALL_HINT, ElastixMissingError, ElastixSettings, elastix_available
 from .evaluate import identity_output, method_name, score, stack_chooser, write_report
 from .measure import Measurement, RunSpec, measure
@@ -42,7 +43,7 @@ class BenchConfig:
     pairs: Sequence[Pair]
     stack_for: Callable[[str], Path]
     out: Path
-    refine: int = 0
+    refine: Refinement = 0
     devices: tuple[str, ...] = ("cpu",)
     elastix: ElastixSettings = field(default_factory=ElastixSettings)
     threads: int = 2
@@ -82,9 +83,9 @@ def _specs(config: BenchConfig, pair: Pair, folder: Path, stack: Path) -> dict[s
                   moving_labels=None if pair.moving_labels is None else str(pair.moving_labels))
     specs: dict[str, RunSpec] = {}
     for device in config.devices:
-        for steps in sorted({0, config.refine}):
-            key = method_name(steps, device)
-            specs[key] = RunSpec("dlir", out=str(folder / key), stack=str(stack), device=device, refine=steps,
+        for refine in dict.fromkeys([0, config.refine]):  # one shot, then the refined run when asked for
+            key = method_name(refine, device)
+            specs[key] = RunSpec("dlir", out=str(folder / key), stack=str(stack), device=device, refine=refine,
                                  repeats=config.dlir_repeats, **common)  # type: ignore[arg-type]
     specs[ELASTIX] = RunSpec("elastix", out=str(folder / ELASTIX), elastix=asdict(config.elastix),
                              repeats=config.elastix_repeats, **common)  # type: ignore[arg-type]
@@ -295,7 +296,7 @@ def bench_command(
     pairs_source: str | None,
     stacks: Sequence[str],
     out: Path | None = None,
-    refine: int = 0,
+    refine: Refinement = 0,
     quick: bool = False,
     sizes: Sequence[int] | None = None,
     threads: int = 2,

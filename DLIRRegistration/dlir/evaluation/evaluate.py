@@ -38,6 +38,7 @@ from ..metrics import (
     transform_points_with_field,
 )
 from ..pairs import Pair, PairData, load_pair, read_pairs
+from ..refine import Refinement
 from ..register import register
 from ..stack import Stack, load_stack, resolve_stack
 from .scores import IDENTITY, LABEL_METRICS, MethodOutput, Score, display_name, methods_in_order
@@ -137,20 +138,20 @@ def _gt_error(data: PairData, displacement: sitk.Image | None, mask: sitk.Image 
 
 # ------------------------------------------------------------------------------------- running DLIR
 def dlir_method(
-    stack_for: Callable[[str], Stack], device: str = "auto", refine_steps: int = 0
+    stack_for: Callable[[str], Stack], device: str = "auto", refine: Refinement = 0
 ) -> Callable[[PairData], MethodOutput]:
     """A method that registers a loaded pair with DLIR in this process (``stack_for(pair_id)`` gives the stack)."""
     def run(data: PairData) -> MethodOutput:
         reg = register(data.fixed, data.moving, stack_for(data.pair.id), moving_labels=data.moving_labels,
-                       fixed_mask=data.fixed_mask, device=device, refine_steps=refine_steps)
+                       fixed_mask=data.fixed_mask, device=device, refine=refine)
         return MethodOutput(reg.displacement, reg.warped, reg.warped_labels, dict(reg.timings))
 
     return run
 
 
-def method_name(refine_steps: int, device: str = "cpu") -> str:
-    """The method key of a DLIR run: ``dlir``, ``dlir+refine50``, with ``@cuda`` on a GPU."""
-    name = "dlir" if refine_steps == 0 else f"dlir+refine{refine_steps}"
+def method_name(refine: Refinement, device: str = "cpu") -> str:
+    """The method key of a DLIR run: ``dlir``, ``dlir+accurate`` (``refine="auto"``), ``dlir+refine50``, with ``@cuda`` on a GPU."""
+    name = "dlir" if refine == 0 else "dlir+accurate" if refine == "auto" else f"dlir+refine{refine}"
     return name if device in ("cpu", "auto") else f"{name}@{device}"
 
 
@@ -362,7 +363,7 @@ def stack_loader(choose: Callable[[str], Path]) -> Callable[[str], Stack]:
     return get
 
 
-def evaluate_command(pairs_source: str, stacks: Sequence[str], out: Path, refine_steps: int = 0,
+def evaluate_command(pairs_source: str, stacks: Sequence[str], out: Path, refine: Refinement = 0,
                      device: str = "auto", plots: bool = True, panels: bool = True) -> list[Score]:
     """``dlir evaluate``: run DLIR on every pair, score it beside the identity, write the report into ``out``."""
     pairs = read_pairs(pairs_source)
@@ -370,8 +371,8 @@ def evaluate_command(pairs_source: str, stacks: Sequence[str], out: Path, refine
     for pair in pairs:
         choose(pair.id)  # fail before any work when a pair has no stack
     target = str(resolve_device(device))
-    name = method_name(refine_steps, target)
-    methods = {name: dlir_method(stack_loader(choose), target, refine_steps)}
+    name = method_name(refine, target)
+    methods = {name: dlir_method(stack_loader(choose), target, refine)}
 
     def on_pair(data: PairData, outputs: dict[str, MethodOutput], pair_scores: list[Score]) -> None:
         if plots and panels:
@@ -381,7 +382,8 @@ def evaluate_command(pairs_source: str, stacks: Sequence[str], out: Path, refine
 
     scores = evaluate_pairs(pairs, methods, on_pair)
     used = sorted({str(choose(p.id)) for p in pairs})
-    notes = [f"Stack(s): {', '.join(used)}; device {target}; test-time refinement {refine_steps} steps.",
+    mode = "one shot" if refine == 0 else "accurate mode (refinement to convergence)" if refine == "auto" else f"refinement {refine} steps"
+    notes = [f"Stack(s): {', '.join(used)}; device {target}; {mode}.",
              f"Pairs: {pairs_source}."]
     write_report(scores, out, "DLIR evaluation", notes, plots)
     return scores

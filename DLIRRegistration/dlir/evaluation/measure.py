@@ -42,7 +42,7 @@ class RunSpec:
     moving_labels: str | None = None
     stack: str | None = None  # dlir: the stack file
     device: str = "cpu"  # dlir
-    refine: int = 0  # dlir
+    refine: int | str = 0  # dlir: "auto" (accurate mode) or a number of steps
     threads: int = 2
     repeats: int = 1
     elastix: dict[str, object] = field(default_factory=dict)  # ElastixSettings fields
@@ -98,7 +98,7 @@ def _run_dlir(spec: RunSpec) -> Measurement:
     for _ in range(spec.repeats):
         t = time.perf_counter()
         result = register_pair(stack, spec.fixed, spec.moving, Path(spec.out), moving_labels=spec.moving_labels,
-                               device=spec.device, refine_steps=spec.refine, show_progress=False)
+                               device=spec.device, refine=spec.refine, show_progress=False)
         runs.append((time.perf_counter() - t, {k: float(v) for k, v in dict(result["timings_s"]).items()}))  # type: ignore[arg-type]
     gpu = torch.cuda.max_memory_allocated() / 2**20 if spec.device.startswith("cuda") else None
     warm_s, timings = min(runs[1:] or runs, key=lambda run: run[0])  # the first run initialises PyTorch's kernels

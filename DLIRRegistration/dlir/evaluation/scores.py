@@ -73,7 +73,9 @@ def display_name(method: str) -> str:
         return "Before registration"
     base, _, device = method.partition("@")
     name = "elastix" if base == "elastix" else "DLIR"
-    if base.startswith("dlir+refine"):
+    if base == "dlir+accurate":
+        name += " accurate"
+    elif base.startswith("dlir+refine"):
         name += f" + refine {base[len('dlir+refine'):]}"
     return f"{name} ({device})" if device else name
 
