@@ -1,5 +1,6 @@
 """Registration losses: global and local normalised cross-correlation, bending energy, and THE
-stage objective that training and test-time refinement both minimise.
+stage objective that training minimises (accurate mode, :mod:`dlir.refine`, uses the same NCC and
+bending energy on random fixed voxels, plus a folding penalty).
 
 Images are ``[N, C, D, H, W]``; displacement fields ``[N, 3, D, H, W]`` in mm.  The DLIR loss is
 ``-NCC + alpha * bending energy`` (paper eq. 1).

@@ -1,30 +1,37 @@
 """Instance optimisation ("accurate mode"): the networks' transform refined on the pair itself,
-coarse to fine, diffeomorphic by construction.
+coarse to fine, without folding.
 
 The networks give ``T_net = P o N`` (fixed point -> moving point, LPS mm): ``P`` the leading
 affine transforms (initial alignment, affine stages), ``N`` the non-linear rest (the B-spline
-stages' fields).  Refinement replaces it by
+stages' fields).  Refinement makes it
 
-    ``T = P o C o exp(v)``
+    ``T = P o C o (x + u(x))``
 
-``C`` an affine correction (12 parameters, starting at the identity) and ``exp(v)`` the
-exponential of a stationary velocity field ``v`` (LPS mm, on an axis-aligned grid of
-:attr:`RefineSettings.velocity_spacing_mm` over the fixed image), computed by scaling and squaring
-on that grid and trilinear between its nodes.  ``v`` starts as the logarithm of ``N`` (a few
-fixed-point iterations, so ``exp(v)`` reproduces the networks' field to a fraction of a mm), so
-refinement starts where the networks left off; the exponential of a smooth velocity is
-invertible, and a penalty on det J <= :data:`MIN_JACOBIAN` of ``exp(v)`` on its grid guards the
-discretisation: no folding, also on inter-patient pairs where the networks fold.
+``C`` an affine correction (12 parameters, starting at the identity) and ``u`` one displacement
+field (LPS mm, trilinear) on an axis-aligned grid of ``grid_spacings_mm[-1]`` (6 mm) over the fixed
+image, starting as ``N`` sampled on that grid, so refinement starts where the networks left off.
+Levels go coarse to fine: level ``k`` adds a residual displacement on a grid of
+``grid_spacings_mm[k]`` (24, 12, 6 mm) and measures the similarity on the images anti-aliased for
+``level_spacings_mm[k]`` times the base spacing (the fixed image's finest spacing, at least
+:attr:`RefineSettings.finest_mm`); after the level its residual is added into ``u``.
 
-The objective is the stage objective of :func:`dlir.losses.stage_loss` (``-NCC + alpha *
-bending``) with global NCC measured, as elastix does, on random fixed points (a fixed, seeded set
-per level, so the loss is deterministic and convergence can be detected): points inside the fixed
-image and inside the fixed mask when one is given; samples that land outside the moving image do
-not count.  Levels go coarse to fine over an image pyramid (anti-aliased copies at
-:attr:`RefineSettings.level_spacings_mm` times the base spacing = the fixed image's finest spacing,
-at least :attr:`RefineSettings.finest_mm`); each level stops when its loss has improved by less
-than :attr:`RefineSettings.tolerance` over :attr:`RefineSettings.window` steps (``"auto"``), or
-runs a given number of steps at the finest level only (``--refine N``, for experiments).
+Objective (per step): ``-NCC + alpha * bending energy + fold_weight * penalty(det J)``.  NCC is
+global, measured as elastix does on random fixed VOXELS (centres, where the fixed intensities are
+known exactly: interpolating the fixed image between voxels biases the estimate), inside the fixed
+mask when one is given; samples that land outside the moving image do not count.  Each level
+draws a pool of ``pool x samples`` voxels once and the steps take them batch by batch (stochastic
+gradient steps; Adam with step sizes growing over ``warmup`` steps, then shrinking by ``decay`` per step).  Bending energy (per mm^2)
+and the folding penalty ``mean(relu(MIN_JACOBIAN - det J)^2)`` are evaluated on the level's grid
+(det J at two opposite corners of every cell, from its edges, so that no fold hides between nodes)
+every ``penalty_every`` steps: no folding by penalty, also on inter-patient pairs where the
+networks fold.
+
+Stopping: ``"auto"`` runs every level until the mean loss of the last ``window`` steps improves on
+the previous window's by less than ``tolerance`` times the level's gain so far (at least
+``min_steps``, at most ``max_steps``); a level whose result is no better than its start (the mean
+objective of the same batches before and after) is undone, so an aligned pair stays exactly where it is; a number N (``--refine N``, for experiments) runs exactly N
+steps at the finest level only.  The same code runs on a GPU (all tensors on the images' device;
+the random draws on the CPU).
 """
 
 from __future__ import annotations
@@ -47,7 +54,10 @@ from .transforms import AffineTransform, Composite, DisplacementField, SpatialTr
 Refinement = int | Literal["auto"]
 #: ``report(level, levels, step, loss)`` after every optimiser step (progress, cancel)
 Report = Callable[[int, int, int, float], None]
-#: det J of exp(v) below this, on the velocity grid, is penalised (a margin above folding)
+#: CPU threads of the refinement: its steps are many small operations that a second thread hardly speeds up
+#: (measured: the same time with 1 and 2 threads on 2 cores), and one thread leaves a core to whatever else runs
+CPU_THREADS = 1
+#: det J of the displacement below this, at the corners of its grid cells, is penalised (a margin above folding)
 MIN_JACOBIAN = 0.3
 
 
@@ -62,14 +72,15 @@ class RefineSettings:
     pool: int = 16  # each level draws this many steps' worth of random points once; steps take them batch by batch
     max_steps: tuple[int, ...] = (100, 100, 100)
     min_steps: int = 20
-    learning_rate_mm: tuple[float, ...] = (0.5, 0.3, 0.2)  # Adam step of the displacement (mm)
+    learning_rate_mm: tuple[float, ...] = (0.5, 0.3, 0.1)  # Adam step of the displacement (mm)
     decay: float = 0.98  # the step sizes shrink by this factor per step (stochastic steps settle)
+    warmup: int = 10  # ... after growing linearly over this many steps (Adam's first steps are full-size in every direction)
     affine_learning_rate: float = 0.002  # Adam step of the affine correction (matrix entries; translation in mm x 100)
     alpha: float = 0.5  # bending energy weight (per mm^2)
     fold_weight: float = 10.0
     penalty_every: int = 4  # bending and folding penalties on every this many steps (weighted up), the costly part of a step
     tolerance: float = 0.02  # stop a level when its last ``window`` steps improved the loss by less than this share of its gain
-    window: int = 10
+    window: int = 12  # a multiple of penalty_every, so every window holds the same mix of steps
     seed: int = 0
 
 
@@ -240,6 +251,17 @@ def refine(
     grid (non-zero = use), or None.  ``refinement``: ``"auto"`` or a number of steps at the finest level.
     """
     check_refinement(refinement)
+    threads = torch.get_num_threads()
+    if fixed.device.type == "cpu":
+        torch.set_num_threads(CPU_THREADS)
+    try:
+        return _refine(transforms, fixed, moving, refinement, mask, report, settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _refine(transforms: Sequence[SpatialTransform], fixed: PreparedImage, moving: PreparedImage, refinement: Refinement,
+            mask: np.ndarray | None, report: Report | None, settings: RefineSettings) -> RefineResult:
     device = fixed.device
     leading, rest = split(transforms)
     field_grid = displacement_grid(fixed.grid, settings.grid_spacings_mm[-1])
@@ -261,20 +283,29 @@ def refine(
                            settings.pool * settings.samples[k], generator)
             field_here = _resample_field(field, field_grid, grid)  # the field so far on this level's grid
         residual = torch.zeros_like(field_here, requires_grad=True)
+        start_params = params.detach().clone()
+
+        def objective(step: int, penalise: bool) -> torch.Tensor:
+            pick = level.batch(step, settings.samples[k])
+            moved = (level.moved[pick] + level.residual_at(residual, pick)).reshape(1, -1, 1, 1, 3)
+            return _objective(field_here + residual if penalise else None, grid, _compose(prefix, _correction(params))(moved),
+                              level.fixed[pick].reshape(1, 1, -1, 1, 1), level.weights[pick].reshape(1, 1, -1, 1, 1), level,
+                              settings)
+
+        def baseline() -> float:  # the mean objective of the first window's batches, as the steps weigh them
+            with torch.no_grad():
+                return sum(float(objective(b, b % settings.penalty_every == 0)) for b in range(settings.window)) / settings.window
+
+        before = baseline()
         optimiser = torch.optim.Adam([
             {"params": [residual], "lr": settings.learning_rate_mm[k]},
             {"params": [params], "lr": settings.affine_learning_rate},
         ])
-        schedule = torch.optim.lr_scheduler.ExponentialLR(optimiser, settings.decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda n: min(1.0, (n + 1) / settings.warmup) * settings.decay**n)
         limit = settings.max_steps[k] if refinement == "auto" else int(refinement)
         history: list[float] = []
         for step in range(limit):
-            pick = level.batch(step, settings.samples[k])
-            moved = (level.moved[pick] + level.residual_at(residual, pick)).reshape(1, -1, 1, 1, 3)
-            penalise = step % settings.penalty_every == 0
-            loss = _objective(field_here + residual if penalise else None, grid, _compose(prefix, _correction(params))(moved),
-                              level.fixed[pick].reshape(1, 1, -1, 1, 1), level.weights[pick].reshape(1, 1, -1, 1, 1), level,
-                              settings)
+            loss = objective(step, step % settings.penalty_every == 0)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -282,8 +313,12 @@ def refine(
             history.append(float(loss.detach()))
             if report is not None:
                 report(number + 1, len(levels), step + 1, history[-1])
-            if refinement == "auto" and _converged(history, settings):
+            if refinement == "auto" and _converged(history, before, settings):
                 break
+        if refinement == "auto" and baseline() >= before:  # the level found nothing better: undo it
+            with torch.no_grad():
+                residual.zero_()
+                params.copy_(start_params)
         with torch.no_grad():
             field = field + _resample_field(residual.detach(), grid, field_grid)
         result.steps.append(len(history))
@@ -349,12 +384,14 @@ def corner_jacobians(field: torch.Tensor, spacing: tuple[float, float, float]) -
     return out[0], out[1]
 
 
-def _converged(history: list[float], settings: RefineSettings) -> bool:
-    """True when the mean loss of the last ``window`` steps is below the previous window's by less than ``tolerance``
-    times the level's gain so far (first window's mean minus the best window mean; after ``min_steps``): a level that
-    starts converged stops after ``min_steps``.  Window means, because every step draws new random points."""
+def _converged(history: list[float], start: float, settings: RefineSettings) -> bool:
+    """True (after ``min_steps``) when the mean loss of the last ``window`` steps is below the previous window's by less
+    than ``tolerance`` times the level's gain so far (``start``, the mean loss of the first window's batches before
+    any step, minus the best window mean), or when no window beats ``start`` (a level that starts converged).
+    Window means, because every step takes other random points."""
     w = settings.window
     if len(history) < max(settings.min_steps, 2 * w):
         return False
     means = [sum(history[k - w:k]) / w for k in range(w, len(history) + 1)]
-    return means[-1 - w] - means[-1] <= settings.tolerance * max(means[0] - min(means), 0.0)
+    gain = start - min(means)
+    return gain <= 0 or means[-1 - w] - means[-1] <= settings.tolerance * gain
