@@ -1,8 +1,11 @@
 """DLIR Registration: register a moving volume onto a fixed one with a trained DLIR stage stack.
 
-Outputs (each optional): the transform (grid transform, fixed -> moving, from parent), the warped
-moving volume, the Jacobian-determinant map shown over the fixed volume, folding as a red
-segment, and the moving segmentation propagated onto the fixed volume.
+Two modes: Fast (the stack's networks, one shot) and Accurate (then the whole transform optimised
+on the pair, coarse to fine, to convergence, never folding), with an optional fixed mask (a
+segment or a label-map volume) and a choice of initial alignment.  Outputs (each optional): the
+transform (fixed -> moving, from parent), the warped moving volume, the Jacobian-determinant map
+shown over the fixed volume, folding as a red segment, and the moving segmentation propagated
+onto the fixed volume.
 
 Everything but the GUI lives in the Qt-free ``DLIRRegistrationLib`` (tested with pytest on the
 slicer-core wheel); this file holds the Slicer module, its parameter node, a thin Widget, a thin
@@ -10,14 +13,15 @@ Logic and the in-Slicer self-test.  PyTorch comes from the PyTorch extension (Sl
 the other engine dependencies from ``Resources/requirements.txt``, installed on first use.
 """
 
+import enum
 import os
 import pathlib
-from typing import Annotated
+from typing import Annotated, Optional, Union
 
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTransformNode
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTransformNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -46,11 +50,19 @@ class DLIRRegistration(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["DLIR contributors"]
         self.parent.helpText = _(
-            "Register a moving volume onto a fixed volume in seconds with a trained DLIR stage stack (unsupervised "
-            "deep-learning image registration: an affine ConvNet, then B-spline ConvNets coarse to fine). Outputs: a "
-            "transform (apply it to the moving volume or its segmentations), the warped volume, a Jacobian-determinant "
-            "map (1: volume kept; folding, det &lt;= 0, as a red segment) and the moving segmentation propagated onto the "
-            "fixed volume. Documentation: <a href=\"https://github.com/dlir-slicer/SlicerDLIR\">SlicerDLIR</a>."
+            "Register a moving volume onto a fixed volume with a trained DLIR stage stack (unsupervised deep-learning "
+            "image registration: an affine ConvNet, then B-spline ConvNets coarse to fine).<br>"
+            "<b>Fast</b> runs the networks once (about a second per pair on a CPU, milliseconds on a GPU): for "
+            "interactive work and for cohorts. <b>Accurate</b> then optimises the whole transform on this pair, coarse "
+            "to fine until it converges, and never folds (a few seconds per pair on a CPU): for label propagation you "
+            "must trust. An optional <b>fixed mask</b> (a segment, or a label-map volume) restricts the similarity "
+            "measured in Accurate mode to the region you care about; the folding and Jacobian numbers are then taken "
+            "inside it.<br>"
+            "Outputs: a transform (apply it to the moving volume or its segmentations), the warped volume, a "
+            "Jacobian-determinant map (1: volume kept; folding, det &lt;= 0, as a red segment) and the moving "
+            "segmentation propagated onto the fixed volume. <i>Advanced</i> holds the device, the initial alignment "
+            "and, for experiments, a fixed number of optimiser steps. Documentation: "
+            "<a href=\"https://github.com/dlir-slicer/SlicerDLIR\">SlicerDLIR</a>."
         )
         self.parent.acknowledgementText = _(
             "Method: B.D. de Vos, F.F. Berendsen, M.A. Viergever, H. Sokooti, M. Staring, I. Isgum, A deep learning "
@@ -89,15 +101,56 @@ def registerSampleData() -> None:
 #
 # Parameter node
 #
+class RegistrationMode(enum.Enum):
+    """The main choice; the value is ``registerVolumes``' ``mode``."""
+
+    FAST = "fast"
+    ACCURATE = "accurate"
+
+    def label(self) -> str:
+        """The text in the mode chooser."""
+        return _("Fast (one shot)") if self is RegistrationMode.FAST else _("Accurate (optimised on this pair)")
+
+
+class InitialAlignment(enum.Enum):
+    """How the moving volume is placed before the networks; ``engineValue`` is ``registerVolumes``' ``initialAlignment``."""
+
+    STACK = "stack"
+    CENTRE = "centre"
+    COM = "com"
+    NONE = "none"
+
+    def label(self) -> str:
+        """The text in the initial-alignment chooser."""
+        return {
+            InitialAlignment.STACK: _("Stack default"),
+            InitialAlignment.CENTRE: _("Image centres"),
+            InitialAlignment.COM: _("Centres of mass"),
+            InitialAlignment.NONE: _("None (as placed)"),
+        }[self]
+
+    def engineValue(self) -> Optional[str]:
+        """None for the stack's own recipe, else the engine's name of the alignment."""
+        return None if self is InitialAlignment.STACK else self.value
+
+
 @parameterNodeWrapper
 class DLIRRegistrationParameterNode:
-    """The GUI's state, saved with the scene. Output nodes left empty are created at each run."""
+    """The GUI's state, saved with the scene. Output nodes left empty are created at each run.
 
+    ``fixedMaskSegmentId`` is the segment of ``fixedMask`` when that is a segmentation (kept in step
+    with the segment selector by the Widget; empty: every segment).
+    """
+
+    mode: RegistrationMode = RegistrationMode.FAST
     fixedVolume: vtkMRMLScalarVolumeNode
     movingVolume: vtkMRMLScalarVolumeNode
     movingSegmentation: vtkMRMLSegmentationNode
+    fixedMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
+    fixedMaskSegmentId: str = ""
     stackPath: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    initialAlignment: InitialAlignment = InitialAlignment.STACK
     refineSteps: Annotated[int, WithinRange(0, 1000)] = 0
     createTransform: bool = True
     createWarpedVolume: bool = True
@@ -143,6 +196,7 @@ class DLIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.refreshStacksButton.connect("clicked(bool)", self.onRefreshStacks)
         self.ui.addStackButton.connect("clicked(bool)", self.onAddStack)
         self.ui.stackComboBox.connect("currentIndexChanged(int)", self.onStackChanged)
+        self.ui.fixedMaskSegmentSelector.connect("currentSegmentChanged(QString)", self.onFixedMaskSegmentChanged)
 
         self.initializeParameterNode()
         if self.logic.dependenciesInstalled():
@@ -161,7 +215,7 @@ class DLIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
@@ -177,13 +231,41 @@ class DLIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
             self.selectStack(self._parameterNode.stackPath)
+        self.onParameterNodeModified()
+
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        self.updateFixedMaskSegmentSelector()
         self.updateButtons()
+
+    def updateFixedMaskSegmentSelector(self) -> None:
+        """Show the segment selector only for a segmentation mask, on that segmentation and the saved segment."""
+        p = self._parameterNode
+        segmentation = p.fixedMask if p and p.fixedMask is not None and p.fixedMask.IsA("vtkMRMLSegmentationNode") else None
+        selector = self.ui.fixedMaskSegmentSelector
+        selector.visible = segmentation is not None
+        self.ui.fixedMaskSegmentSelectorLabel.visible = segmentation is not None
+        wasBlocked = selector.blockSignals(True)  # setting the node selects its first segment: keep the saved one
+        selector.setCurrentNode(segmentation)
+        if segmentation is not None and p.fixedMaskSegmentId:
+            selector.setCurrentSegmentID(p.fixedMaskSegmentId)  # ignored when the segment is gone
+        selector.blockSignals(wasBlocked)
+        self.onFixedMaskSegmentChanged(selector.currentSegmentID())
+
+    def onFixedMaskSegmentChanged(self, segmentId: str) -> None:
+        """Keep the parameter node's mask segment in step with the selector (empty unless the mask is a segmentation)."""
+        p = self._parameterNode
+        if p is None:
+            return
+        isSegmentation = p.fixedMask is not None and p.fixedMask.IsA("vtkMRMLSegmentationNode")
+        wanted = (segmentId or "") if isSegmentation else ""
+        if p.fixedMaskSegmentId != wanted:
+            p.fixedMaskSegmentId = wanted
 
     def updateButtons(self, caller=None, event=None) -> None:
         p = self._parameterNode
@@ -250,9 +332,10 @@ class DLIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = _("Cancelling after the current step...")
 
     def _progress(self, step: str, fraction: float) -> None:
+        """The engine's step as status (in Accurate mode: level, step and loss of the optimisation)."""
         self.ui.progressBar.value = int(round(100 * fraction))
         self.ui.statusLabel.text = step
-        slicer.app.processEvents()  # lets the Cancel button be clicked between steps
+        slicer.app.processEvents()  # lets the Cancel button be clicked between steps (every optimiser step in Accurate mode)
 
     def onApply(self) -> None:
         p = self._parameterNode
@@ -263,10 +346,12 @@ class DLIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=True):
                 self.logic.ensureDependencies(self.resourcePath("requirements.txt"))
-                outputs = self.logic.process(
+                outputs = self.logic.registerVolumes(
                     p.fixedVolume, p.movingVolume, p.stackPath,
                     movingSegmentationNode=p.movingSegmentation if p.createSegmentation else None,
-                    device=p.device, refineSteps=p.refineSteps,
+                    device=p.device, mode=p.mode.value, refineSteps=p.refineSteps,
+                    fixedMaskNode=p.fixedMask, fixedMaskSegmentId=p.fixedMaskSegmentId or None,
+                    initialAlignment=p.initialAlignment.engineValue(),
                     progress=self._progress, cancel=lambda: self._cancelRequested,
                     outputs=self.logic.outputRequest(p))
                 self.ui.progressBar.value = 100
@@ -386,11 +471,17 @@ class DLIRRegistrationLogic(ScriptedLoadableModuleLogic):
             segmentation=target(p.createSegmentation, p.outputSegmentation),
         )
 
-    def process(self, fixedVolumeNode, movingVolumeNode, stack, movingSegmentationNode=None, device="auto",
-                refineSteps=0, progress=None, cancel=None, outputs=None):
-        """Register with ``DLIRRegistrationLib.registration.registerVolumes`` in the application's scene.
+    def registerVolumes(self, fixedVolumeNode, movingVolumeNode, stack, movingSegmentationNode=None, device: str = "auto",
+                        mode: str = "fast", refineSteps: int = 0, fixedMaskNode=None, fixedMaskSegmentId: Optional[str] = None,
+                        initialAlignment: Optional[str] = None, progress=None, cancel=None, outputs=None):
+        """``DLIRRegistrationLib.registration.registerVolumes`` (same arguments) in the application's scene.
 
         ``stack`` is a file path or registry name (kept loaded between runs) or a loaded stack.
+        ``mode``: ``fast`` or ``accurate``; ``refineSteps`` > 0 overrides the mode with that many
+        optimiser steps; ``fixedMaskNode``: a segmentation (segment ``fixedMaskSegmentId``, None =
+        all) or a label-map volume; ``initialAlignment``: ``centre``, ``com``, ``none`` or None (the
+        stack's recipe).  Outputs in world RAS on the fixed grid; the transform maps fixed -> moving
+        (from parent).
         """
         from DLIRRegistrationLib.registration import registerVolumes
         from DLIRRegistrationLib.stacks import StackCache
@@ -400,8 +491,9 @@ class DLIRRegistrationLogic(ScriptedLoadableModuleLogic):
                 self._stackCache = StackCache()
             stack = self._stackCache.get(stack)
         return registerVolumes(slicer.mrmlScene, fixedVolumeNode, movingVolumeNode, stack,
-                               movingSegmentationNode=movingSegmentationNode, device=device, refineSteps=refineSteps,
-                               progress=progress, cancel=cancel, outputs=outputs)
+                               movingSegmentationNode=movingSegmentationNode, device=device, mode=mode,
+                               refineSteps=refineSteps, fixedMaskNode=fixedMaskNode, fixedMaskSegmentId=fixedMaskSegmentId,
+                               initialAlignment=initialAlignment, progress=progress, cancel=cancel, outputs=outputs)
 
 
 #
@@ -439,6 +531,7 @@ class DLIRRegistrationTest(ScriptedLoadableModuleTest):
     def test_WidgetNames(self) -> None:
         self.delayDisplay("Checking the GUI")
         widget = slicer.modules.dlirregistration.widgetRepresentation().self()
-        for name in ("fixedVolumeSelector", "movingVolumeSelector", "stackComboBox", "applyButton", "cancelButton", "progressBar"):
+        for name in ("modeComboBox", "fixedVolumeSelector", "movingVolumeSelector", "fixedMaskSelector", "fixedMaskSegmentSelector",
+                     "stackComboBox", "initialAlignmentComboBox", "applyButton", "cancelButton", "progressBar"):
             self.assertTrue(hasattr(widget.ui, name), name)
         self.delayDisplay("GUI ok")

@@ -3,16 +3,25 @@
 Runs in Slicer, in Slicer's Python console and in pytest on the slicer-core wheel: it uses the
 scene and nodes it is given, never ``slicer.app``, ``slicer.modules`` or Qt.
 
-Guarantees: the input nodes (volumes, segmentation) are only read; volumes the engine cannot use
-(zero, negative or NaN spacing, NaN origin, a direction matrix that is not orthonormal, NaN or
-infinite voxels, a constant or empty image) are refused with one sentence before anything touches
-the scene; the engine runs before any output node is touched, and if anything fails or the user
-cancels, every node this call created is removed again (existing nodes passed as outputs are
-written only after the engine succeeded).
+Two modes: *fast* runs the stack's networks once (about a second on a CPU); *accurate* then
+optimises the whole transform on the pair itself, coarse to fine, to convergence, without folding
+(the engine's ``refine="auto"``: a few seconds per pair on a CPU).  An optional fixed mask (a
+segment of a segmentation, or a label-map volume, on any grid) is carried onto the fixed volume's
+grid; accurate mode measures similarity only inside it, and the folding and Jacobian numbers are
+taken inside it.
+
+Guarantees: the input nodes (volumes, segmentations, mask) are only read; an unknown mode, a mask
+that does not overlap the fixed volume and volumes the engine cannot use (zero, negative or NaN
+spacing, NaN origin, a direction matrix that is not orthonormal, NaN or infinite voxels, a
+constant or empty image) are refused with one sentence before anything touches the scene; the
+engine runs before any output node is touched, and if anything fails or the user cancels, every
+node this call created is removed again (existing nodes passed as outputs are written only after
+the engine succeeded).
 """
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Union
@@ -26,14 +35,16 @@ from dlir.io import check_image
 from . import display
 from .gridtransform import setRegistrationResult
 from .scene import SceneChanges
-from .segmentations import LabelLayer, exportLayers, fillSegmentation, newSegment
+from .segmentations import LabelLayer, exportLayers, exportMask, fillSegmentation, newSegment
 from .stacks import modalityWarning
-from .volumes import VolumeGeometry, imageToVolumeNode, volumeGeometry, volumeNodeToImage
+from .volumes import VolumeGeometry, imageToVolumeNode, maskOnGrid, volumeGeometry, volumeNodeToImage
 
 #: True: create a new node; False: skip this output; a node: write the output into it
 OutputTarget = Union[bool, object]
 FOLDING_SEGMENT_NAME = "Folding"
 FOLDING_SEGMENT_ID = "Folding"
+#: ``fast``: the networks alone, one shot; ``accurate``: then instance optimisation to convergence
+MODES = ("fast", "accurate")
 
 
 @dataclass
@@ -59,16 +70,23 @@ class RegistrationOutputs:
     segmentationNode: object | None
     device: str
     seconds: float
-    foldingPercent: float  # share of fixed voxels with det J <= 0, in %
+    foldingPercent: float  # share of fixed voxels (inside the fixed mask when given) with det J <= 0, in %
     foldingVolumeMm3: float
-    jacobianStd: float
+    jacobianStd: float  # inside the fixed mask when given
     warnings: list[str] = field(default_factory=list)
     registration: object | None = None  # the engine's dlir.register.Registration (LPS images)
+    masked: bool = False  # the numbers are taken inside a fixed mask
 
     def summary(self) -> str:
-        """The results line of the GUI."""
-        return (f"{self.seconds:.1f} s on {self.device}; folding {self.foldingPercent:.3f} % "
-                f"({self.foldingVolumeMm3:.1f} mm³); std of Jacobian {self.jacobianStd:.3f}")
+        """The results line of the GUI (with the optimisation's levels, steps and final loss in accurate mode)."""
+        where = " in the mask" if self.masked else ""
+        line = (f"{self.seconds:.1f} s on {self.device}; folding{where} {self.foldingPercent:.3f} % "
+                f"({self.foldingVolumeMm3:.1f} mm³); std of Jacobian{where} {self.jacobianStd:.3f}")
+        refinement = getattr(self.registration, "refinement", None)
+        if refinement:
+            line += (f"; optimised over {len(refinement['steps'])} level(s) in {int(sum(refinement['steps']))} steps, "
+                     f"final loss {refinement['loss'][-1]:.4f}")
+        return line
 
 
 def registerVolumes(
@@ -78,19 +96,29 @@ def registerVolumes(
     stack,
     movingSegmentationNode=None,
     device: str = "auto",
+    mode: str = "fast",
     refineSteps: int = 0,
+    fixedMaskNode=None,
+    fixedMaskSegmentId: str | None = None,
+    initialAlignment: str | None = None,
     progress: Callable[[str, float], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     outputs: OutputRequest | None = None,
-    initialAlignment: str | None = None,
 ) -> RegistrationOutputs:
     """Register ``movingVolumeNode`` onto ``fixedVolumeNode`` and add the requested outputs to ``scene``.
 
     ``stack``: a loaded ``dlir.stack.Stack``, or a stack file path / registry name.
-    ``device``: ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``.  ``refineSteps``:
-    test-time optimiser steps after the networks.  ``progress(step, fraction)`` is called between
-    steps and ``cancel()`` polled there (True -> :class:`dlir.errors.CancelledError`).
-    ``initialAlignment`` (``centre``, ``com`` or ``none``) overrides the stack's initial alignment.
+    ``device``: ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``.
+    ``mode``: ``fast`` (the networks, one shot) or ``accurate`` (then instance optimisation of the
+    whole transform, coarse to fine, to convergence, never folding).  ``refineSteps`` (for
+    experiments): 0 follows ``mode``; N > 0 runs N optimiser steps at the finest level instead.
+    ``fixedMaskNode``: optional segmentation (``fixedMaskSegmentId`` = its segment, None = the
+    union of all its segments) or label-map volume (non-zero = inside), on any grid, in world
+    coordinates; see :func:`fixedMaskImage`.
+    ``initialAlignment`` (``centre``, ``com`` or ``none``; None = the stack's recipe) overrides the
+    stack's initial alignment.  ``progress(step, fraction)`` is called between steps, and in
+    accurate mode after every optimiser step with a step like ``refine (accurate): level 2/3,
+    step 14, loss -0.9981``; ``cancel()`` is polled there (True -> :class:`dlir.errors.CancelledError`).
 
     Outputs, all on the fixed volume's world grid, in world RAS: a grid transform (fixed -> moving,
     *from parent*, so that it aligns the moving volume when set as its parent transform), the
@@ -102,6 +130,7 @@ def registerVolumes(
 
     request = outputs or OutputRequest()
     start = time.perf_counter()
+    refine = engineRefinement(mode, refineSteps)
     if fixedVolumeNode is None or movingVolumeNode is None:
         raise InputError("choose a fixed and a moving volume")
     fixedImage = volumeNodeToImage(fixedVolumeNode, "fixed volume")
@@ -110,6 +139,9 @@ def registerVolumes(
     check_image(fixedImage, f"fixed volume '{fixedVolumeNode.GetName()}'")
     check_image(movingImage, f"moving volume '{movingVolumeNode.GetName()}'")
     fixedGeometry = volumeGeometry(fixedVolumeNode, "fixed volume")
+    mask = None
+    if fixedMaskNode is not None:
+        mask = fixedMaskImage(scene, fixedMaskNode, fixedMaskSegmentId, fixedImage, fixedGeometry, fixedVolumeNode.GetName())
     loaded = _loadStack(stack)
     warnings = [w for w in (modalityWarning(loaded.manifest.modality, fixedImage, "fixed volume"),
                             modalityWarning(loaded.manifest.modality, movingImage, "moving volume")) if w]
@@ -118,7 +150,7 @@ def registerVolumes(
         layers = exportLayers(scene, movingSegmentationNode, volumeGeometry(movingVolumeNode, "moving volume"))
 
     result = register(fixedImage, movingImage, loaded, moving_labels=layers[0].image if layers else None,
-                      device=device, refine=refine, initial_alignment=initialAlignment,
+                      fixed_mask=mask, device=device, refine=refine, initial_alignment=initialAlignment,
                       progress=progress, cancel=cancel, outputs=_engineOutputs(request, bool(layers)))
 
     created = SceneChanges(scene)
@@ -128,7 +160,8 @@ def registerVolumes(
     except BaseException:
         created.undo()
         raise
-    foldedVoxels = round(result.folding_fraction * int(np.prod(fixedImage.GetSize())))  # no Jacobian image needed
+    counted = int(np.prod(fixedImage.GetSize())) if mask is None else int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
+    foldedVoxels = round(result.folding_fraction * counted)  # no Jacobian image needed
     return RegistrationOutputs(
         **nodes,
         device=result.device,
@@ -138,7 +171,57 @@ def registerVolumes(
         jacobianStd=result.jacobian_std,
         warnings=warnings + list(result.warnings),
         registration=result,
+        masked=mask is not None,
     )
+
+
+def engineRefinement(mode: str, refineSteps: int = 0) -> int | str:
+    """The engine's ``refine`` for a mode: 0 (fast), ``"auto"`` (accurate), or ``refineSteps`` when > 0."""
+    if mode not in MODES:
+        raise InputError(f"unknown registration mode {mode!r}: choose 'fast' or 'accurate'")
+    if isinstance(refineSteps, bool) or not isinstance(refineSteps, numbers.Integral) or refineSteps < 0:
+        raise InputError(f"the refinement steps must be a whole number >= 0 (0: as the mode says), not {refineSteps!r}")
+    if refineSteps > 0:
+        return int(refineSteps)
+    return "auto" if mode == "accurate" else 0
+
+
+def fixedMaskImage(scene, maskNode, segmentId: str | None, fixedImage: sitk.Image, fixedGeometry: VolumeGeometry,
+                   fixedName: str) -> sitk.Image:
+    """The fixed mask as a 0/1 image on the fixed grid (LPS, ``fixedImage``'s geometry), for ``register(fixed_mask=...)``.
+
+    ``maskNode``: a segmentation (segment ``segmentId``; None = the union of all its segments),
+    exported by Slicer's segmentation logic onto the fixed volume's world RAS grid
+    ``fixedGeometry``; or a label-map volume (non-zero = inside) on any grid, resampled
+    (nearest neighbour, world coordinates) onto ``fixedImage``'s grid.  Parent transforms of the
+    mask node are honoured as for the volumes.  A mask with no voxel in the fixed volume is refused
+    with one sentence.  The node is only read; temporary nodes are removed again.
+    """
+    name = maskNode.GetName()
+    if maskNode.IsA("vtkMRMLSegmentationNode"):
+        segmentation = maskNode.GetSegmentation()
+        if segmentId:
+            if segmentation.GetSegment(segmentId) is None:
+                raise InputError(f"the fixed mask '{name}' has no segment '{segmentId}'; choose one of its segments")
+            segmentIds = [segmentId]
+            what = f"segment '{segmentation.GetSegment(segmentId).GetName()}' of the fixed mask '{name}'"
+        else:
+            segmentIds = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+            what = f"fixed mask '{name}'"
+        if not segmentIds:
+            raise InputError(f"the fixed mask '{name}' has no segment; draw one on the fixed volume or choose no mask")
+        inside = exportMask(scene, maskNode, segmentIds, fixedGeometry)
+    elif maskNode.IsA("vtkMRMLScalarVolumeNode"):
+        what = f"fixed mask '{name}'"
+        inside = maskOnGrid(maskNode, fixedImage, "fixed mask")
+    else:
+        raise InputError(f"the fixed mask '{name}' is neither a segmentation nor a label-map volume")
+    if not inside.any():
+        raise InputError(f"the {what} does not overlap the fixed volume '{fixedName}'; "
+                         "choose a mask drawn on the fixed volume, or none")
+    mask = sitk.GetImageFromArray(inside.astype(np.uint8))
+    mask.CopyInformation(fixedImage)
+    return mask
 
 
 def _engineOutputs(request: OutputRequest, hasSegments: bool) -> list[str]:

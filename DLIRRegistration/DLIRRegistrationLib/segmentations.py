@@ -13,7 +13,9 @@ fixed world grid: each keeps its source segment's ID, name, colour and tags (ter
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -34,9 +36,37 @@ class LabelLayer:
 def exportLayers(scene, segmentationNode, geometry: VolumeGeometry) -> list[LabelLayer]:
     """The segmentation as label maps on ``geometry`` (world RAS), one per layer; the node is only read.
 
-    The segmentation's own parent transform is honoured by Slicer's export.  Temporary nodes are
-    (and the display and colour nodes Slicer adds for them) are
-    removed before returning, also on failure.
+    The segmentation's own parent transform is honoured by Slicer's export.  Temporary nodes (and
+    the display and colour nodes Slicer adds for them) are removed before returning, also on failure.
+    """
+    with _exporter(scene, segmentationNode, geometry) as (segmentation, export):
+        layers = []
+        for layer in range(segmentation.GetNumberOfLayers()):
+            ids = [str(i) for i in segmentation.GetSegmentIDsForLayer(layer)]
+            if ids:
+                layers.append(LabelLayer(export(ids), ids))
+        return layers
+
+
+def exportMask(scene, segmentationNode, segmentIds: list[str], geometry: VolumeGeometry) -> np.ndarray:
+    """The union of segments ``segmentIds`` as a boolean (K, J, I) mask on ``geometry`` (world RAS).
+
+    Exported by Slicer's segmentation logic exactly as :func:`exportLayers` (parent transform
+    honoured, nearest neighbour onto ``geometry``); the node is only read.  A segment outside
+    ``geometry`` gives no voxel (the caller decides whether an empty mask is an error).
+    """
+    with _exporter(scene, segmentationNode, geometry) as (_, export):
+        return sitk.GetArrayFromImage(export(segmentIds)) != 0
+
+
+@contextmanager
+def _exporter(scene, segmentationNode, geometry: VolumeGeometry) -> Iterator[tuple[object, Callable[[list[str]], sitk.Image]]]:
+    """(a temporary copy of the node's ``vtkSegmentation`` in binary labelmap form, a function ``segment IDs ->
+    label image`` (LPS, on ``geometry``; label n = the n-th ID)).
+
+    The copy carries the representation, so the input node is never converted; the export goes
+    onto a temporary reference volume of ``geometry``.  Every temporary node is removed on leaving
+    the context, also on failure.
     """
     import slicer
 
@@ -47,9 +77,8 @@ def exportLayers(scene, segmentationNode, geometry: VolumeGeometry) -> list[Labe
         copy = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "DLIR temporary segmentation")
         copy.GetSegmentation().DeepCopy(segmentationNode.GetSegmentation())
         copy.SetAndObserveTransformNodeID(segmentationNode.GetTransformNodeID())
-        segmentation = copy.GetSegmentation()
         labelmapName = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
-        if not segmentation.CreateRepresentation(labelmapName):
+        if not copy.GetSegmentation().CreateRepresentation(labelmapName):
             raise RuntimeError(f"the segmentation '{segmentationNode.GetName()}' cannot be converted to a binary labelmap")
         reference = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "DLIR temporary reference")
         referenceImage = vtk.vtkImageData()
@@ -58,18 +87,16 @@ def exportLayers(scene, segmentationNode, geometry: VolumeGeometry) -> list[Labe
         reference.SetAndObserveImageData(referenceImage)
         geometry.applyTo(reference)
         labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "DLIR temporary labelmap")
-        layers = []
-        for layer in range(segmentation.GetNumberOfLayers()):
-            ids = [str(i) for i in segmentation.GetSegmentIDsForLayer(layer)]
-            if not ids:
-                continue
+
+        def export(segmentIds: list[str]) -> sitk.Image:
             names = vtk.vtkStringArray()
-            for segmentId in ids:
+            for segmentId in segmentIds:
                 names.InsertNextValue(segmentId)
             if not logic.ExportSegmentsToLabelmapNode(copy, names, labelmap, reference):
                 raise RuntimeError(f"the segments of '{segmentationNode.GetName()}' cannot be exported to a label map")
-            layers.append(LabelLayer(_labelImage(labelmap, geometry), ids))
-        return layers
+            return _labelImage(labelmap, geometry)
+
+        yield copy.GetSegmentation(), export
     finally:
         temporary.undo()
 

@@ -143,6 +143,23 @@ def volumeNodeToImage(volumeNode, what: str) -> sitk.Image:
     return image
 
 
+def maskOnGrid(volumeNode, reference: sitk.Image, what: str) -> np.ndarray:
+    """The non-zero voxels of ``volumeNode`` (a label map) as a boolean (K, J, I) mask on the grid of ``reference``.
+
+    Both are taken in world coordinates (the node's linear parent transforms folded in, as
+    :func:`volumeNodeToImage` does; ``reference`` in LPS), and the mask is carried over by
+    nearest-neighbour resampling with the identity, so it may lie on any grid; voxels of
+    ``reference`` outside the node's grid are outside the mask.  The node is only read.
+    """
+    image = volumeNodeToImage(volumeNode, what)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"the {what} '{volumeNode.GetName()}' has {image.GetNumberOfComponentsPerPixel()} components "
+                         "per voxel; a mask is a label map with one")
+    inside = sitk.Cast(image != 0, sitk.sitkUInt8)
+    onGrid = sitk.Resample(inside, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(onGrid) != 0
+
+
 def setImageGeometry(image: sitk.Image, geometry: VolumeGeometry) -> None:
     """Put a world RAS geometry on a SimpleITK image as ITK LPS origin, spacing and direction."""
     image.SetOrigin(tuple(float(v) for v in FLIP @ geometry.origin))

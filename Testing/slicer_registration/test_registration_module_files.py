@@ -29,7 +29,8 @@ def test_ui_is_valid_and_has_every_widget_the_widget_uses() -> None:
     missing = sorted(used - set(widgets))
     assert not missing, f"DLIRRegistration.py uses widgets the .ui lacks: {missing}"
     classes = {w.get("class") for w in widgets.values()}
-    assert {"qMRMLNodeComboBox", "ctkCollapsibleButton", "QComboBox", "QSpinBox", "QPushButton", "QProgressBar", "QLabel"} <= classes
+    assert {"qMRMLNodeComboBox", "qMRMLSegmentSelectorWidget", "ctkCollapsibleButton", "QComboBox", "QSpinBox", "QPushButton",
+            "QProgressBar", "QLabel"} <= classes
     advanced = widgets["advancedCollapsibleButton"]
     assert any(p.get("name") == "collapsed" and p.findtext("bool") == "true" for p in advanced.findall("property"))
 
@@ -42,8 +43,12 @@ def test_parameter_names_match_the_parameter_node() -> None:
             if prop.get("name") == "SlicerParameterName":
                 bound[widget.get("name")] = prop.findtext("string")
     assert len(bound.values()) == len(set(bound.values())), "one widget per parameter"
-    # stackPath is synchronised by hand (the stack list is dynamic); every other field has a widget
-    assert set(bound.values()) == set(parameter_node_fields(SCRIPT, "DLIRRegistrationParameterNode")) - {"stackPath"}
+    # stackPath and fixedMaskSegmentId are synchronised by hand (the stack list is dynamic; Slicer has no
+    # parameter-node connector for a segment selector); every other field has a widget
+    by_hand = {"stackPath", "fixedMaskSegmentId"}
+    assert set(bound.values()) == set(parameter_node_fields(SCRIPT, "DLIRRegistrationParameterNode")) - by_hand
+    script = SCRIPT.read_text(encoding="utf-8")
+    assert all(f"p.{name}" in script or f"_parameterNode.{name}" in script for name in by_hand)
     declared = {c.findtext("class") for c in root.iter("customwidget")}
     receivers = {c.findtext("receiver") for c in root.iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
     for widget in root.iter("widget"):
