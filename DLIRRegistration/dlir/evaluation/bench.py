@@ -1,4 +1,4 @@
-"""``dlir bench``: DLIR against elastix on the same pairs, one after the other in one run.
+"""``dlir bench``: DLIR against elastix and ANTs SyN on the same pairs, one after the other in one run.
 
 Each method runs in its own fresh process (:mod:`dlir.evaluation.measure`): read, register, write, with its
 peak memory.  All are scored by the same code (:mod:`dlir.evaluation.evaluate`).  Printed: one comparison
@@ -6,7 +6,9 @@ table (Dice, HD95, TRE, folding, time and the speed ratio elastix / method) and 
 (time and peak memory of each method for one pair resampled to several cubic sizes).
 
 Methods: DLIR on the CPU (and on the GPU when PyTorch sees one), DLIR refined when ``refine`` is
-``"auto"`` (accurate mode) or a number of steps, elastix with the paper's settings (:mod:`dlir.evaluation.elastix`).
+``"auto"`` (accurate mode) or a number of steps, elastix with the paper's settings (:mod:`dlir.evaluation.elastix`),
+then ANTs SyN with ANTsPy's defaults (:mod:`dlir.evaluation.ants`) when ``antspyx`` is installed (else
+skipped, with a line saying how to install it).  Elastix is the reference of the speed ratios.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ from .. import __version__
 from ..errors import InputError
 from ..pairs import Pair, load_pair, read_pairs, sample_pair
 from ..refine import Refinement
+from .ants import INSTALL_HINT as ANTS_INSTALL_HINT
+from .ants import AntsSettings, ants_available
 from .elastix import INSTALL_HINT, ElastixMissingError, ElastixSettings, elastix_available
 from .evaluate import identity_output, method_name, score, stack_chooser, write_report
 from .measure import Measurement, RunSpec, measure
 from .scores import IDENTITY, MethodOutput, Score, display_name
 
 ELASTIX = "elastix"
+ANTS = "ants"
 #: cubic grid sizes (voxels per side) of the scaling table
 SIZES = (64, 128, 192, 256)
 QUICK_SIZES = (24, 32, 40, 48)
@@ -38,7 +43,10 @@ QUICK_SIZES = (24, 32, 40, 48)
 
 @dataclass
 class BenchConfig:
-    """What ``dlir bench`` runs.  ``stack_for(pair id)`` is the stack file of a pair."""
+    """What ``dlir bench`` runs.  ``stack_for(pair id)`` is the stack file of a pair; ``ants`` is ``None`` to skip ANTs.
+
+    ``elastix_repeats``: timed runs of each conventional baseline's registration (elastix and ANTs).
+    """
 
     pairs: Sequence[Pair]
     stack_for: Callable[[str], Path]
@@ -46,6 +54,7 @@ class BenchConfig:
     refine: Refinement = 0
     devices: tuple[str, ...] = ("cpu",)
     elastix: ElastixSettings = field(default_factory=ElastixSettings)
+    ants: AntsSettings | None = None
     threads: int = 2
     dlir_repeats: int = 3
     elastix_repeats: int = 1
@@ -77,6 +86,15 @@ def check_elastix() -> None:
         raise ElastixMissingError(INSTALL_HINT)
 
 
+def ants_settings(quick: bool, threads: int, log: Callable[[str], None]) -> AntsSettings | None:
+    """ANTs SyN's settings for a bench (quick: :meth:`AntsSettings.quick`), or ``None`` when ``antspyx`` is
+    missing: then ``log`` gets one line saying ANTs is skipped and how to install it."""
+    if not ants_available():
+        log(f"ANTs SyN skipped: {ANTS_INSTALL_HINT}")
+        return None
+    return AntsSettings.quick(threads) if quick else AntsSettings(threads=threads)
+
+
 def _specs(config: BenchConfig, pair: Pair, folder: Path, stack: Path) -> dict[str, RunSpec]:
     """The measured runs of one pair (registered with ``stack``), by method key."""
     common = dict(fixed=str(pair.fixed), moving=str(pair.moving), threads=config.threads,
@@ -89,13 +107,17 @@ def _specs(config: BenchConfig, pair: Pair, folder: Path, stack: Path) -> dict[s
                                  repeats=config.dlir_repeats, **common)  # type: ignore[arg-type]
     specs[ELASTIX] = RunSpec("elastix", out=str(folder / ELASTIX), elastix=asdict(config.elastix),
                              repeats=config.elastix_repeats, **common)  # type: ignore[arg-type]
+    if config.ants is not None:
+        specs[ANTS] = RunSpec("ants", out=str(folder / ANTS), ants=asdict(config.ants),
+                              repeats=config.elastix_repeats, **common)  # type: ignore[arg-type]
     return specs
 
 
 def read_run_output(folder: Path, measurement: Measurement) -> MethodOutput:
     """The outputs a measured run wrote (see :mod:`dlir.evaluation.measure`) as a :class:`MethodOutput`."""
     warped = sitk.ReadImage(str(folder / "warped.nii.gz"), sitk.sitkFloat32)
-    # DLIR writes a compact composite (stages on their network grids), elastix a dense field: both sampled on the fixed grid
+    # DLIR writes a compact composite (stages on their network grids), elastix a dense field, ANTs its affine and SyN
+    # field: all sampled on the fixed grid
     transform = sitk.ReadTransform(str(folder / "transform.h5"))
     displacement = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat32, warped.GetSize(), warped.GetOrigin(),
                                                      warped.GetSpacing(), warped.GetDirection())
@@ -230,17 +252,17 @@ def _comparison_cells(method: str, chosen: Sequence[Score], ms: Sequence[Measure
 
 
 def scaling_table(rows: Sequence[ScalingRow]) -> list[str]:
-    """Markdown: one row per size, time (s) and peak RSS (MiB) of each method, and the speed ratio."""
+    """Markdown: one row per size, time (s) and peak RSS (MiB) of each method, and the speed ratio against elastix."""
     methods = list(dict.fromkeys(r.method for r in rows))
     header = "| size (voxels) | " + " | ".join(f"{display_name(m)} time (s) | {display_name(m)} peak (MiB)" for m in methods)
-    dlir_methods = [m for m in methods if m != ELASTIX]
-    header += "".join(f" | speed {display_name(m)} vs elastix" for m in dlir_methods) + " |"
-    lines = [header, "|" + " --- |" * (1 + 2 * len(methods) + len(dlir_methods))]
+    others = [m for m in methods if m != ELASTIX]
+    header += "".join(f" | speed {display_name(m)} vs elastix" for m in others) + " |"
+    lines = [header, "|" + " --- |" * (1 + 2 * len(methods) + len(others))]
     for size in dict.fromkeys(r.size for r in rows):
         by = {r.method: r for r in rows if r.size == size}
         cells = [f"{size}³ = {size ** 3 / 1e6:.2f} M"]
         cells += [f"{_cell(by[m].time_s)} | {by[m].peak_rss_mb:.0f}" if m in by else "– | –" for m in methods]
-        for m in dlir_methods:
+        for m in others:
             ok = m in by and ELASTIX in by and by[m].time_s > 0
             cells.append(f"{by[ELASTIX].time_s / by[m].time_s:.1f}x" if ok else "–")
         lines.append("| " + " | ".join(cells) + " |")
@@ -274,7 +296,8 @@ def environment() -> list[str]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
     return [f"Versions: dlir {__version__}, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"SimpleITK {v('SimpleITK')}, itk-elastix {v('itk-elastix')} (itk {v('itk')}), numpy {v('numpy')}; "
+            f"SimpleITK {v('SimpleITK')}, itk-elastix {v('itk-elastix')} (itk {v('itk')}), antspyx {v('antspyx')}, "
+            f"numpy {v('numpy')}; "
             f"CPU {cpu}, {os.cpu_count()} logical cores; GPU {gpu}; {platform.system()} {platform.release()}; "
             f"load average (1 / 5 / 15 min) when the report was written: {load}."]
 
@@ -282,12 +305,14 @@ def environment() -> list[str]:
 def write_bench_report(config: BenchConfig, scores: Sequence[Score], comparison: Sequence[str], scaling: Sequence[str],
                        plots: bool) -> list[Path]:
     """The evaluation report (metrics.csv, summary.md, plots) plus ``bench.md`` with the two tables."""
-    notes = [f"elastix: {config.elastix.describe()}.",
+    ants = f"ANTs SyN: {config.ants.describe()}." if config.ants is not None else f"ANTs SyN: skipped ({ANTS_INSTALL_HINT})."
+    notes = [f"elastix: {config.elastix.describe()}.", ants,
              f"DLIR stacks: {', '.join(sorted({str(config.stack_for(p.id)) for p in config.pairs}))}; threads {config.threads}.",
              *environment()]
-    written = write_report(scores, config.out, "DLIR vs elastix", notes, plots)
+    title = "DLIR vs elastix" + (" and ANTs SyN" if config.ants is not None else "")
+    written = write_report(scores, config.out, title, notes, plots)
     bench_md = config.out / "bench.md"
-    bench_md.write_text("\n".join(["# DLIR vs elastix", "", *notes, "", *comparison, "", "## Scaling", "", *scaling, ""]), encoding="utf-8")
+    bench_md.write_text("\n".join([f"# {title}", "", *notes, "", *comparison, "", "## Scaling", "", *scaling, ""]), encoding="utf-8")
     return [*written, bench_md]
 
 
@@ -307,20 +332,23 @@ def bench_command(
 ) -> tuple[list[str], list[str], Path]:
     """``dlir bench``: run, score and report; returns the comparison and scaling tables and the output folder.
 
-    ``quick``: elastix with a few iterations (:meth:`ElastixSettings.quick`) and small scaling
-    sizes, for smoke tests.  ``sizes=()`` skips the scaling table.  Without ``pairs_source`` the
-    bundled sample pair is used.  ``repeats``: timed runs of each DLIR and each elastix registration.
+    ``quick``: elastix and ANTs with a few iterations (:meth:`ElastixSettings.quick`,
+    :meth:`AntsSettings.quick`) and small scaling sizes, for smoke tests.  ``sizes=()`` skips the
+    scaling table.  Without ``pairs_source`` the bundled sample pair is used.  ``repeats``: timed
+    runs of each DLIR and each elastix (and ANTs) registration.  Without ``antspyx`` ANTs is
+    skipped and ``log`` gets one line that says how to install it.
     """
     if min(repeats) < 1:
         raise InputError("every method must run at least once (--repeats)")
     check_elastix()
+    ants = ants_settings(quick, threads, log)
     pairs = read_pairs(pairs_source) if pairs_source else [sample_pair()]
     choose = stack_chooser(stacks)
     for pair in pairs:
         choose(pair.id)  # fail before any work when a pair has no stack
     config = BenchConfig(
         pairs=pairs, stack_for=choose, out=out or default_out(), refine=refine, devices=("cpu", *gpu_devices()),
-        elastix=ElastixSettings.quick(threads) if quick else ElastixSettings(threads=threads), threads=threads,
+        elastix=ElastixSettings.quick(threads) if quick else ElastixSettings(threads=threads), ants=ants, threads=threads,
         sizes=tuple(sizes) if sizes is not None else (QUICK_SIZES if quick else SIZES), scaling_pair=scaling_pair,
         dlir_repeats=repeats[0], elastix_repeats=repeats[1],
     )

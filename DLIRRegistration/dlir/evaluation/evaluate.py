@@ -1,6 +1,6 @@
 """Paper-style evaluation (de Vos et al. 2019, section 4): score registrations of evaluation pairs.
 
-Every method (before registration, DLIR with or without refinement, elastix) is scored by the
+Every method (before registration, DLIR with or without refinement, elastix, ANTs SyN) is scored by the
 same code from what it produced on the FULL-resolution fixed grid: the fixed -> moving
 displacement ``u`` (LPS mm, ``T(x) = x + u(x)``) and the moving labels warped onto the fixed
 grid.  Per pair and label: Dice, Hausdorff distance (max and 95th percentile) and average

@@ -5,10 +5,11 @@ starts from the same state and its peak resident memory (RSS of the whole proces
 ITK allocations included, which ``tracemalloc`` would miss) is its own.
 
 A run reads the pair from disk, registers it and writes ``warped.nii.gz``, ``labels.nii.gz``
-(with moving labels), ``jacobian.nii.gz`` and ``transform.h5`` (the fixed -> moving displacement
-field, LPS mm) into its folder: the same outputs for DLIR (through ``dlir register``'s own code)
-and elastix.  Library imports and loading the stack or elastix happen before the clock starts
-and are reported apart (``load_s``).  With ``repeats`` > 1 the registration is repeated in the
+(with moving labels), ``jacobian.nii.gz`` and ``transform.h5`` (the fixed -> moving transform,
+LPS mm: DLIR's compact composite, elastix's displacement field, ANTs' affine and SyN field) into
+its folder: the same outputs for DLIR (through ``dlir register``'s own code), elastix and ANTs
+SyN.  Library imports and loading the stack, elastix or ANTs happen before the clock starts and
+are reported apart (``load_s``).  With ``repeats`` > 1 the registration is repeated in the
 same process: the first run is ``cold``; ``warm`` is the fastest run, for DLIR the fastest after
 the first (which initialises PyTorch's kernels; later runs are what Slicer or a cohort run see
 with the stack loaded).  The minimum, because other processes on a shared CPU only ever add time.
@@ -23,17 +24,24 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import DLIRError
 
 if TYPE_CHECKING:
-    from .elastix import ElastixSettings
+    import SimpleITK as sitk
+
+    from .ants import AntsResult
+    from .elastix import ElastixResult
+
+    #: a conventional baseline's registration of (fixed, moving, moving labels): its result and its
+    #: transform file's transform (fixed points -> moving points, LPS mm)
+    Baseline = Callable[[sitk.Image, sitk.Image, sitk.Image | None], tuple[ElastixResult | AntsResult, sitk.Transform]]
 
 
 @dataclass
 class RunSpec:
-    """What one measured run does.  ``kind`` is ``dlir`` or ``elastix``; paths are files on disk."""
+    """What one measured run does.  ``kind`` is ``dlir``, ``elastix`` or ``ants``; paths are files on disk."""
 
     kind: str
     fixed: str
@@ -46,6 +54,7 @@ class RunSpec:
     threads: int = 2
     repeats: int = 1
     elastix: dict[str, object] = field(default_factory=dict)  # ElastixSettings fields
+    ants: dict[str, object] = field(default_factory=dict)  # AntsSettings fields
 
 
 @dataclass
@@ -53,7 +62,7 @@ class Measurement:
     """Times in seconds, memory in MiB (peak RSS of the run's process)."""
 
     kind: str
-    load_s: float  # imports excluded: loading the stack / elastix
+    load_s: float  # imports excluded: loading the stack / elastix / ANTs
     cold_s: float  # first read + register + write
     warm_s: float  # fastest repetition (DLIR: after the first; equal to cold_s with one repeat)
     timings: dict[str, float]  # steps of the repetition timed as warm_s
@@ -82,7 +91,7 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS
 
 
-# the run functions import what they need themselves: a DLIR run never loads ITK, an elastix run never a stack
+# the run functions import what they need themselves: a DLIR run never loads ITK, a baseline run never a stack
 def _run_dlir(spec: RunSpec) -> Measurement:
     import torch
 
@@ -106,28 +115,52 @@ def _run_dlir(spec: RunSpec) -> Measurement:
 
 
 def _run_elastix(spec: RunSpec) -> Measurement:
-    from .elastix import ElastixSettings, require_elastix
+    import SimpleITK as sitk
 
+    from .elastix import ElastixSettings, register_elastix, require_elastix
+
+    settings = ElastixSettings(**{**spec.elastix, "threads": spec.threads})  # type: ignore[arg-type]
+
+    def register(fixed: sitk.Image, moving: sitk.Image, labels: sitk.Image | None) -> tuple[ElastixResult, sitk.Transform]:
+        result = register_elastix(fixed, moving, moving_labels=labels, settings=settings)
+        return result, sitk.DisplacementFieldTransform(sitk.Cast(result.displacement, sitk.sitkVectorFloat64))
+
+    return _run_baseline(spec, require_elastix, register)
+
+
+def _run_ants(spec: RunSpec) -> Measurement:
+    from .ants import AntsSettings, register_ants, require_ants
+
+    fields = {**spec.ants, "threads": spec.threads}
+    if "iterations" in fields:  # a list in JSON
+        fields["iterations"] = tuple(fields["iterations"])  # type: ignore[arg-type]
+    settings = AntsSettings(**fields)  # type: ignore[arg-type]
+
+    def register(fixed: sitk.Image, moving: sitk.Image, labels: sitk.Image | None) -> tuple[AntsResult, sitk.Transform]:
+        result = register_ants(fixed, moving, moving_labels=labels, settings=settings)
+        return result, result.transform  # ANTs' composite: the affine and the SyN field
+
+    return _run_baseline(spec, require_ants, register)
+
+
+def _run_baseline(spec: RunSpec, load: Callable[[], object], register: Baseline) -> Measurement:
+    """Measure a conventional baseline: ``load`` it, then ``spec.repeats`` registrations (no warm-up: loaded before the clock)."""
     t = time.perf_counter()
-    require_elastix()
+    load()
     load_s = time.perf_counter() - t
     baseline = _peak_rss_mb()
-    settings = ElastixSettings(**{**spec.elastix, "threads": spec.threads})  # type: ignore[arg-type]
-    runs = [_elastix_once(spec, settings) for _ in range(spec.repeats)]
-    warm_s, timings = min(runs, key=lambda run: run[0])  # elastix is loaded before the clock: no warm-up
-    return Measurement("elastix", load_s, runs[0][0], warm_s, timings, baseline, _peak_rss_mb())
+    runs = [_baseline_once(spec, register) for _ in range(spec.repeats)]
+    warm_s, timings = min(runs, key=lambda run: run[0])
+    return Measurement(spec.kind, load_s, runs[0][0], warm_s, timings, baseline, _peak_rss_mb())
 
 
-def _elastix_once(spec: RunSpec, settings: ElastixSettings) -> tuple[float, dict[str, float]]:
-    """Read, register with elastix and write the same outputs as ``dlir register``; (seconds, steps).
+def _baseline_once(spec: RunSpec, register: Baseline) -> tuple[float, dict[str, float]]:
+    """Read, register with a baseline and write the same outputs as ``dlir register``; (seconds, steps).
 
     A function of its own so that every image of a repetition is freed before the next one starts.
     """
-    import SimpleITK as sitk
-
     from ..io import read_image, write_image, write_transform
     from ..metrics import jacobian_determinant_image
-    from .elastix import register_elastix
 
     out = Path(spec.out)
     t0 = time.perf_counter()
@@ -135,13 +168,13 @@ def _elastix_once(spec: RunSpec, settings: ElastixSettings) -> tuple[float, dict
     moving = read_image(spec.moving, "moving image")
     labels = None if spec.moving_labels is None else read_image(spec.moving_labels, "moving label map")
     t1 = time.perf_counter()
-    result = register_elastix(fixed, moving, moving_labels=labels, settings=settings)
+    result, transform = register(fixed, moving, labels)
     t2 = time.perf_counter()
     det = jacobian_determinant_image(result.displacement)
     t3 = time.perf_counter()
     write_image(result.warped, out / "warped.nii.gz")
     write_image(det, out / "jacobian.nii.gz")
-    write_transform(sitk.DisplacementFieldTransform(sitk.Cast(result.displacement, sitk.sitkVectorFloat64)), out / "transform.h5")
+    write_transform(transform, out / "transform.h5")
     if result.warped_labels is not None:
         write_image(result.warped_labels, out / "labels.nii.gz")
     t4 = time.perf_counter()
@@ -155,6 +188,8 @@ def run_spec(spec: RunSpec) -> Measurement:
         return _run_dlir(spec)
     if spec.kind == "elastix":
         return _run_elastix(spec)
+    if spec.kind == "ants":
+        return _run_ants(spec)
     raise ValueError(f"unknown run kind {spec.kind!r}")
 
 

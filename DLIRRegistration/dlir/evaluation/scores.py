@@ -72,7 +72,7 @@ def display_name(method: str) -> str:
     if method == IDENTITY:
         return "Before registration"
     base, _, device = method.partition("@")
-    name = "elastix" if base == "elastix" else "DLIR"
+    name = {"elastix": "elastix", "ants": "ANTs SyN"}.get(base, "DLIR")
     if base == "dlir+accurate":
         name += " accurate"
     elif base.startswith("dlir+refine"):
