@@ -307,13 +307,14 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
                    help="stage stack (file or registry name); repeat with PATTERN= to choose by pair id")
     p.add_argument("--refine", default="0", metavar="auto|N", help="also run DLIR refined: auto (accurate mode) or N steps")
     p.add_argument("--quick", action="store_true",
-                   help="few elastix iterations and small scaling sizes (a smoke test, not numbers)")
+                   help="few elastix and ANTs iterations and small scaling sizes (a smoke test, not numbers)")
     p.add_argument("--sizes", type=int, nargs="*", metavar="N",
                    help="cubic sizes of the scaling table (default 64 128 192 256; none to skip)")
     p.add_argument("--scaling-pair", metavar="ID", help="the pair resampled for the scaling table (default: the first)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for DLIR and elastix (default 2)")
-    p.add_argument("--repeats", type=int, nargs=2, default=(3, 1), metavar=("DLIR", "ELASTIX"),
-                   help="timed runs per registration (default 3 1); the fastest counts (DLIR: after the first)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for DLIR, elastix and ANTs (default 2)")
+    p.add_argument("--repeats", type=int, nargs=2, default=(3, 1), metavar=("DLIR", "BASELINES"),
+                   help="timed runs per registration of DLIR and of each baseline, elastix and ANTs (default 3 1); "
+                        "the fastest counts (DLIR: after the first)")
     p.add_argument("--out", help="output folder (default: a new temporary folder)")
     p.add_argument("--no-plots", action="store_true", help="write the tables only")
 
@@ -342,7 +343,7 @@ COMMANDS: list[Command] = [
     ("train", "train a stage stack, stage by stage, with checkpoints, resume and progress events", _add_train, _run_train),
     ("evaluate", "paper-style evaluation of a stack on pairs: Dice, HD, ASD, TRE, folding, time; tables and plots",
      _add_evaluate, _run_evaluate),
-    ("bench", "DLIR against elastix on the same pairs: one comparison table and a scaling table", _add_bench, _run_bench),
+    ("bench", "DLIR against elastix and ANTs SyN on the same pairs: one comparison table and a scaling table", _add_bench, _run_bench),
 ]
 
 
