@@ -24,8 +24,6 @@ for folder in (REPO / "DLIRRegistration", HERE):
         sys.path.insert(0, str(folder))
 
 SHARED_DATA = REPO.parent / "shared" / "data"
-#: view size of the checks (pixels); a voxel of the 2 mm sample is about 1.4 pixels
-VIEW_SIZE = (320, 320)
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +56,7 @@ def register_with_views(scene, fixed, moving, segmentation) -> Run:
     import slicer
     from DLIRRegistrationLib.registration import registerVolumes
     from slicerviews import SlicerViews
-    from views_checks import folding_stack, label_segments
+    from views_checks import VIEW_SIZE, folding_stack, label_segments
 
     slicer.mrmlScene = scene
     views = SlicerViews(scene, VIEW_SIZE)

@@ -1,4 +1,4 @@
-"""Slicer's own slice views without Qt: red, yellow and green views (and a 3D view) of a scene, off screen.
+"""Slicer's own slice views without Qt: the red, yellow and green views of a scene, off screen.
 
 The views are composed exactly as in the Slicer application: ``vtkMRMLSliceLogic`` reslices and
 blends the layers of each view's ``vtkMRMLSliceCompositeNode`` (background, foreground at its
@@ -44,8 +44,6 @@ SLICE_VIEWS = {
     "Green": ("Coronal", (0.431, 0.690, 0.294)),
 }
 SLICE_MANAGERS = ("vtkMRMLSegmentationsDisplayableManager2D", "vtkMRMLModelSliceDisplayableManager")
-THREED_MANAGERS = ("vtkMRMLCameraDisplayableManager", "vtkMRMLViewDisplayableManager",
-                   "vtkMRMLModelDisplayableManager", "vtkMRMLSegmentationsDisplayableManager3D")
 
 _PROBE = """
 import vtk
@@ -98,8 +96,7 @@ def prepareScene(scene):
         colors.AddDefaultColorNodes()
     app.SetSliceLogics(vtk.vtkCollection())
     app.SetViewLogics(vtk.vtkCollection())
-    for factory in (slicer.vtkMRMLSliceViewDisplayableManagerFactory, slicer.vtkMRMLThreeDViewDisplayableManagerFactory):
-        factory.GetInstance().SetMRMLApplicationLogic(app)
+    slicer.vtkMRMLSliceViewDisplayableManagerFactory.GetInstance().SetMRMLApplicationLogic(app)
     slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene, True)  # patient right on screen left
     if scene.GetFirstNodeByClass("vtkMRMLCrosshairNode") is None:
         crosshair = slicer.vtkMRMLCrosshairNode()
@@ -164,9 +161,9 @@ class _View:
 
 
 class SlicerViews:
-    """Red (axial), yellow (sagittal) and green (coronal) slice views of ``scene``, optionally a 3D view."""
+    """Red (axial), yellow (sagittal) and green (coronal) slice views of ``scene``."""
 
-    def __init__(self, scene, size: tuple[int, int] = (256, 256), threeD: bool = False) -> None:
+    def __init__(self, scene, size: tuple[int, int] = (256, 256)) -> None:
         import slicer
 
         self.scene = scene
@@ -198,25 +195,11 @@ class SlicerViews:
             logic.ResizeSliceNode(*size)
             self._views[name] = view
             self._logics[name] = logic
-        if threeD:
-            view = _View(size, slicer.vtkMRMLThreeDViewDisplayableManagerFactory, THREED_MANAGERS)
-            logic = slicer.vtkMRMLViewLogic()
-            logic.SetMRMLApplicationLogic(self.app)
-            self.app.GetViewLogics().AddItem(logic)
-            logic.SetMRMLScene(scene)
-            node = logic.AddViewNode("1")
-            node.SetBoxVisible(False)
-            node.SetAxisLabelsVisible(False)
-            node.SetBackgroundColor(0, 0, 0)
-            node.SetBackgroundColor2(0, 0, 0)
-            view.managers.SetMRMLDisplayableNode(node)
-            self._views["3D"] = view
-            self._logics["3D"] = logic
 
     # --- nodes -----------------------------------------------------------------------------
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(name for name in self._views if name != "3D")
+        return tuple(self._views)
 
     def sliceLogic(self, name: str):
         return self._logics[name]
@@ -263,10 +246,6 @@ class SlicerViews:
     # --- pictures --------------------------------------------------------------------------
     def render(self, name: str) -> np.ndarray:
         """The named view as ``(rows, columns, 3)`` uint8 RGB, row 0 at the top."""
-        if name == "3D":
-            view = self._views[name]
-            view.renderer.ResetCamera()
-            return view.grab()
         logic = self._logics[name]
         # as the application's slice widget does on every layout or size change: displayable managers
         # pick up nodes that arrived in a batch (a scene read from a file) on the slice node's next change
@@ -278,16 +257,6 @@ class SlicerViews:
         view.actor.SetVisibility(connection is not None)
         return view.grab()
 
-    def resetCamera3D(self, direction: str | None = None) -> None:
-        """Point the 3D camera at everything shown (optionally from ``Anterior``, ``Left``, ``Superior``, ...)."""
-        import slicer
-
-        view = self._views["3D"]
-        camera = slicer.vtkMRMLCameraNode.SafeDownCast(self.scene.GetFirstNodeByClass("vtkMRMLCameraNode"))
-        if camera is not None and direction:
-            camera.RotateTo(getattr(slicer.vtkMRMLCameraNode, direction))
-        view.renderer.ResetCamera()
-
     def savePNG(self, name: str, path: str | Path) -> np.ndarray:
         """Render the named view and write it as a PNG; returns the image."""
         image = self.render(name)
@@ -297,9 +266,8 @@ class SlicerViews:
     def close(self) -> None:
         for view in self._views.values():
             view.close()
-        for name, logic in self._logics.items():
-            collection = self.app.GetViewLogics() if name == "3D" else self.app.GetSliceLogics()
-            collection.RemoveItem(logic)
+        for logic in self._logics.values():
+            self.app.GetSliceLogics().RemoveItem(logic)
             logic.SetMRMLScene(None)
         self._views.clear()
         self._logics.clear()

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import vtk
-from conftest import VIEW_SIZE
-from views_checks import matrix, table, voxels
+from views_checks import VIEW_SIZE, matrix, table, voxels
 
 
 @dataclass

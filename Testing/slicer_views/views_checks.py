@@ -12,6 +12,8 @@ import vtk
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slicer_registration"))
 from dlir_registration_helpers import read_volume, segmentation_from_labels, voxels  # noqa: E402,F401
 
+#: view size of the checks (pixels); a voxel of the 2 mm sample is about 1.4 pixels
+VIEW_SIZE = (320, 320)
 #: distinct segment colours that are none of the overlay's (blue, orange) nor folding red
 SEGMENT_COLORS = ((0.20, 0.80, 0.20), (0.00, 0.85, 0.85), (0.85, 0.30, 0.85), (0.95, 0.95, 0.25),
                   (0.55, 0.35, 0.15), (0.60, 0.60, 1.00))
