@@ -1,5 +1,6 @@
-"""A saved scene brings everything back: the sample pair's outputs saved by slicer-core (MRML +
-files, as Slicer's *Save* writes them, and a .mrb bundle) and read into a new scene with views
+"""A saved scene brings everything back: the sample pair's outputs saved by slicer-core (a scene
+folder, .mrml + Data/ files, as ``vtkMRMLScene::SaveSceneToSlicerDataBundleDirectory`` writes it,
+and a .mrb bundle, ``WriteToMRB``) and read into a new scene with views (``Import``, ``ReadFromMRB``)
 are identical (transform values and direction, warped and Jacobian volumes with their colour
 table and window, the Folding segment, the propagated segments with names, colours and
 terminology, the view layers) and Slicer draws the same pixels; the saved ``.h5`` transform
