@@ -292,7 +292,8 @@ def _writeOutputs(scene, request: OutputRequest, result, layers: list[LabelLayer
 
     if request.show:
         display.showInSliceViews(scene, fixedVolumeNode, jacobianNode,
-                                 [n for n in (foldingNode, segmentationNode) if n is not None])
+                                 [n for n in (foldingNode, segmentationNode) if n is not None],
+                                 movingSegmentationNode if segmentationNode is not None else None)
     return {"transformNode": transformNode, "warpedVolumeNode": warpedNode, "jacobianVolumeNode": jacobianNode,
             "foldingSegmentationNode": foldingNode, "segmentationNode": segmentationNode}
 

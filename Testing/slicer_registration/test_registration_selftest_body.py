@@ -71,5 +71,28 @@ def test_jacobian_overlay_in_slice_views(scene) -> None:
     table = display.jacobianColorNode(scene)
     assert display.jacobianColorNode(scene) is table, "one colour table per scene"
     rgba = [0.0] * 4
-    table.GetColor(127, rgba)
-    assert min(rgba[:3]) > 0.97, "det = 1 (the middle of the [0, 2] window) is white"
+    for entry in (127, 128):  # det just below and just above 1 (the middle of the [0, 2] window)
+        table.GetColor(entry, rgba)
+        assert rgba[3] == 0.0, "det = 1 is transparent: the fixed volume shows unchanged"
+
+
+def test_slice_views_drop_an_old_jacobian_and_hide_the_propagated_source(scene) -> None:
+    """A run without a Jacobian output removes a DLIR Jacobian left in the foreground (not a user's
+    own foreground); the moving segmentation that was propagated is hidden in 2D only."""
+    from DLIRRegistrationLib import display
+
+    fixed = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed")
+    old = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "old jacobian")
+    display.styleJacobian(old, display.jacobianColorNode(scene))
+    mine = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "user's overlay")
+    mine.CreateDefaultDisplayNodes()
+    composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    source = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "moving segmentation")
+    source.CreateDefaultDisplayNodes()
+    composite.SetForegroundVolumeID(old.GetID())
+    display.showInSliceViews(scene, fixed, None, (), source)
+    assert composite.GetForegroundVolumeID() is None
+    assert not source.GetDisplayNode().GetVisibility2D() and source.GetDisplayNode().GetVisibility3D()
+    composite.SetForegroundVolumeID(mine.GetID())
+    display.showInSliceViews(scene, fixed)
+    assert composite.GetForegroundVolumeID() == mine.GetID()
