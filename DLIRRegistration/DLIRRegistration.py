@@ -70,6 +70,15 @@ class DLIRRegistration(ScriptedLoadableModule):
             "128-143. Sample data: MNI ICBM152 2009a template (Fonov et al., NeuroImage 2011)."
         )
         slicer.app.connect("startupCompleted()", registerSampleData)
+        slicer.app.connect("startupCompleted()", observeSceneImports)
+
+
+def observeSceneImports() -> None:
+    """Saved DLIR results reload as they were saved: after every scene import, DLIR's transform nodes get their
+    linear grid interpolation back (Slicer's reader would make it cubic; see gridtransform.restoreLinearInterpolation)."""
+    from DLIRRegistrationLib import gridtransform
+
+    gridtransform.observeSceneImports(slicer.mrmlScene)
 
 
 #
