@@ -130,15 +130,16 @@ def split(transforms: Sequence[SpatialTransform]) -> tuple[list[SpatialTransform
 
 
 class _Level:
-    """One pyramid level: a pool of random fixed points with everything about them that does not change while the
+    """One pyramid level: a pool of random fixed voxels with everything about them that does not change while the
     level is optimised, and the moving image's anti-aliased copy.
 
-    Points are drawn uniformly in the fixed image's index box (so any direction and spacing), or, with a
-    mask, uniformly within the set voxels of a strided copy of the mask (one per level voxel, jittered
-    by up to half a stride) and kept only where the mask is set.  Each optimiser step uses a random
-    batch of the pool (stochastic, as elastix's random sampler; the pool is used cyclically).  Per pool point: its fixed intensity,
-    its weight, its image through the field so far, and the trilinear corners and weights on this
-    level's residual grid (so the residual is evaluated by a gather instead of a ``grid_sample``).
+    Voxels are drawn uniformly over the fixed image (any direction and spacing), or, with a mask, over the set
+    voxels of a strided copy of the mask (one per level voxel, jittered by up to half a stride, rounded to a
+    voxel, kept only where the mask is set); see :func:`_draw_indices`.  The pool is random, so the optimiser
+    steps take it batch after batch (cyclically): a fresh random sample per step, as elastix's random sampler.
+    Per pool voxel: its fixed intensity (from the copy anti-aliased for the level), its weight, its image
+    through the field so far, and its trilinear corners and weights on this level's residual grid (so the
+    residual is evaluated by a gather instead of a ``grid_sample``).
     """
 
     def __init__(self, spacing: float, fixed: PreparedImage, moving: PreparedImage, mask: np.ndarray | None,
@@ -266,7 +267,7 @@ def _refine(transforms: Sequence[SpatialTransform], fixed: PreparedImage, moving
     leading, rest = split(transforms)
     field_grid = displacement_grid(fixed.grid, settings.grid_spacings_mm[-1])
     with torch.no_grad():
-        field = displacement_on_grid(Composite(rest), field_grid, 1, device) if rest else torch.zeros((1, 3, *field_grid.shape), device=device)
+        displacement = displacement_on_grid(Composite(rest), field_grid, 1, device) if rest else torch.zeros((1, 3, *field_grid.shape), device=device)
     params = torch.zeros(12, device=device, requires_grad=True)
     prefix = Composite(leading)
     base = base_spacing(fixed.grid, settings)
@@ -279,16 +280,16 @@ def _refine(transforms: Sequence[SpatialTransform], fixed: PreparedImage, moving
         start = time.perf_counter()
         grid = displacement_grid(fixed.grid, settings.grid_spacings_mm[k])
         with torch.no_grad():
-            level = _Level(base * settings.level_spacings_mm[k], fixed, moving, mask, field, field_grid, grid,
+            level = _Level(base * settings.level_spacings_mm[k], fixed, moving, mask, displacement, field_grid, grid,
                            settings.pool * settings.samples[k], generator)
-            field_here = _resample_field(field, field_grid, grid)  # the field so far on this level's grid
-        residual = torch.zeros_like(field_here, requires_grad=True)
+            so_far = _resample_field(displacement, field_grid, grid)  # the displacement so far on this level's grid
+        residual = torch.zeros_like(so_far, requires_grad=True)
         start_params = params.detach().clone()
 
         def objective(step: int, penalise: bool) -> torch.Tensor:
             pick = level.batch(step, settings.samples[k])
             moved = (level.moved[pick] + level.residual_at(residual, pick)).reshape(1, -1, 1, 1, 3)
-            return _objective(field_here + residual if penalise else None, grid, _compose(prefix, _correction(params))(moved),
+            return _objective(so_far + residual if penalise else None, grid, _compose(prefix, _correction(params))(moved),
                               level.fixed[pick].reshape(1, 1, -1, 1, 1), level.weights[pick].reshape(1, 1, -1, 1, 1), level,
                               settings)
 
@@ -320,12 +321,12 @@ def _refine(transforms: Sequence[SpatialTransform], fixed: PreparedImage, moving
                 residual.zero_()
                 params.copy_(start_params)
         with torch.no_grad():
-            field = field + _resample_field(residual.detach(), grid, field_grid)
+            displacement = displacement + _resample_field(residual.detach(), grid, field_grid)
         result.steps.append(len(history))
         result.losses.append(history[-1] if history else float("nan"))
         result.seconds.append(time.perf_counter() - start)
         result.level_spacings.append(level.spacing)
-    result.transforms = [_compose(prefix, _correction(params.detach())), DisplacementField(field, field_grid)]
+    result.transforms = [_compose(prefix, _correction(params.detach())), DisplacementField(displacement, field_grid)]
     return result
 
 
