@@ -467,11 +467,12 @@ def full_resolution(
         inner = slice(k0 - start, k1 - start)
         if need_det:
             carried = (mapped[:, k1 - 1 - start : k1 + 1 - start], u[:, k1 - 1 - start : k1 + 1 - start])
-        here = mapped[:, inner]
-        if warped_out is not None and moving is not None and moving_grid is not None:
-            warped_out[k0:k1] = _warp_block(moving, moving_grid, here, warped_out.dtype)
-        if table is not None and codes is not None and labels_out is not None and moving_grid is not None:
-            labels_out[k0:k1] = table[_warp_label_codes(codes, len(table), moving_grid, here[0], label_interpolation).cpu().numpy()]
+        if moving_grid is not None and (warped_out is not None or labels_out is not None):
+            index = moving_grid.continuous_index(mapped[:, inner])  # once for the image and the labels
+            if warped_out is not None and moving is not None:
+                warped_out[k0:k1] = _warp_block(moving, moving_grid, index, warped_out.dtype)
+            if table is not None and codes is not None and labels_out is not None:
+                labels_out[k0:k1] = table[_warp_label_codes(codes, len(table), moving_grid, index[0], label_interpolation).cpu().numpy()]
         if disp_out is not None:
             disp_out[k0:k1] = u[0, inner].cpu().numpy()
         if need_det:
@@ -498,22 +499,22 @@ def full_resolution(
     return out
 
 
-def _warp_block(moving: np.ndarray, grid: Grid, points: torch.Tensor, dtype: np.dtype) -> np.ndarray:
-    """``moving`` (``[D, H, W]``, any type, on ``grid``) at LPS ``points`` ``[1, d, h, w, 3]``: trilinear, 0 outside, as ``dtype``.
+def _warp_block(moving: np.ndarray, grid: Grid, idx: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    """``moving`` (``[D, H, W]``, any type, on ``grid``) at continuous indices ``idx`` ``[1, d, h, w, 3]`` (i, j, k of
+    ``grid``, the images of LPS points): trilinear, 0 outside, as ``dtype``.
 
     As :func:`dlir.geometry.sample` on the whole image (inside = continuous index in
     ``[-0.5, size - 0.5]``, border values clamped), but only the block of the moving image that
     holds the points (plus a voxel) is converted to float32.
     """
-    idx = grid.continuous_index(points)
-    flat = idx.reshape(-1, 3)
+    least, most = torch.aminmax(idx.reshape(-1, 3), dim=0)
     size = np.asarray(grid.size)
-    low = np.clip(np.floor(flat.amin(0).cpu().double().numpy()).astype(np.int64) - 1, 0, size - 1)
-    high = np.clip(np.ceil(flat.amax(0).cpu().double().numpy()).astype(np.int64) + 2, low + 1, size)
+    low = np.clip(np.floor(least.cpu().double().numpy()).astype(np.int64) - 1, 0, size - 1)
+    high = np.clip(np.ceil(most.cpu().double().numpy()).astype(np.int64) + 2, low + 1, size)
     block = np.array(moving[low[2] : high[2], low[1] : high[1], low[0] : high[0]], dtype=np.float32)
     n = torch.as_tensor((high - low - 1).clip(min=1), dtype=idx.dtype, device=idx.device)
     coords = (idx - torch.as_tensor(low, dtype=idx.dtype, device=idx.device)) * (2.0 / n) - 1.0
-    values = torch.nn.functional.grid_sample(torch.from_numpy(block).to(points.device)[None, None], coords,
+    values = torch.nn.functional.grid_sample(torch.from_numpy(block).to(idx.device)[None, None], coords,
                                              mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
     full = torch.as_tensor(size, dtype=idx.dtype, device=idx.device)
     inside = ((idx >= -0.5) & (idx <= full - 0.5)).all(dim=-1)[0]
@@ -559,9 +560,9 @@ def _label_codes(labels: np.ndarray, device: torch.device) -> tuple[np.ndarray, 
     return table, torch.from_numpy(codes).to(device=device)
 
 
-def _warp_label_codes(codes: torch.Tensor, count: int, grid: Grid, points: torch.Tensor, mode: LabelInterpolation) -> torch.Tensor:
-    """Label codes ``[D, H, W]`` (``0 .. count - 1``, on ``grid``) at LPS points ``[d, h, w, 3]``: nearest neighbour, or
-    linear one-hot + argmax.
+def _warp_label_codes(codes: torch.Tensor, count: int, grid: Grid, index: torch.Tensor, mode: LabelInterpolation) -> torch.Tensor:
+    """Label codes ``[D, H, W]`` (``0 .. count - 1``, on ``grid``) at continuous indices ``[d, h, w, 3]`` (i, j, k of
+    ``grid``, the images of LPS points): nearest neighbour, or linear one-hot + argmax.
 
     Outside the moving image (continuous index beyond ``[-0.5, size - 0.5]``) the code is 0
     (background), as ITK's default pixel value.  ``one-hot-linear``: each label's weight is the
@@ -569,8 +570,8 @@ def _warp_label_codes(codes: torch.Tensor, count: int, grid: Grid, points: torch
     interpolation of its one-hot image, with clamped borders); the heaviest label wins, ties going
     to the background, then to the smaller label.  60,000 labels cost about what 16 do.
     """
-    shape = points.shape[:-1]
-    idx = grid.continuous_index(points).reshape(-1, 3)
+    shape = index.shape[:-1]
+    idx = index.reshape(-1, 3)
     size = torch.as_tensor(grid.size, dtype=idx.dtype, device=idx.device)
     inside = ((idx >= -0.5) & (idx <= size - 0.5)).all(dim=-1)
     depth, height, width = codes.shape

@@ -245,7 +245,8 @@ def evaluate_on_slab(transform: SpatialTransform, grid: Grid, k0: int, k1: int, 
     """(points, T(points)) for the voxel centres of slices ``k0 .. k1-1`` of ``grid``, float32 ``[1, k1-k0, H, W, 3]`` each.
 
     The transform applied first (the last of a :class:`Composite`), when a displacement field on a
-    grid parallel to ``grid``, is evaluated separably (:func:`field_on_grid`); the rest pointwise.
+    grid parallel to ``grid``, is evaluated separably (:func:`field_on_grid`); the rest pointwise,
+    consecutive affine transforms as one (:func:`fold_affines`).
     """
     points = slab_points(grid, k0, k1, device)
     parts = list(transform.transforms) if isinstance(transform, Composite) else [transform]
@@ -255,6 +256,22 @@ def evaluate_on_slab(transform: SpatialTransform, grid: Grid, k0: int, k1: int, 
         if u is not None:
             mapped = points + u.to(points.dtype)
             parts = parts[:-1]
-    for part in reversed(parts):
+    for part in reversed(fold_affines(parts)):
         mapped = part(mapped)
     return points, mapped
+
+
+def fold_affines(parts: Sequence[SpatialTransform]) -> list[SpatialTransform]:
+    """``parts`` (composition order, ``T1 o T2 o ...``) with every run of consecutive :class:`AffineTransform` composed
+    into one (in float64, then the first one's dtype): the same map with one pass over the points per run."""
+    folded: list[SpatialTransform] = []
+    for part in parts:
+        previous = folded[-1] if folded else None
+        if isinstance(part, AffineTransform) and isinstance(previous, AffineTransform):
+            a, b = previous.matrix.double(), previous.offset.double()
+            matrix = a @ part.matrix.double()
+            offset = (a @ part.offset.double()[:, :, None])[:, :, 0] + b
+            folded[-1] = AffineTransform(matrix.to(previous.matrix.dtype), offset.to(previous.offset.dtype))
+        else:
+            folded.append(part)
+    return folded
