@@ -127,6 +127,7 @@ class InitialAlignment(enum.Enum):
     STACK = "stack"
     CENTRE = "centre"
     COM = "com"
+    MOMENTS = "moments"
     NONE = "none"
 
     def label(self) -> str:
@@ -135,6 +136,7 @@ class InitialAlignment(enum.Enum):
             InitialAlignment.STACK: _("Stack default"),
             InitialAlignment.CENTRE: _("Image centres"),
             InitialAlignment.COM: _("Centres of mass"),
+            InitialAlignment.MOMENTS: _("Centres of mass and principal axes"),
             InitialAlignment.NONE: _("None (as placed)"),
         }[self]
 
@@ -488,7 +490,7 @@ class DLIRRegistrationLogic(ScriptedLoadableModuleLogic):
         ``stack`` is a file path or registry name (kept loaded between runs) or a loaded stack.
         ``mode``: ``fast`` or ``accurate``; ``refineSteps`` > 0 overrides the mode with that many
         optimiser steps; ``fixedMaskNode``: a segmentation (segment ``fixedMaskSegmentId``, None =
-        all) or a label-map volume; ``initialAlignment``: ``centre``, ``com``, ``none`` or None (the
+        all) or a label-map volume; ``initialAlignment``: ``centre``, ``com``, ``moments``, ``none`` or None (the
         stack's recipe).  Outputs in world RAS on the fixed grid; the transform maps fixed -> moving
         (from parent).
         """

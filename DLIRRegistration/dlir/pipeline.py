@@ -20,9 +20,11 @@ from .preprocess import (
     antialiased_source,
     apply_window,
     initial_alignment,
+    intensity_moments,
     intensity_window,
     network_grid,
     normalise_intensity,
+    principal_axes_alignment,
     sample_source,
     smooth_for_spacing,
 )
@@ -100,20 +102,11 @@ class PreparedImage:
 
     def centre_of_mass(self) -> np.ndarray:
         """Intensity-weighted centre (LPS mm) of the normalised image, slab by slab."""
-        depth, height, width = self.grid.shape
-        step = max(1, 4_000_000 // (height * width))
-        total = 0.0
-        moments = np.zeros(3)
-        for k0 in range(0, depth, step):
-            w = self.slab(k0, min(depth, k0 + step))[0, 0].double()
-            total += float(w.sum())
-            for axis, dim in ((0, 2), (1, 1), (2, 0)):  # i (W), j (H), k (D)
-                profile = w.sum(dim=tuple(d for d in range(3) if d != dim))
-                offset = k0 if axis == 2 else 0
-                moments[axis] += float((profile * (torch.arange(w.shape[dim], dtype=torch.float64, device=w.device) + offset)).sum())
-        if total <= 0:
-            raise InputError("the image is empty (all zero after normalisation): no centre of mass")
-        return (self.grid.index_to_physical() @ np.append(moments / total, 1.0))[:3]
+        return self.moments()[0]
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """(centre (LPS mm), covariance (mm^2, 3 x 3)) of the normalised intensities, slab by slab (:func:`~dlir.preprocess.intensity_moments`)."""
+        return intensity_moments(self.slab, self.grid)
 
 
 def stage_grid(spec: StageSpec, fixed_grid: Grid) -> Grid:
@@ -134,6 +127,8 @@ def stage_inputs(
 def alignment(stack: Stack, fixed: PreparedImage, moving: PreparedImage, mode: str | None = None) -> SpatialTransform:
     """The initial alignment ``T0`` (``mode`` overrides the stack's recipe)."""
     mode = mode or stack.manifest.recipe.initial_alignment
+    if mode == "moments":
+        return principal_axes_alignment(*fixed.moments(), *moving.moments(), device=fixed.device)
     if mode == "com":
         shift = moving.centre_of_mass() - fixed.centre_of_mass()
         return AffineTransform.translation(torch.as_tensor(shift, dtype=torch.float32, device=fixed.device)[None])

@@ -7,6 +7,7 @@ in LPS mm, and is deterministic, so training and inference see identical inputs.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable
 
@@ -266,31 +267,95 @@ def to_grid(image: torch.Tensor, image_grid: Grid, transform: SpatialTransform |
     return sample(image, image_grid, pts)
 
 
-def centre_of_mass(image: torch.Tensor, grid: Grid) -> np.ndarray:
-    """Intensity-weighted centre (LPS mm) of a non-negative image ``[1, 1, D, H, W]``."""
-    w = image[0, 0].double()
-    total = float(w.sum())
+def intensity_moments(slab: Callable[[int, int], torch.Tensor], grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """(centre (LPS mm), covariance (mm^2, 3 x 3, LPS)) of a non-negative image on ``grid``, read slab by slab
+    (``slab(k0, k1)`` gives slices ``k0 .. k1-1`` as ``[1, 1, k1-k0, H, W]``).
+
+    First and second moments of the voxel indices weighted by intensity, from each slab's 1D and 2D
+    marginals (no per-voxel coordinates), mapped to LPS by the grid's direction and spacing.
+    """
+    depth, height, width = grid.shape
+    step = max(1, 4_000_000 // (height * width))
+    total, first, second = 0.0, np.zeros(3), np.zeros((3, 3))
+    for k0 in range(0, depth, step):
+        w = slab(k0, min(depth, k0 + step))[0, 0].double()  # [k, j, i]
+        axes = [torch.arange(n, dtype=torch.float64, device=w.device) for n in (w.shape[2], w.shape[1], w.shape[0])]
+        axes[2] = axes[2] + k0  # i, j, k of the whole image
+        total += float(w.sum())
+        profiles = (w.sum(dim=(0, 1)), w.sum(dim=(0, 2)), w.sum(dim=(1, 2)))  # along i, j, k
+        planes = {(0, 1): w.sum(dim=0), (0, 2): w.sum(dim=1), (1, 2): w.sum(dim=2)}  # [j, i], [k, i], [k, j]
+        for a in range(3):
+            first[a] += float((profiles[a] * axes[a]).sum())
+            second[a, a] += float((profiles[a] * axes[a] ** 2).sum())
+        for (a, b), plane in planes.items():  # plane is indexed [b, a]
+            second[a, b] += float((plane * axes[b][:, None] * axes[a][None, :]).sum())
+            second[b, a] = second[a, b]
     if total <= 0:
         raise InputError("the image is empty (all zero after normalisation): no centre of mass")
-    idx = [float((w.sum(dim=tuple(d for d in range(3) if d != axis)) * torch.arange(w.shape[axis], dtype=torch.float64)).sum()) / total
-           for axis in (2, 1, 0)]  # i (W), j (H), k (D)
-    return (grid.index_to_physical() @ np.array(idx + [1.0]))[:3]
+    mean = first / total
+    covariance = second / total - np.outer(mean, mean)
+    to_physical = grid.index_to_physical()
+    linear = to_physical[:3, :3]
+    return linear @ mean + to_physical[:3, 3], linear @ covariance @ linear.T
+
+
+#: principal axes whose variances differ by less than this share are taken as undetermined (a near-spherical
+#: distribution): the moments alignment then keeps the centres of mass only
+AXES_DEGENERATE_BELOW = 0.05
+
+
+def principal_axes_alignment(fixed_centre: np.ndarray, fixed_covariance: np.ndarray, moving_centre: np.ndarray,
+                             moving_covariance: np.ndarray, device: torch.device | str = "cpu") -> AffineTransform:
+    """The rigid transform (fixed -> moving, LPS mm) that puts the fixed image's centre of mass and principal axes on
+    the moving image's: ``T(x) = R (x - c_f) + c_m``.
+
+    ``R`` maps each fixed principal axis (eigenvectors of the intensity covariance, largest variance first) onto the
+    moving one of the same rank; of the axis sign choices that make ``R`` a rotation, the one closest to the identity
+    (largest trace) is taken, so images that are already nearly aligned stay so.  When two variances of either
+    image are within :data:`AXES_DEGENERATE_BELOW` of each other the axes are undetermined and ``R`` is the identity
+    (centres of mass only).
+    """
+    rotation = np.eye(3)
+    values_f, axes_f = np.linalg.eigh(fixed_covariance)
+    values_m, axes_m = np.linalg.eigh(moving_covariance)
+    if _distinct(values_f) and _distinct(values_m):
+        best = -np.inf
+        for signs in itertools.product((1, -1), repeat=3):
+            candidate = axes_m @ np.diag(signs) @ axes_f.T
+            if np.linalg.det(candidate) > 0 and np.trace(candidate) > best:
+                best, rotation = float(np.trace(candidate)), candidate
+    offset = moving_centre - rotation @ fixed_centre
+    return AffineTransform(torch.as_tensor(rotation, dtype=torch.float32, device=device)[None],
+                           torch.as_tensor(offset, dtype=torch.float32, device=device)[None])
+
+
+def _distinct(variances: np.ndarray) -> bool:
+    """True when the three (ascending) variances differ pairwise by at least AXES_DEGENERATE_BELOW of the larger."""
+    v = np.sort(np.abs(variances))
+    return bool(v[0] > 0 and all(v[i + 1] - v[i] >= AXES_DEGENERATE_BELOW * v[i + 1] for i in range(2)))
 
 
 def initial_alignment(
     mode: str, fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving_grid: Grid
 ) -> AffineTransform:
-    """The translation that puts the moving image's centre on the fixed image's (fixed -> moving).
+    """The initial alignment (fixed -> moving): a translation that puts the moving image's centre on the fixed
+    image's, or for ``"moments"`` the rigid transform of :func:`principal_axes_alignment`.
 
     ``mode``: ``"centre"`` (centres of the image grids), ``"com"`` (centres of mass of the
-    normalised intensities) or ``"none"`` (identity).  Images ``[1, 1, D, H, W]`` in [0, 1].
+    normalised intensities), ``"moments"`` (centres of mass and principal axes) or ``"none"``
+    (identity).  Images ``[1, 1, D, H, W]`` in [0, 1].
     """
+    def moments(image: torch.Tensor, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+        return intensity_moments(lambda k0, k1: image[:, :, k0:k1], grid)
+
+    if mode == "moments":
+        return principal_axes_alignment(*moments(fixed, fixed_grid), *moments(moving, moving_grid), device=fixed.device)
     if mode == "none":
         shift = np.zeros(3)
     elif mode == "centre":
         shift = moving_grid.centre() - fixed_grid.centre()
     elif mode == "com":
-        shift = centre_of_mass(moving, moving_grid) - centre_of_mass(fixed, fixed_grid)
+        shift = moments(moving, moving_grid)[0] - moments(fixed, fixed_grid)[0]
     else:
-        raise InputError(f"unknown initial alignment {mode!r}: use centre, com or none")
+        raise InputError(f"unknown initial alignment {mode!r}: use centre, com, moments or none")
     return AffineTransform.translation(torch.as_tensor(shift, dtype=torch.float32, device=fixed.device)[None])

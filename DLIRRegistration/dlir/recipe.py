@@ -241,7 +241,7 @@ class Recipe:
 
     stages: tuple[StageSpec, ...]
     intensity: IntensitySpec = field(default_factory=IntensitySpec)
-    initial_alignment: Literal["centre", "com", "none"] = "centre"
+    initial_alignment: Literal["centre", "com", "moments", "none"] = "centre"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
@@ -251,7 +251,7 @@ class Recipe:
             raise StackError(f"a stack has at most {MAX_STAGES} stages, this recipe has {len(self.stages)}")
         if not all(isinstance(s, StageSpec) for s in self.stages) or not isinstance(self.intensity, IntensitySpec):
             raise StackError("a recipe is made of StageSpec stages and an IntensitySpec")
-        _choice(self.initial_alignment, "initial alignment", ("centre", "com", "none"))
+        _choice(self.initial_alignment, "initial alignment", ("centre", "com", "moments", "none"))
         weights = [s.weight_count for s in self.stages]
         if sum(weights) > MAX_WEIGHTS:
             k = max(range(len(weights)), key=weights.__getitem__)

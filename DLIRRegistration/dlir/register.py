@@ -167,7 +167,7 @@ def register(
     quality numbers.  ``float_warped``: the warped image as float32 instead of the moving image's
     pixel type (integer types are rounded to the nearest value and clipped to the type's range).
 
-    ``initial_alignment`` (``centre``, ``com`` or ``none``) overrides the stack's recipe.
+    ``initial_alignment`` (``centre``, ``com``, ``moments`` or ``none``) overrides the stack's recipe.
     ``refine``: ``"auto"`` is accurate mode (instance optimisation of the whole transform, coarse to
     fine, to convergence, never folding: :mod:`dlir.refine`); a number N > 0 runs N optimiser
     steps at the finest level only (for experiments); 0 is the networks' one-shot result.  ``progress(step, fraction)`` is called between steps (and between chunks
