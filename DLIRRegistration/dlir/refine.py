@@ -230,6 +230,7 @@ def _trilinear(grid: Grid, points: torch.Tensor) -> tuple[torch.Tensor, torch.Te
                 weights.append(wi * wj * wk)
     return torch.stack(corners), torch.stack(weights)
 
+
 def _correction(params: torch.Tensor) -> AffineTransform:
     """The affine correction ``x -> (I + M) x + t``: ``params[:9]`` = M, ``params[9:]`` = t / 100 mm (about the origin,
     which is the fixed image's centre in the engine's coordinates)."""
