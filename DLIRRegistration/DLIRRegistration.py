@@ -534,10 +534,12 @@ class DLIRRegistrationTest(ScriptedLoadableModuleTest):
         fixed, moving, segmentation = SampleData.downloadSamples(SAMPLE_NAME)
         samplepair.nameSegments(segmentation)
         pair = samplepair.SamplePair(fixed, moving, segmentation)
-        self.delayDisplay("Registering")
-        outputs, problems = samplepair.runSampleRegistration(slicer.mrmlScene, pair, samplepair.selfTestStack(), device="auto")
-        self.assertEqual(problems, [])
-        self.delayDisplay("Registered: " + outputs.summary())
+        for mode in ("fast", "accurate"):
+            self.delayDisplay(f"Registering ({mode})")
+            outputs, problems = samplepair.runSampleRegistration(slicer.mrmlScene, pair, samplepair.selfTestStack(),
+                                                                 device="auto", mode=mode)
+            self.assertEqual(problems, [])
+            self.delayDisplay(f"Registered ({mode}): " + outputs.summary())
 
     def test_WidgetNames(self) -> None:
         self.delayDisplay("Checking the GUI")

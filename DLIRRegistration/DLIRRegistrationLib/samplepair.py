@@ -102,12 +102,13 @@ def selfTestStack():
     return build_stack(Manifest("selftest-untrained", recipe, description="freshly initialised self-test stack"), seed=0)
 
 
-def runSampleRegistration(scene, pair: SamplePair, stack, device: str = "cpu"):
-    """Register the sample pair with every output; returns ``(outputs, problems)``, problems empty when all is right."""
+def runSampleRegistration(scene, pair: SamplePair, stack, device: str = "cpu", mode: str = "fast"):
+    """Register the sample pair with every output in ``mode`` (``fast`` or ``accurate``); returns ``(outputs, problems)``,
+    problems empty when all is right."""
     from .registration import registerVolumes
 
     outputs = registerVolumes(scene, pair.fixedVolumeNode, pair.movingVolumeNode, stack,
-                              movingSegmentationNode=pair.movingSegmentationNode, device=device)
+                              movingSegmentationNode=pair.movingSegmentationNode, device=device, mode=mode)
     return outputs, checkOutputs(pair, outputs, stack)
 
 

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 
 
-def test_sample_pair_end_to_end(scene) -> None:
+@pytest.mark.parametrize("mode", ["fast", "accurate"])
+def test_sample_pair_end_to_end(scene, mode: str) -> None:
     from DLIRRegistrationLib import samplepair
 
     pair = samplepair.loadSamplePair(scene)
     names = {pair.movingSegmentationNode.GetSegmentation().GetNthSegment(i).GetName() for i in range(4)}
     assert names == set(samplepair.SEGMENT_NAMES.values())
     stack = samplepair.selfTestStack()
-    outputs, problems = samplepair.runSampleRegistration(scene, pair, stack)
+    outputs, problems = samplepair.runSampleRegistration(scene, pair, stack, mode=mode)
     assert problems == []
     assert outputs.device == "cpu" and outputs.seconds > 0
     assert "s on cpu" in outputs.summary()
