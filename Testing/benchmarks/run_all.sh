@@ -4,7 +4,7 @@
 #   Testing/benchmarks/run_all.sh                       # untrained dev stack (identity networks)
 #   Testing/benchmarks/run_all.sh 'lung*=chest-ct' 'brain-mri'   # trained stacks, chosen by pair id
 #
-# Environment: DATA (default ../shared/data), OUT (default out/bench), REFINE (default 50),
+# Environment: DATA (default ../shared/data), OUT (default out/bench), REFINE (default auto: accurate mode),
 # REPEATS (timed runs of each DLIR and each elastix registration, default "3 2").
 # Needs itk-elastix==0.25.4 and matplotlib (pip install -e ".[bench]").  Writes OUT/bench.txt
 # (the printed tables), OUT/bench.md, OUT/summary.md, OUT/metrics.csv, plots and panels.
@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-out/bench}
-REFINE=${REFINE:-50}
+REFINE=${REFINE:-auto}
 REPEATS=${REPEATS:-3 2}
 mkdir -p "$OUT"
 stacks=("$@")
