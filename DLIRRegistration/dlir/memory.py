@@ -49,9 +49,6 @@ SLAB_BYTES = 1_000_000 * 250
 #: through the transforms so far, one sampled value (12), plus this many per channel (widest layers)
 PER_STAGE_VOXEL = 12
 PER_CHANNEL_VOXEL = 2.5
-#: per voxel of the refinement's finest level grid: its points, their voxel indices, the fixed image on it,
-#: the inside test (the random samples drawn from them and the velocity grid are small besides)
-PER_REFINE_VOXEL = 10
 #: memory the process needs besides the tensors (PyTorch's workspaces, the outputs' writers)
 OVERHEAD_BYTES = 100 * 2**20
 
@@ -88,7 +85,7 @@ def estimate(stack: Stack, fixed_grid: Grid, moving_grid: Grid, refine: bool = F
     """
     fixed_voxels, moving_voxels = _voxels(fixed_grid), _voxels(moving_grid)
     spacings = {stage.spec.spacing_mm for stage in stack.stages}
-    if refine:  # the refinement's pyramid levels
+    if refine:  # the refinement's pyramid levels (its random samples and displacement grids are small besides)
         settings = RefineSettings()
         base = base_spacing(fixed_grid, settings)
         spacings |= {(base * f,) * 3 for f in settings.level_spacings_mm}
@@ -101,10 +98,6 @@ def estimate(stack: Stack, fixed_grid: Grid, moving_grid: Grid, refine: bool = F
         need = int(FLOAT * _voxels(grid) * (PER_STAGE_VOXEL + PER_CHANNEL_VOXEL * stage.spec.channels))
         if need > largest:
             largest, index, shape = need, k, grid.size
-    if refine:
-        lower, upper = fixed_grid.bounding_box()
-        finest = math.prod(int((u - l) / base) + 1 for l, u in zip(lower, upper))
-        largest = max(largest, FLOAT * finest * PER_REFINE_VOXEL)
     return MemoryEstimate(inputs + max(full, largest) + OVERHEAD_BYTES, inputs, full, largest, index, shape)
 
 

@@ -52,8 +52,9 @@ from .transforms import AffineTransform, Composite, DisplacementField, SpatialTr
 
 #: ``"auto"`` (accurate mode: all levels, each to convergence) or a number of steps at the finest level
 Refinement = int | Literal["auto"]
-#: ``report(level, levels, step, loss)`` after every optimiser step (progress, cancel)
-Report = Callable[[int, int, int, float], None]
+#: ``report(level, levels, step, limit, loss)`` after every optimiser step (progress, cancel); ``limit`` is the
+#: level's most steps
+Report = Callable[[int, int, int, int, float], None]
 #: CPU threads of the refinement: its steps are many small operations that a second thread hardly speeds up
 #: (measured: the same time with 1 and 2 threads on 2 cores), and one thread leaves a core to whatever else runs
 CPU_THREADS = 1
@@ -171,14 +172,16 @@ class _Level:
         return (values * weights).sum(1).T
 
     def moving_at(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(moving intensities at ``points``, 1 where the point is inside the moving image else 0)."""
-        values = sample_source(self.moving, self.moving_grid, self.extent, points)
+        """(moving intensities at ``points``, 1 where the point is inside the moving image else 0).
+
+        Outside, the intensity is the border value: its weight is 0, so it never counts.
+        """
+        values = sample(self.moving, self.moving_grid, points, outside=None)
         with torch.no_grad():
             idx = self.extent.continuous_index(points)
             size = torch.as_tensor(self.extent.size, dtype=idx.dtype, device=idx.device)
             inside = ((idx >= -0.5) & (idx <= size - 0.5)).all(dim=-1).unsqueeze(1).to(values.dtype)
         return values, inside
-
 
 def _draw_indices(grid: Grid, mask: np.ndarray | None, spacing: float, count: int,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,7 +317,7 @@ def _refine(transforms: Sequence[SpatialTransform], fixed: PreparedImage, moving
             schedule.step()
             history.append(float(loss.detach()))
             if report is not None:
-                report(number + 1, len(levels), step + 1, history[-1])
+                report(number + 1, len(levels), step + 1, limit, history[-1])
             if refinement == "auto" and _converged(history, before, settings):
                 break
         if refinement == "auto" and baseline() >= before:  # the level found nothing better: undo it

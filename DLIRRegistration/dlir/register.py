@@ -297,13 +297,13 @@ def _register(
     if refinement != 0:
         name = "refine (accurate)" if refinement == "auto" else f"refine ({refinement} steps)"
 
-        def report(level: int, levels: int, step: int, loss: float) -> None:
-            steps.within(f"{name}: level {level}/{levels}, step {step}, loss {loss:.4f}", (level - 1 + min(step / 80, 1)) / levels)
+        def report(level: int, levels: int, step: int, limit: int, loss: float) -> None:
+            steps.within(f"{name}: level {level}/{levels}, step {step}, loss {loss:.4f}", (level - 1 + step / limit) / levels)
 
         with steps.step(name):
             refined = refine(transforms, fixed_p, moving_p, refinement, mask, report)
             transforms = refined.transforms
-            check_stage_output(f"the refinement of the stack's transform", stack.name, None, Composite(transforms))
+            check_stage_output("the refinement of the stack's transform", stack.name, None, Composite(transforms))
     del fixed_p, moving_p  # their anti-aliased copies
 
     transform = Composite(transforms)
