@@ -2,10 +2,11 @@
 Slicer loads, whatever the size of the images.
 
 The engine's transform is ``T = T0 o T1 o ... o Tn`` (fixed point -> moving point, LPS mm; ``Tn``
-acts first): affine stages and B-spline stages whose dense fields live on the stages' coarse network
-grids (a few mm), trilinear between voxel centres and extended by their border values outside.
-ITK represents exactly that: an ``AffineTransform`` per affine stage and a
-``DisplacementFieldTransform`` (linear interpolation) per B-spline stage on the stage's own grid,
+acts first): affine transforms (initial alignment, affine stages) and one dense displacement field
+on the finest B-spline stage's coarse network grid (a few mm; the stages' fields merged into it by
+:func:`dlir.transforms.merge_fields`), trilinear between voxel centres and extended by its border
+values outside.  ITK represents exactly that: an ``AffineTransform`` per affine part and a
+``DisplacementFieldTransform`` (linear interpolation) per field on the field's own grid,
 padded by :data:`MARGIN_MM` of border values so that points up to that far outside a stage's grid
 (where later stages may carry them) map exactly as in the engine.  Beyond the margin ITK leaves a
 point unmoved where the engine keeps the border value: the only place where the two can differ.

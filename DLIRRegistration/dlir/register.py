@@ -47,7 +47,8 @@ from .memory import check_memory
 from .pipeline import PreparedImage, alignment, check_stage_output, run_stages, stage_grid
 from .refine import Refinement, check_refinement, refine
 from .stack import Stack
-from .transforms import Composite, SpatialTransform, evaluate_on_slab, jacobian_determinant
+from .transforms import (AffineTransform, Composite, SpatialTransform, evaluate_on_slab, is_finite, jacobian_determinant,
+                         merge_fields, split_leading_affine)
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +307,8 @@ def _register(
             check_stage_output("the refinement of the stack's transform", stack.name, None, Composite(transforms))
     del fixed_p, moving_p  # their anti-aliased copies
 
-    transform = Composite(transforms)
+    # the stages' fields as one on the finest stage grid: the per-voxel work and the exported transform halve
+    transform = Composite(merge_fields(transforms))
     with torch.no_grad():
         with steps.step("warp"):
             result = full_resolution(
@@ -378,13 +380,13 @@ class _Moments:
         self.n, self.mean, self.m2, self.folded = 0, 0.0, 0.0, 0
 
     def add(self, values: torch.Tensor) -> None:
-        v = values.double()
-        n = v.numel()
+        n = values.numel()
         if n == 0:
             return
-        mean = float(v.mean())
-        m2 = float(((v - mean) ** 2).sum())
-        self.folded += int((v <= 0).sum())
+        mean = float(values.sum(dtype=torch.float64)) / n  # sums in float64, no float64 copy of the values
+        deviation = values - mean
+        m2 = float(deviation.mul_(deviation).sum(dtype=torch.float64))
+        self.folded += int((values <= 0).sum())
         total = self.n + n
         delta = mean - self.mean
         self.m2 += m2 + delta * delta * self.n * n / total
@@ -449,36 +451,42 @@ def full_resolution(
     disp_out = np.empty((depth, height, width, 3), dtype=np.float32) if displacement else None
     moments = _Moments()
     jacobian_s = 0.0
-    carried: tuple[torch.Tensor, torch.Tensor] | None = None  # (mapped, u) of slices k0 - 1 and k0
+    if not is_finite(transform):
+        raise StackError(f"the transform composed from the stages of the stack '{stack_name}' has NaN or "
+                         "infinite values; the stack is unusable for these images")
+    # T = L o R: R evaluated per voxel (q = R(x)), L folded into the moving image's index and det J = det L * det dR/dx
+    leading, rest = split_leading_affine(transform)
+    to_index, det_leading = _index_map(leading, moving_grid, device)
+    carried: tuple[torch.Tensor, torch.Tensor] | None = None  # (q, q - x) of slices k0 - 1 and k0
     for k0 in range(0, depth, slab):
         k1 = min(depth, k0 + slab)
         end = min(depth, k1 + 1) if need_det else k1  # one slice beyond: the next slab's halo
         first = k0 if carried is None else k0 + 1
-        pts, mapped_new = evaluate_on_slab(transform, fixed_grid, first, end, device)
-        if not bool(torch.isfinite(mapped_new).all()):
-            raise StackError(f"the transform composed from the stages of the stack '{stack_name}' has NaN or "
-                             "infinite values on the fixed grid; the stack is unusable for these images")
-        u_new = mapped_new - pts
+        pts, q_new = evaluate_on_slab(rest, fixed_grid, first, end, device)
+        u_new = q_new.sub(pts)
         del pts
         if carried is None:
-            mapped, u, start = mapped_new, u_new, k0
+            q, u, start = q_new, u_new, k0
         else:
-            mapped, u, start = torch.cat([carried[0], mapped_new], 1), torch.cat([carried[1], u_new], 1), k0 - 1
+            q, u, start = torch.cat([carried[0], q_new], 1), torch.cat([carried[1], u_new], 1), k0 - 1
         inner = slice(k0 - start, k1 - start)
         if need_det:
-            carried = (mapped[:, k1 - 1 - start : k1 + 1 - start], u[:, k1 - 1 - start : k1 + 1 - start])
-        if moving_grid is not None and (warped_out is not None or labels_out is not None):
-            index = moving_grid.continuous_index(mapped[:, inner])  # once for the image and the labels
+            carried = (q[:, k1 - 1 - start : k1 + 1 - start], u[:, k1 - 1 - start : k1 + 1 - start])
+        if to_index is not None and moving_grid is not None and (warped_out is not None or labels_out is not None):
+            index = _apply(to_index, q[:, inner])  # once for the image and the labels
             if warped_out is not None and moving is not None:
                 warped_out[k0:k1] = _warp_block(moving, moving_grid, index, warped_out.dtype)
             if table is not None and codes is not None and labels_out is not None:
                 labels_out[k0:k1] = table[_warp_label_codes(codes, len(table), moving_grid, index[0], label_interpolation).cpu().numpy()]
         if disp_out is not None:
-            disp_out[k0:k1] = u[0, inner].cpu().numpy()
+            mapped = q[:, inner] if leading is None else leading(q[:, inner])
+            disp_out[k0:k1] = (mapped - (q[:, inner] - u[:, inner]))[0].cpu().numpy()
         if need_det:
             t0 = time.perf_counter()
             halo = Grid((width, height, u.shape[1]), fixed_grid.spacing, fixed_grid.origin, fixed_grid.direction)
             det = jacobian_determinant(u.movedim(-1, 1), halo)[0, inner]
+            if det_leading != 1.0:
+                det = det.mul_(det_leading)
             if det_out is not None:
                 det_out[k0:k1] = det.cpu().numpy()
             if statistics:
@@ -497,6 +505,27 @@ def full_resolution(
     )
     out.jacobian_s = jacobian_s + (time.perf_counter() - t0 if jacobian else 0.0)
     return out
+
+
+def _index_map(leading: AffineTransform | None, moving_grid: Grid | None,
+               device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, float]:
+    """((matrix, offset) taking a point q to the moving image's continuous index of L(q), det L): the leading affine
+    ``L`` (None: the identity) and the moving grid's physical-to-index map composed in float64, applied in float32."""
+    matrix = np.eye(3) if leading is None else leading.matrix[0].double().cpu().numpy()
+    offset = np.zeros(3) if leading is None else leading.offset[0].double().cpu().numpy()
+    det = float(np.linalg.det(matrix))
+    if moving_grid is None:
+        return None, det
+    to_index = moving_grid.physical_to_index()
+    m = to_index[:3, :3] @ matrix
+    b = to_index[:3, :3] @ offset + to_index[:3, 3]
+    return (torch.as_tensor(m, dtype=torch.float32, device=device), torch.as_tensor(b, dtype=torch.float32, device=device)), det
+
+
+def _apply(affine: tuple[torch.Tensor, torch.Tensor], points: torch.Tensor) -> torch.Tensor:
+    """``matrix @ p + offset`` for every point ``[..., 3]`` (one pass)."""
+    matrix, offset = affine
+    return torch.addmm(offset, points.reshape(-1, 3), matrix.T).reshape(points.shape)
 
 
 def _warp_block(moving: np.ndarray, grid: Grid, idx: torch.Tensor, dtype: np.dtype) -> np.ndarray:

@@ -14,7 +14,8 @@ from dlir.geometry import Grid
 from dlir.refine import RefineSettings
 from dlir.register import register
 from dlir.stack import load_stack
-from dlir.transforms import DisplacementField
+from dlir.pipeline import PreparedImage, alignment, run_stages
+from dlir.transforms import Composite, DisplacementField, displacement_on_grid
 
 PAIR = "pairs/mni_oblique_aniso"  # oblique (-12 deg) and anisotropic (1.8 x 2.2 x 3.0 mm) fixed grid
 
@@ -40,12 +41,30 @@ def test_the_composite_is_the_engines_transform_on_an_oblique_anisotropic_pair(o
     reg = register(fixed, moving, load_stack("brain-mri"), device="cpu")
     transform = reg.itk_transform()
     names = [transform.GetNthTransform(i).GetName() for i in range(transform.GetNumberOfTransforms())]
-    assert names == ["AffineTransform", "AffineTransform", "DisplacementFieldTransform", "DisplacementFieldTransform"]
+    assert names == ["AffineTransform", "AffineTransform", "DisplacementFieldTransform"]
     assert deviation(reg, fixed, transform) < 1e-3  # measured 2.7e-5 mm: float32 rounding of the engine
-    stages = [s.spec for s in load_stack("brain-mri").stages if s.spec.kind == "bspline"]
-    for part, spec in zip([transform.GetNthTransform(i) for i in (2, 3)], stages):
-        field = sitk.DisplacementFieldTransform(part).GetDisplacementField()
-        assert field.GetSpacing() == spec.spacing_mm and field.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    finest = [s.spec for s in load_stack("brain-mri").stages if s.spec.kind == "bspline"][-1]
+    field = sitk.DisplacementFieldTransform(transform.GetNthTransform(2)).GetDisplacementField()
+    assert field.GetSpacing() == finest.spacing_mm and field.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
+
+
+def test_the_merged_field_stays_close_to_the_stages_composition(oblique) -> None:
+    """The B-spline stages' fields merged into one on the finest stage grid (exact at its voxel centres, trilinear
+    between) against the stages' own composition at every fixed voxel: measured 0.019 mm mean, 0.20 mm at the
+    99.9th percentile, 0.67 mm at most (where the coarser stage's trilinear kinks fall between the finer grid's nodes)."""
+    fixed, moving = oblique
+    stack = load_stack("brain-mri")
+    reg = register(fixed, moving, stack, device="cpu", outputs=())
+    fixed_p = PreparedImage.from_array(sitk.GetArrayViewFromImage(fixed), reg.grid, stack.manifest.recipe.intensity, "cpu")
+    moving_grid = Grid.from_image(moving).translated(np.asarray(reg.grid.origin) - np.asarray(reg.output_grid.origin))
+    moving_p = PreparedImage.from_array(sitk.GetArrayViewFromImage(moving), moving_grid, stack.manifest.recipe.intensity, "cpu")
+    with torch.no_grad():
+        stages, _ = run_stages(stack, fixed_p, moving_p, alignment(stack, fixed_p, moving_p))
+        exact = displacement_on_grid(Composite(stages), reg.grid)
+        merged = displacement_on_grid(reg.transform, reg.grid)
+    assert sum(isinstance(t, DisplacementField) for t in stages) == 2
+    gap = (exact - merged).norm(dim=1)
+    assert float(gap.mean()) < 0.05 and float(gap.max()) < 1.0
 
 
 def test_the_refined_composite_is_one_affine_and_one_field(oblique) -> None:
