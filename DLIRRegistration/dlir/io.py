@@ -97,9 +97,12 @@ def _check_nifti_complete(path: Path, what: str) -> None:
                 scan = _NonFiniteScan(layout, len(header))
                 scan.feed(header)
                 size = len(header)
-                while chunk := f.read(1 << 22):
-                    size += len(chunk)
-                    scan.feed(chunk)
+                if layout is not None and not scan.active and _gzip_trailer_length(path) == _nifti_length(layout) % 2**32:
+                    size = _nifti_length(layout)  # whole by its gzip trailer, and no float voxels to scan: not inflated twice
+                else:
+                    while chunk := f.read(1 << 22):
+                        size += len(chunk)
+                        scan.feed(chunk)
         else:
             size = path.stat().st_size
             with path.open("rb") as f:
@@ -116,7 +119,7 @@ def _check_nifti_complete(path: Path, what: str) -> None:
         raise InputError(f"the {what} file {path} is truncated or damaged ({exc})") from exc
     if layout is None:
         return
-    expected = layout.offset + layout.voxels * layout.bitpix // 8
+    expected = _nifti_length(layout)
     if size < expected:
         raise InputError(f"the {what} file {path} is truncated: its header promises {expected} bytes, it holds {size}")
     problem = layout.header_problem()
@@ -125,6 +128,26 @@ def _check_nifti_complete(path: Path, what: str) -> None:
                          "correct the header (or save the image again with its true geometry, e.g. with SimpleITK or 3D Slicer)")
     if scan.bad:
         raise InputError(f"the {what} file {path} has {scan.bad} NaN or infinite voxels; fix or mask them before registering")
+
+
+def _nifti_length(layout: "_NiftiLayout") -> int:
+    """Bytes of a NIfTI file up to the end of its voxel data (header, extensions, voxels)."""
+    return layout.offset + layout.voxels * layout.bitpix // 8
+
+
+def _gzip_trailer_length(path: Path) -> int:
+    """The uncompressed length (mod 2^32) a gzip file's trailer records (its last 4 bytes; -1 when shorter).
+
+    A truncated file ends in compressed data, so its last 4 bytes match the length its NIfTI header
+    promises only by a 1 in 2^32 chance; a mismatch (truncation, extra bytes, several members)
+    leads to the full check, which inflates the file.
+    """
+    with path.open("rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 18:
+            return -1
+        f.seek(-4, os.SEEK_END)
+        return struct.unpack("<I", f.read(4))[0]
 
 
 @dataclass(frozen=True)
@@ -372,6 +395,11 @@ def check_label_map(labels: sitk.Image, reference: sitk.Image, what: str = "labe
 #: gzip level of the ``.nii.gz`` files DLIR writes (SimpleITK's NIfTI writer ignores the level it is given
 #: and compresses at zlib's default, 6, on one core; level 1 in blocks on up to 4 cores: see :func:`gzip_stream`)
 NIFTI_GZIP_LEVEL = 1
+#: deflate strategy for images of floating-point voxels (a Jacobian, a float warped image): Huffman coding only.
+#: Their low mantissa bits never repeat, so string matching finds nothing: on a 52-million-voxel Jacobian
+#: Huffman-only wrote the same size (80 % of raw) 2.4x faster than level 1's matching (109 vs 45 MB/s per core);
+#: integer images (CT, labels) keep the matching (int16 CT: 50 % of raw instead of 60 %).
+FLOAT_STRATEGY = zlib.Z_HUFFMAN_ONLY
 _COPY_BYTES = 16 * 2**20
 
 
@@ -379,8 +407,8 @@ def write_image(image: sitk.Image, path: str | Path) -> Path:
     """Write an image (compressed when the format allows); creates the parent folder.
 
     ``.nii.gz``: written uncompressed by SimpleITK beside ``path`` (a hidden temporary ``.nii``),
-    then compressed into ``path`` with Python's gzip at :data:`NIFTI_GZIP_LEVEL` (one gzip
-    member, readable by every NIfTI reader) and the temporary file removed.
+    then compressed into ``path`` at :data:`NIFTI_GZIP_LEVEL` (:data:`FLOAT_STRATEGY` for floating-point
+    voxels; one gzip member, readable by every NIfTI reader) and the temporary file removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -390,29 +418,31 @@ def write_image(image: sitk.Image, path: str | Path) -> Path:
     raw = path.with_name(f".{path.name[:-3]}.{os.getpid()}.tmp.nii")
     try:
         sitk.WriteImage(image, str(raw), useCompression=False)
+        floating = image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64)
         with raw.open("rb") as source, path.open("wb") as target:
-            gzip_stream(source, target, NIFTI_GZIP_LEVEL)
+            gzip_stream(source, target, NIFTI_GZIP_LEVEL, strategy=FLOAT_STRATEGY if floating else zlib.Z_DEFAULT_STRATEGY)
     finally:
         with contextlib.suppress(OSError):
             raw.unlink()
     return path
 
 
-def gzip_stream(source, target, level: int = NIFTI_GZIP_LEVEL, threads: int | None = None) -> None:
+def gzip_stream(source, target, level: int = NIFTI_GZIP_LEVEL, threads: int | None = None,
+                strategy: int = zlib.Z_DEFAULT_STRATEGY) -> None:
     """Compress the binary stream ``source`` into ``target`` as ONE gzip member, blocks deflated in parallel.
 
     As pigz does: each block of :data:`_COPY_BYTES` is deflated on its own (zlib releases the GIL) and
     ends on a byte boundary (a sync flush; the last one finishes the stream), so the concatenation is
     one valid deflate stream; the CRC-32 and length trailer are those of the whole input.  So the
     file is an ordinary ``.gz`` (one member: its trailer gives the whole length) written about as
-    many times faster as there are cores.
+    many times faster as there are cores.  ``strategy``: zlib's deflate strategy (e.g. ``zlib.Z_HUFFMAN_ONLY``).
     """
     from concurrent.futures import ThreadPoolExecutor
 
     workers = max(1, threads if threads is not None else min(4, os.cpu_count() or 1))
 
     def deflate(block: bytes, last: bool) -> bytes:
-        packer = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+        packer = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, 8, strategy)
         return packer.compress(block) + packer.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
 
     target.write(b"\x1f\x8b\x08\x00" + struct.pack("<I", 0) + (b"\x04" if level == 1 else b"\x00") + b"\xff")

@@ -87,3 +87,17 @@ def test_unusable_inputs_are_named(tmp_path: Path) -> None:
     nan = sitk.GetImageFromArray(np.full((4, 4, 4), np.nan, dtype=np.float32))
     with pytest.raises(InputError, match="NaN"):
         check_image(nan)
+
+
+@pytest.mark.parametrize("cut", [1, 4, 5, 1000])
+def test_an_integer_nifti_gz_cut_short_is_refused_though_it_is_not_inflated_to_be_checked(tmp_path: Path, cut: int) -> None:
+    """A whole integer .nii.gz is known whole by its gzip trailer (not inflated twice); any cut fails that test and
+    the full check names the truncation (cut by 1, 4 or 5 bytes the trailer itself is damaged)."""
+    image = sitk.GetImageFromArray(np.random.default_rng(0).integers(-1000, 1000, (20, 30, 40)).astype(np.int16))
+    whole = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(image, str(whole), useCompression=True)
+    assert np.array_equal(sitk.GetArrayFromImage(read_image(whole)), sitk.GetArrayFromImage(image))
+    cut_path = tmp_path / "cut.nii.gz"
+    cut_path.write_bytes(whole.read_bytes()[:-cut])
+    with pytest.raises(InputError, match="truncated"):
+        read_image(cut_path, "fixed image")
