@@ -47,8 +47,8 @@ from .memory import check_memory
 from .pipeline import PreparedImage, alignment, check_stage_output, run_stages, stage_grid
 from .refine import Refinement, check_refinement, refine
 from .stack import Stack
-from .transforms import (AffineTransform, Composite, SpatialTransform, evaluate_on_slab, is_finite, jacobian_determinant,
-                         merge_fields, split_leading_affine)
+from .transforms import (AffineTransform, Composite, SpatialTransform, evaluate_on_slab, is_finite, jacobian_of_map,
+                         merge_fields, slab_points, split_leading_affine)
 
 log = logging.getLogger(__name__)
 
@@ -457,21 +457,18 @@ def full_resolution(
     # T = L o R: R evaluated per voxel (q = R(x)), L folded into the moving image's index and det J = det L * det dR/dx
     leading, rest = split_leading_affine(transform)
     to_index, det_leading = _index_map(leading, moving_grid, device)
-    carried: tuple[torch.Tensor, torch.Tensor] | None = None  # (q, q - x) of slices k0 - 1 and k0
+    carried: torch.Tensor | None = None  # q of slices k0 - 1 and k0 (the halo of the central differences)
     for k0 in range(0, depth, slab):
         k1 = min(depth, k0 + slab)
         end = min(depth, k1 + 1) if need_det else k1  # one slice beyond: the next slab's halo
         first = k0 if carried is None else k0 + 1
-        pts, q_new = evaluate_on_slab(rest, fixed_grid, first, end, device)
-        u_new = q_new.sub(pts)
-        del pts
-        if carried is None:
-            q, u, start = q_new, u_new, k0
-        else:
-            q, u, start = torch.cat([carried[0], q_new], 1), torch.cat([carried[1], u_new], 1), k0 - 1
+        q = evaluate_on_slab(rest, fixed_grid, first, end, device)[1]
+        start = k0
+        if carried is not None:
+            q, start = torch.cat([carried, q], 1), k0 - 1
         inner = slice(k0 - start, k1 - start)
         if need_det:
-            carried = (q[:, k1 - 1 - start : k1 + 1 - start], u[:, k1 - 1 - start : k1 + 1 - start])
+            carried = q[:, k1 - 1 - start : k1 + 1 - start]
         if to_index is not None and moving_grid is not None and (warped_out is not None or labels_out is not None):
             index = _apply(to_index, q[:, inner])  # once for the image and the labels
             if warped_out is not None and moving is not None:
@@ -480,11 +477,11 @@ def full_resolution(
                 labels_out[k0:k1] = table[_warp_label_codes(codes, len(table), moving_grid, index[0], label_interpolation).cpu().numpy()]
         if disp_out is not None:
             mapped = q[:, inner] if leading is None else leading(q[:, inner])
-            disp_out[k0:k1] = (mapped - (q[:, inner] - u[:, inner]))[0].cpu().numpy()
+            disp_out[k0:k1] = (mapped - slab_points(fixed_grid, k0, k1, device))[0].cpu().numpy()
         if need_det:
             t0 = time.perf_counter()
-            halo = Grid((width, height, u.shape[1]), fixed_grid.spacing, fixed_grid.origin, fixed_grid.direction)
-            det = jacobian_determinant(u.movedim(-1, 1), halo)[0, inner]
+            halo = Grid((width, height, q.shape[1]), fixed_grid.spacing, fixed_grid.origin, fixed_grid.direction)
+            det = jacobian_of_map(q.movedim(-1, 1), halo, inner)[0]
             if det_leading != 1.0:
                 det = det.mul_(det_leading)
             if det_out is not None:

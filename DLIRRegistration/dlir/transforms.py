@@ -163,26 +163,58 @@ def jacobian_determinant(field: torch.Tensor, grid: Grid) -> torch.Tensor:
     """
     if field.dim() != 5 or field.shape[1] != 3:
         raise ValueError(f"expected a displacement field [N, 3, D, H, W], got {tuple(field.shape)}")
-    dims = [d for d, n in zip((4, 3, 2), grid.size) if n > 1]
-    field = field.contiguous()  # differences along strided views are about twice as slow
-    grads = dict(zip(dims, torch.gradient(field, dim=dims, edge_order=1)))
-    # d u_c / d index_a for the index axes a = (i, j, k); d index_a / d x_p = inv[a, p]
-    per_index = [grads.get(d) for d in (4, 3, 2)]
-    inv = grid.physical_to_index()[:3, :3]
+    return _determinant(field, grid, displacement=True)
 
-    def entry(row: int, col: int) -> torch.Tensor:
-        value: torch.Tensor | None = None
-        for axis, g in enumerate(per_index):
-            if g is not None and inv[axis, col] != 0:
-                term = g[:, row] * float(inv[axis, col])
-                value = term if value is None else value.add_(term)
-        if value is None:
-            value = torch.zeros_like(field[:, 0])
-        return value.add_(1.0) if row == col else value
 
-    jac = [[entry(row, col) for col in range(3)] for row in range(3)]
-    (a, b, c), (d, e, f), (h, i, k) = jac
-    return a * (e * k - f * i) - b * (d * k - f * h) + c * (d * i - e * h)
+def jacobian_of_map(points: torch.Tensor, grid: Grid, rows: slice | None = None) -> torch.Tensor:
+    """``det(dT/dx)`` of a map given by its values ``T(x)`` ``[N, 3, D, H, W]`` (LPS mm) at the voxel centres x of
+    ``grid``, ``[N, D, H, W]``: the same central differences as :func:`jacobian_determinant` of ``T(x) - x``, without
+    forming the displacement.  ``rows``: only these slices (along D), the others serving as neighbours."""
+    if points.dim() != 5 or points.shape[1] != 3:
+        raise ValueError(f"expected mapped points [N, 3, D, H, W], got {tuple(points.shape)}")
+    return _determinant(points, grid, displacement=False, rows=rows)
+
+
+def _slice_differences(values: torch.Tensor, rows: slice) -> torch.Tensor:
+    """d values / d k (index units) at slices ``rows`` of ``values`` ``[N, C, D, H, W]``: central differences,
+    one-sided at the first and last slice (as ``torch.gradient`` with ``edge_order=1``)."""
+    depth = values.shape[2]
+    k = torch.arange(rows.start, rows.stop, device=values.device)
+    up, down = (k + 1).clamp(max=depth - 1), (k - 1).clamp(min=0)
+    steps = (up - down).to(values.dtype).view(1, 1, -1, 1, 1)
+    return (values.index_select(2, up) - values.index_select(2, down)).div_(steps)
+
+
+def _determinant(values: torch.Tensor, grid: Grid, displacement: bool, rows: slice | None = None) -> torch.Tensor:
+    """``det(dT/dx)`` from ``T(x)`` or ``u(x) = T(x) - x`` on ``grid``, through index derivatives.
+
+    With ``G = d values / d index`` and ``B = dx / d index`` (direction times spacing), ``dT/dx =
+    (B + G) B^-1`` for a displacement and ``G B^-1`` for a map, so ``det = det(B + G) / det B`` or
+    ``det(G) / det B``: no 3x3 product per voxel.  Along an axis of one voxel the map is taken as
+    the identity there (``u`` constant).
+    """
+    values = values.contiguous()  # differences along strided views are about twice as slow
+    rows = slice(0, values.shape[2]) if rows is None else rows
+    inner = values[:, :, rows]
+    dims = [d for d, n in zip((4, 3), grid.size[:2]) if n > 1]
+    grads = dict(zip(dims, torch.gradient(inner, dim=dims, edge_order=1)))
+    if grid.size[2] > 1:
+        grads[2] = _slice_differences(values, rows)
+    per_index = [grads.get(d) for d in (4, 3, 2)]  # d values_c / d index_a for a = i, j, k
+    basis = grid.direction_matrix @ np.diag(grid.spacing)  # B[c, a] = dx_c / d index_a
+
+    def entry(c: int, a: int) -> torch.Tensor | float:
+        g = per_index[a]
+        if g is None:
+            return float(basis[c, a])
+        b = float(basis[c, a]) if displacement else 0.0
+        return g[:, c] + b if b != 0.0 else g[:, c]
+
+    (a, b, c), (d, e, f), (h, i, k) = [[entry(row, col) for col in range(3)] for row in range(3)]
+    det = a * (e * k - f * i) - b * (d * k - f * h) + c * (d * i - e * h)
+    if not isinstance(det, torch.Tensor):
+        det = torch.full_like(inner[:, 0], det)
+    return det / float(np.linalg.det(basis))
 
 
 def slab_points(grid: Grid, k0: int, k1: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -293,9 +325,10 @@ def merge_fields(parts: Sequence[SpatialTransform]) -> list[SpatialTransform]:
 
     def close() -> None:
         if len(run) > 1:
-            grid = run[-1].grid
-            pts = grid_points(grid, run[-1].field.shape[0], run[-1].field.device)
-            merged.append(DisplacementField((Composite(run)(pts) - pts).movedim(-1, 1).contiguous(), grid))
+            first = run[-1]  # at its own voxel centres its values need no interpolation
+            pts = grid_points(first.grid, first.field.shape[0], first.field.device)
+            mapped = Composite(run[:-1])(pts + first.field.movedim(1, -1).to(pts.dtype))
+            merged.append(DisplacementField((mapped - pts).movedim(-1, 1).contiguous(), first.grid))
         else:
             merged.extend(run)
         run.clear()
