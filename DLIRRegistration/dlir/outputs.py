@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -42,7 +43,7 @@ from .io import _captured_stderr, write_image, write_transform
 from .metrics import dice
 from .prefetch import STDERR_CAPTURE_LOCK, PairImages, read_pair_images
 from .refine import Refinement
-from .register import register
+from .register import Registration, register
 from .stack import Stack
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,36 @@ def register_into(
     fixed_path: str | Path,
     moving_path: str | Path,
     *,
+    shown: Path | None = None,
+    **options,
+) -> dict[str, object]:
+    """Read, register and write one pair into the existing, empty (staging) ``folder``; ``result.json`` last.
+
+    Not atomic by itself: use :func:`register_pair`, or an :class:`OutputFolder` /
+    :func:`staged_folder` around it.  ``shown`` names the final folder in error messages;
+    ``options`` as for :func:`compute_pair`.
+    """
+    return write_pair(folder, compute_pair(stack, fixed_path, moving_path, **options), shown)
+
+
+@dataclass
+class ComputedPair:
+    """A registered pair, not yet written: what :func:`write_pair` needs."""
+
+    registration: Registration
+    fixed_path: str | Path
+    moving_path: str | Path
+    wanted: tuple[str, ...]
+    read_s: float
+    moving_labels: sitk.Image | None
+    reference: sitk.Image | None  # fixed labels, for Dice before / after
+
+
+def compute_pair(
+    stack: Stack,
+    fixed_path: str | Path,
+    moving_path: str | Path,
+    *,
     moving_labels: str | Path | None = None,
     fixed_mask: str | Path | None = None,
     fixed_labels: str | Path | None = None,
@@ -122,27 +153,20 @@ def register_into(
     initial_alignment: str | None = None,
     label_interpolation: str = "nearest",
     show_progress: bool = True,
-    shown: Path | None = None,
     images: PairImages | None = None,
     outputs: Collection[str] | None = None,
-) -> dict[str, object]:
-    """Read, register and write one pair into the existing, empty (staging) ``folder``; ``result.json`` last.
+) -> ComputedPair:
+    """Read and register one pair, writing nothing.
 
-    Not atomic by itself: use :func:`register_pair`, or an :class:`OutputFolder` /
-    :func:`staged_folder` around it.  ``shown`` names the final folder in error messages.
     ``images``: the pair's files already read (:func:`dlir.prefetch.read_pair_images`; a cohort
     reads them ahead), used instead of reading the paths, which then only name the files.
-    ``outputs``: the files to make and write, a subset of :data:`OUTPUTS` (default all;
-    ``labels`` only with moving labels); only those are computed, except the folding fraction and
-    std of the Jacobian, which ``result.json`` always reports.  Dice (with ``fixed_labels``) needs
-    ``labels``.
+    ``outputs``: the files to make, a subset of :data:`OUTPUTS` (default all; ``labels`` only with
+    moving labels); only those are computed, except the folding fraction and std of the Jacobian,
+    which ``result.json`` always reports.  Dice (with ``fixed_labels``) needs ``labels``.
     """
     wanted = check_outputs(outputs)
-    shown = folder if shown is None else shown
     if images is None:
         images = read_pair_images(fixed_path, moving_path, moving_labels, fixed_mask, fixed_labels)
-    fixed, moving, labels, mask, reference = images.fixed, images.moving, images.moving_labels, images.fixed_mask, images.fixed_labels
-    read_s = images.read_s
 
     with tqdm(total=100, desc="register", unit="%", disable=not show_progress, leave=False,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}") as bar:
@@ -150,32 +174,40 @@ def register_into(
             bar.set_postfix_str(step)
             bar.update(round(100 * fraction) - bar.n)
 
-        reg = register(fixed, moving, stack, moving_labels=labels, fixed_mask=mask, device=device,
-                       refine=refine, initial_alignment=initial_alignment,
+        reg = register(images.fixed, images.moving, stack, moving_labels=images.moving_labels, fixed_mask=images.fixed_mask,
+                       device=device, refine=refine, initial_alignment=initial_alignment,
                        label_interpolation=label_interpolation, progress=progress,
                        outputs=[name for name in wanted if name != "transform"])  # the compact transform needs no full-resolution work
+    return ComputedPair(reg, fixed_path, moving_path, wanted, images.read_s, images.moving_labels, images.fixed_labels)
 
+
+def write_pair(folder: Path, pair: ComputedPair, shown: Path | None = None, extra: Mapping[str, object] = {}) -> dict[str, object]:
+    """Write a computed pair's outputs into the existing, empty (staging) ``folder``, ``result.json`` last; return its
+    contents (``extra`` added to them).  ``shown`` names the final folder in error messages."""
+    shown = folder if shown is None else shown
+    reg = pair.registration
     t1 = time.perf_counter()
     if reg.warped is not None:
         warped = reg.warped
         _write_checked(folder / WARPED_FILE, shown, lambda p: write_image(warped, p))
-    if "jacobian" in wanted:
+    if "jacobian" in pair.wanted:
         _write_checked(folder / JACOBIAN_FILE, shown, lambda p: write_image(reg.jacobian, p))
-    if "transform" in wanted:
+    if "transform" in pair.wanted:
         _write_checked(folder / TRANSFORM_FILE, shown, lambda p: write_transform(reg.itk_transform(), p))
     if reg.warped_labels is not None:
         labels_out = reg.warped_labels
         _write_checked(folder / LABELS_FILE, shown, lambda p: write_image(labels_out, p))
-    timings = {"read": read_s, **reg.timings, "write": time.perf_counter() - t1}
+    timings = {"read": pair.read_s, **reg.timings, "write": time.perf_counter() - t1}
     result: dict[str, object] = {
         **reg.summary(),
-        "fixed": str(fixed_path),
-        "moving": str(moving_path),
+        "fixed": str(pair.fixed_path),
+        "moving": str(pair.moving_path),
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "total_s": round(sum(timings.values()), 4),
+        **extra,
     }
-    if reference is not None and labels is not None and reg.warped_labels is not None:
-        result["dice"] = _dice_before_after(reference, labels, reg.warped_labels)
+    if pair.reference is not None and pair.moving_labels is not None and reg.warped_labels is not None:
+        result["dice"] = _dice_before_after(pair.reference, pair.moving_labels, reg.warped_labels)
     text = json.dumps(result, indent=2) + "\n"
     _write_checked(folder / RESULT_FILE, shown, lambda p: p.write_text(text, encoding="utf-8"))
     return result

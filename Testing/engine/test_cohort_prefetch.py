@@ -76,35 +76,46 @@ def test_a_cohort_writes_what_pair_by_pair_runs_write(cohort: Path, fresh_stack_
         assert report["moving"] == str(folder / f"image{moving}.nii.gz") and report["timings_s"]["read"] >= 0
 
 
-def test_the_reader_runs_one_pair_ahead(cohort: Path, fresh_stack_file: Path, tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pair n + 1 is read while pair n is registered, and pair n + 2 only after pair n is done."""
+def test_the_reader_runs_one_pair_ahead_and_the_writer_one_pair_behind(cohort: Path, fresh_stack_file: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pair n + 1 is read while pair n is registered, and pair n + 2 only after pair n is done; pair n is written
+    while pair n + 1 is registered; the pairs' shares of the wall time (cohort_s) add up to the cohort's."""
     events: list[tuple[str, str]] = []
     lock = threading.Lock()
-    real_read, real_register = dlir.prefetch.read_pair_images, dlir.outputs.register_into
+    real_read, real_compute, real_write = dlir.prefetch.read_pair_images, dlir.outputs.compute_pair, dlir.outputs.write_pair
+
+    def note(what: str, moving) -> None:
+        with lock:
+            events.append((what, Path(moving).name))
 
     def slow_read(fixed, moving, *args):
-        with lock:
-            events.append(("read start", Path(moving).name))
+        note("read start", moving)
         time.sleep(0.5)
         images = real_read(fixed, moving, *args)
-        with lock:
-            events.append(("read end", Path(moving).name))
+        note("read end", moving)
         return images
 
-    def register_into(folder, stack, fixed, moving, **kwargs):
-        with lock:
-            events.append(("register start", Path(moving).name))
-        time.sleep(1.0)  # the registration: long enough for the next pair's slow read
-        result = real_register(folder, stack, fixed, moving, **kwargs)
-        with lock:
-            events.append(("register end", Path(moving).name))
+    def compute_pair(stack, fixed, moving, **kwargs):
+        note("register start", moving)
+        time.sleep(1.0)  # the registration: long enough for the next pair's slow read and the previous pair's write
+        computed = real_compute(stack, fixed, moving, **kwargs)
+        note("register end", moving)
+        return computed
+
+    def write_pair(folder, computed, shown=None, extra={}):
+        note("write start", computed.moving_path)
+        time.sleep(0.5)
+        result = real_write(folder, computed, shown, extra)
+        note("write end", computed.moving_path)
         return result
 
     monkeypatch.setattr(dlir.prefetch, "read_pair_images", slow_read)
-    monkeypatch.setattr(dlir.outputs, "register_into", register_into)
+    monkeypatch.setattr(dlir.outputs, "compute_pair", compute_pair)
+    monkeypatch.setattr(dlir.outputs, "write_pair", write_pair)
     out = tmp_path / "cohort"
+    t0 = time.perf_counter()
     assert main(["register", "--pairs", str(cohort), "--stack", str(fresh_stack_file), "--out", str(out), "--device", "cpu"]) == 0
+    wall = time.perf_counter() - t0
     order = [f"{what} {name}" for what, name in events]
     # pair 2 (moving image2) is read while pair 1 (image1) is registered; pair 3 while pair 2 is
     assert order.index("read start image2.nii.gz") < order.index("register end image1.nii.gz")
@@ -112,10 +123,18 @@ def test_the_reader_runs_one_pair_ahead(cohort: Path, fresh_stack_file: Path, tm
     # one pair ahead, not more: the third pair is read only once the first is registered and the second handed over
     third = [i for i, entry in enumerate(order) if entry == "read start image1.nii.gz"][1]
     assert third > order.index("register end image1.nii.gz")
+    # pair 1 is written while pair 2 is registered
+    assert order.index("register end image1.nii.gz") < order.index("write start image1.nii.gz")
+    assert order.index("write end image1.nii.gz") < order.index("register end image2.nii.gz")
+    rows = list(csv.DictReader((out / "summary.csv").open(newline="", encoding="utf-8")))
+    results = {row["id"]: json.loads((out / row["id"] / "result.json").read_text(encoding="utf-8")) for row in rows}
     # the reads of pairs 2 and 3 were hidden: each pair's read time is what it waited for its images
-    reads = {row["id"]: json.loads((out / row["id"] / "result.json").read_text(encoding="utf-8"))["timings_s"]["read"]
-             for row in csv.DictReader((out / "summary.csv").open(newline="", encoding="utf-8"))}
-    assert reads["b"] < 0.4 and reads["c"] < 0.4, reads
+    assert results["b"]["timings_s"]["read"] < 0.4 and results["c"]["timings_s"]["read"] < 0.4, results
+    # the writes of pairs 1 and 2 were hidden (each share is about the 1 s registration, not 1.5 s); all shares
+    # together are the cohort's time after loading the stack, which the last pair's write ends
+    shares = [float(row["cohort_s"]) for row in rows]
+    assert shares[1] < 1.4 and shares[2] > 1.4, shares
+    assert sum(shares) < wall and all(abs(float(r["cohort_s"]) - s) < 1e-3 for r, s in zip(results.values(), shares[:2]))
 
 
 def test_a_read_error_is_raised_for_its_own_pair_and_the_reader_goes_on(cohort: Path, tmp_path: Path) -> None:

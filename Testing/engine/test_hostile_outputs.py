@@ -384,15 +384,27 @@ def test_a_real_full_disk_is_one_sentence_and_nothing_left(inputs, tiny_disk, ru
 
 
 # ----------------------------------------------------------------------------------- --pairs rows that fail
-def test_a_crashing_row_is_recorded_and_the_cohort_goes_on(inputs, tmp_path, run_main, monkeypatch, untouched) -> None:
-    real = dlir.outputs.register_into
+@pytest.mark.parametrize("phase", ["compute_pair", "write_pair"])
+def test_a_crashing_row_is_recorded_and_the_cohort_goes_on(inputs, tmp_path, run_main, monkeypatch, untouched, phase) -> None:
+    """A bug while registering a pair, or while writing it in the background, is recorded on that pair's row."""
+    real_compute, real_write = dlir.outputs.compute_pair, dlir.outputs.write_pair
 
-    def crash_on_moving2(folder, stack, fixed, moving, **kwargs):
+    def crash(moving) -> None:
         if Path(moving).name == "moving2.nii.gz":
             raise ZeroDivisionError("a bug\non this row")  # a message of two lines is recorded on one
-        return real(folder, stack, fixed, moving, **kwargs)
 
-    monkeypatch.setattr(dlir.outputs, "register_into", crash_on_moving2)
+    def compute_pair(stack, fixed, moving, **kwargs):
+        if phase == "compute_pair":
+            crash(moving)
+        return real_compute(stack, fixed, moving, **kwargs)
+
+    def write_pair(folder, computed, shown=None, extra={}):
+        if phase == "write_pair":
+            crash(computed.moving_path)
+        return real_write(folder, computed, shown, extra)
+
+    monkeypatch.setattr(dlir.outputs, "compute_pair", compute_pair)
+    monkeypatch.setattr(dlir.outputs, "write_pair", write_pair)
     table = tmp_path / "pairs.csv"
     table.write_text(f"id,fixed,moving\nfirst,{inputs['fixed']},{inputs['moving']}\ncrash,{inputs['fixed']},{inputs['moving2']}\n"
                      f"missing,{inputs['fixed']},{tmp_path / 'nope.nii.gz'}\nlast,{inputs['fixed']},{inputs['moving']}\n",
@@ -507,7 +519,7 @@ CTRL_C = {
     "while importing PyTorch": ("import:torch", 1, False),
     "while registering": ("call:register", 1, False),
     "while writing, over an earlier result": ("call:write_transform", 1, True),
-    "at the second pair of a cohort": ("call:register_into", 2, False),
+    "at the second pair of a cohort": ("call:compute_pair", 2, False),
 }
 
 
@@ -519,7 +531,7 @@ def test_ctrl_c_at_any_moment_exits_130_with_one_line_and_no_partial_folder(
     if earlier:
         assert run_main(*register_args(inputs, out, "--moving-labels", inputs["labels"]))[0] == 0
     before = snapshot(tmp_path)
-    if where == "call:register_into":
+    if where == "call:compute_pair":
         table = tmp_path / "pairs.csv"
         table.write_text(f"id,fixed,moving\na,{inputs['fixed']},{inputs['moving']}\nb,{inputs['fixed']},{inputs['moving2']}\n",
                          encoding="utf-8")

@@ -68,6 +68,19 @@ class TrainingPair:
     moving_labels: torch.Tensor | None = None
 
 
+def _inside_moving(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, grid: Grid,
+                   points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fixed, warped moving) label probabilities for the soft-Dice term, both zero where ``points`` leave the moving grid.
+
+    Without this mask a transform that keeps every point inside the moving image (e.g. a uniform
+    shrink) would gain Dice at the borders, and an affine stage trained on label maps that fill
+    their whole grid (synthetic shapes) learns exactly that bias.
+    """
+    warped = sample(moving_labels, grid, points)
+    inside = sample(torch.ones_like(moving_labels[:, :1]), grid, points)
+    return fixed_labels * inside, warped * inside
+
+
 @dataclass
 class StageRecord:
     """Bookkeeping of one stage: its best validation and the time spent (survives resume)."""
@@ -267,13 +280,13 @@ class Trainer:
             assert isinstance(transform, DisplacementField)
             points = grid_points(region, 1, f.device) + transform.field.movedim(1, -1)
             warped = sample(m, grid, points)
-            labels = None if f_labels is None else (f_labels[..., kk:kk + sz, j:j + sy, i:i + sx], sample(m_labels, grid, points))
+            labels = None if f_labels is None else _inside_moving(f_labels[..., kk:kk + sz, j:j + sy, i:i + sx], m_labels, grid, points)
             terms = stage_loss(spec, f_patch, warped, transform.field, region.spacing, labels)
         else:
             transform = stage.transform(net(f, m), grid)
             points = transform(grid_points(grid, 1, f.device))
             warped = sample(m, grid, points)
-            labels = None if f_labels is None else (f_labels, sample(m_labels, grid, points))
+            labels = None if f_labels is None else _inside_moving(f_labels, m_labels, grid, points)
             terms = stage_loss(spec, f, warped, labels=labels)
         return terms.loss, terms.similarity.item(), terms.bending.item()
 
