@@ -12,13 +12,13 @@ import torch.nn.functional as F
 
 from dlir.errors import InputError
 from dlir.geometry import sample
-from dlir.losses import one_hot, soft_dice_loss
+from dlir.losses import one_hot, soft_dice, soft_dice_loss
 from dlir.pairs import sample_pair
 from dlir.stack import load_stack
 from dlir.training.config import ShapeSpec, SyntheticSpec, TrainConfig
 from dlir.training.jobfolder import EVENTS_FILE
-from dlir.training.shapes import draw_image, label_map, shape_pair
-from dlir.training.trainer import train
+from dlir.training.shapes import draw_image, label_map, shape_grid, shape_pair
+from dlir.training.trainer import _inside_moving, train
 from dlir.transforms import grid_points
 
 SMALL = ShapeSpec(size=48, spacing_mm=2.0)
@@ -84,6 +84,23 @@ def test_soft_dice_loss_of_identical_shifted_and_its_gradient() -> None:
     b.requires_grad_(True)
     soft_dice_loss(a, b).sum().backward()
     assert b.grad is not None and torch.isfinite(b.grad).all() and b.grad.abs().sum() > 0
+
+
+def test_the_dice_term_only_counts_where_the_moving_image_is() -> None:
+    """Label maps that fill their grid (synthetic shapes): the true transform of a shifted pair scores a perfect soft
+    Dice although some of its points leave the moving grid (unmasked it does not), and a uniform shrink, which keeps
+    every point inside, scores lower (an affine stage trained on unmasked shapes learned such a shrink)."""
+    grid = shape_grid(ShapeSpec(size=24, spacing_mm=4.0))
+    moving = label_map(ShapeSpec(size=24, spacing_mm=4.0, labels_min=4, labels_max=4), torch.Generator().manual_seed(0))
+    shift = torch.tensor([12.0, 0.0, 0.0])  # T(x) = x + 12 mm: the last 3 slices along x map outside
+    points = grid_points(grid, 1) + shift
+    fixed = sample(moving.float(), grid, points, mode="nearest").long()  # 0 where T leaves the moving grid
+    values = torch.unique(torch.cat([fixed.flatten(), moving.flatten()])).tolist()  # as the trainer: 0 among them
+    f, m = one_hot(fixed, values), one_hot(moving, values)
+    true = soft_dice(*_inside_moving(f, m, grid, points))
+    shrink = soft_dice(*_inside_moving(f, m, grid, points * 0.85))
+    assert float(true) == pytest.approx(1.0, abs=1e-6) and float(shrink) < float(true)
+    assert float(soft_dice(f, sample(m, grid, points))) < 0.97  # unmasked, the true transform is penalised at the border
 
 
 # ------------------------------------------------------------------------------------- in dlir train
