@@ -4,7 +4,7 @@ The engine's transform ``T`` maps a fixed point ``x`` to the moving point ``T(x)
 direction.  In Slicer that is a transform **from parent**: placed as the moving volume's parent
 transform, it shows the moving volume aligned on the fixed one (``../shared/notes/slicer.md``
 section 4.1, verified).  The node gets exactly what ``transform.h5`` holds (:mod:`dlir.export`:
-affine stages and the B-spline stages' fields on their coarse network grids), read by Slicer's own
+affine parts and one displacement field on the finest stage's coarse network grid), read by Slicer's own
 ITK transform reader, which also converts LPS to RAS; so the node is as small as the file, never a
 grid at the fixed image's full resolution, and saving the node writes the same composite back.
 """
