@@ -308,7 +308,7 @@ def _register(
     del fixed_p, moving_p  # their anti-aliased copies
 
     # the stages' fields as one on the finest stage grid: the per-voxel work and the exported transform halve
-    transform = Composite(merge_fields(transforms))
+    transform = Composite(merge_fields(transforms, along=fixed_grid))
     with torch.no_grad():
         with steps.step("warp"):
             result = full_resolution(

@@ -256,8 +256,7 @@ def field_on_grid(field: "DisplacementField", grid: Grid, k0: int, k1: int) -> t
     evaluation (trilinear, border values extended) up to float32 rounding.
     """
     fg = field.grid
-    relative = fg.direction_matrix.T @ grid.direction_matrix
-    if field.field.shape[0] != 1 or not np.allclose(relative, np.diag(np.diag(relative)), atol=1e-9):
+    if field.field.shape[0] != 1 or not _parallel(grid, fg):
         return None
     to_field = fg.physical_to_index() @ grid.index_to_physical()  # grid index -> field index (diagonal + offset)
     height, width = grid.shape[1], grid.shape[2]
@@ -309,26 +308,33 @@ def fold_affines(parts: Sequence[SpatialTransform]) -> list[SpatialTransform]:
     return folded
 
 
-def merge_fields(parts: Sequence[SpatialTransform]) -> list[SpatialTransform]:
+def merge_fields(parts: Sequence[SpatialTransform], along: Grid | None = None) -> list[SpatialTransform]:
     """``parts`` (composition order, ``T1 o T2 o ...``) with every run of consecutive :class:`DisplacementField` replaced by
-    one field on the grid of the run's field applied first (its last one): ``u(x) = T_run(x) - x`` at that grid's voxel
-    centres, trilinear between them as every field.
+    one field: ``u(x) = T_run(x) - x`` at the voxel centres of the grid of the run's field applied first (its last
+    one), trilinear between them as every field.
 
-    Exact at those voxel centres; between them the trilinear interpolation of the composed map
-    stands for the composition of trilinear maps (on the fast path's 4 mm grid: a few hundredths of
-    a mm, measured in ``Testing/engine/test_compact_transform.py``).  One field instead of several
-    halves the full-resolution work: every field but the first-applied one is evaluated point by
-    point at moved positions, while a field on a grid parallel to the image is separable.
+    One field instead of several halves the full-resolution work: every field but the first-applied
+    one is evaluated point by point at moved positions, while a field on a grid parallel to the
+    image is separable.  So with ``along`` (the fixed image's grid) oblique to that field's grid,
+    the merged field is put on a grid of ``along``'s direction instead, with the field's finest
+    spacing, covering the field's box.  Exact at the new grid's voxel centres; between them the
+    trilinear interpolation of the composed map stands for the composition of trilinear maps (on
+    the fast path's 4 mm grids: hundredths of a mm on average, measured in
+    ``Testing/engine/test_export.py``).  A run of one field is kept as it is (exact).
     """
     merged: list[SpatialTransform] = []
     run: list[DisplacementField] = []
 
     def close() -> None:
         if len(run) > 1:
-            first = run[-1]  # at its own voxel centres its values need no interpolation
-            pts = grid_points(first.grid, first.field.shape[0], first.field.device)
-            mapped = Composite(run[:-1])(pts + first.field.movedim(1, -1).to(pts.dtype))
-            merged.append(DisplacementField((mapped - pts).movedim(-1, 1).contiguous(), first.grid))
+            first = run[-1]
+            grid = first.grid if along is None or _parallel(along, first.grid) else _covering(first.grid, along)
+            pts = grid_points(grid, first.field.shape[0], first.field.device)
+            if grid is first.grid:  # at its own voxel centres its values need no interpolation
+                mapped = Composite(run[:-1])(pts + first.field.movedim(1, -1).to(pts.dtype))
+            else:
+                mapped = Composite(run)(pts)
+            merged.append(DisplacementField((mapped - pts).movedim(-1, 1).contiguous(), grid))
         else:
             merged.extend(run)
         run.clear()
@@ -341,6 +347,23 @@ def merge_fields(parts: Sequence[SpatialTransform]) -> list[SpatialTransform]:
             merged.append(part)
     close()
     return merged
+
+
+def _parallel(a: Grid, b: Grid) -> bool:
+    """True when the axes of ``a`` are parallel to those of ``b``, axis for axis (flips allowed)."""
+    relative = b.direction_matrix.T @ a.direction_matrix
+    return bool(np.allclose(relative, np.diag(np.diag(relative)), atol=1e-9))
+
+
+def _covering(grid: Grid, along: Grid) -> Grid:
+    """A grid with ``along``'s direction and ``grid``'s finest spacing (isotropic) whose voxel centres cover ``grid``'s box."""
+    spacing = float(min(grid.spacing))
+    axes = along.direction_matrix  # columns: the new grid's axes in LPS
+    corners = grid.corners() @ axes  # the box's corners in the new axes' coordinates (mm)
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    size = tuple(int(math.ceil((h - l) / spacing)) + 1 for l, h in zip(low, high))
+    origin = axes @ low
+    return Grid(size, (spacing,) * 3, tuple(float(v) for v in origin), along.direction)
 
 
 def split_leading_affine(transform: SpatialTransform) -> tuple[AffineTransform | None, SpatialTransform]:

@@ -45,13 +45,14 @@ def test_the_composite_is_the_engines_transform_on_an_oblique_anisotropic_pair(o
     assert deviation(reg, fixed, transform) < 1e-3  # measured 2.7e-5 mm: float32 rounding of the engine
     finest = [s.spec for s in load_stack("brain-mri").stages if s.spec.kind == "bspline"][-1]
     field = sitk.DisplacementFieldTransform(transform.GetNthTransform(2)).GetDisplacementField()
-    assert field.GetSpacing() == finest.spacing_mm and field.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    # the merged field lies along the oblique fixed grid (so that full resolution evaluates it separably)
+    assert field.GetSpacing() == finest.spacing_mm and np.allclose(field.GetDirection(), fixed.GetDirection())
 
 
 def test_the_merged_field_stays_close_to_the_stages_composition(oblique) -> None:
-    """The B-spline stages' fields merged into one on the finest stage grid (exact at its voxel centres, trilinear
-    between) against the stages' own composition at every fixed voxel: measured 0.019 mm mean, 0.20 mm at the
-    99.9th percentile, 0.67 mm at most (where the coarser stage's trilinear kinks fall between the finer grid's nodes)."""
+    """The B-spline stages' fields merged into one at the finest stage spacing along the oblique fixed grid (exact at
+    its voxel centres, trilinear between) against the stages' own composition at every fixed voxel: measured 0.019 mm
+    mean, 0.18 mm at the 99.9th percentile, 0.45 mm at most (where the stages' trilinear kinks fall between nodes)."""
     fixed, moving = oblique
     stack = load_stack("brain-mri")
     reg = register(fixed, moving, stack, device="cpu", outputs=())
