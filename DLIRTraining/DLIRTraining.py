@@ -52,10 +52,12 @@ class DLIRTraining(ScriptedLoadableModule):
             "the last checkpoint and resume continues it, also after a restart. A finished stack appears in DLIR Registration."
             "<br><br>Which pairs? <b>Synthetic pairs</b> deform one of your images (a stack for that anatomy and modality, "
             "intra-patient motion). <b>Synthetic shapes</b> are random label maps drawn with random contrasts (SynthMorph): "
-            "they need no images and teach registration itself, for anatomies and contrasts you have few images of; set "
-            "the share to 1 to train on shapes alone. <b>Dice weight</b> mixes the soft Dice of known labels (shapes always "
-            "have them) into the similarity: 1 for shapes alone (their two images have unrelated contrasts), 0 to 0.5 with "
-            "real images of one modality."
+            "they need no images and aim at registration itself, for anatomies and contrasts you have few images of. They are "
+            "experimental: SynthMorph trained for days on GPUs, and in our CPU runs of under an hour shapes alone did not train "
+            "a B-spline stage; mix a share of them into real images. <b>Dice weight</b> mixes the soft Dice of known labels "
+            "(shapes always have them) into the similarity: 1 for shapes alone (their two images have unrelated contrasts), "
+            "0 to 0.5 with real images of one modality. A stack trained on a few subjects registers those well in one shot, "
+            "not new ones: for a new patient, use DLIR Registration's Accurate mode, which reaches elastix from any stack."
         )
         self.parent.acknowledgementText = _(
             "Method: B.D. de Vos et al., A deep learning framework for unsupervised affine and deformable image "

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Leave-one-subject-out on the brain MRs (issue 12), and every stack on every pair (an anatomy never seen included).
+# Trains the two folds side by side (one thread each, about 25 min on 2 cores), then evaluates one shot and
+# accurate mode with `dlir evaluate` and prints the table of RESULTS.md ("Stacks on subjects they never saw").
+#   Testing/benchmarks/loso/run.sh [OUT]      (default out/loso; a fold already trained is not trained again)
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+here=Testing/benchmarks/loso
+out=${1:-out/loso}
+mkdir -p "$out/eval"
+for fold in brain1 mni; do
+  name=brain-mri-without-$fold
+  if [ ! -f "$out/$name/$name.safetensors" ]; then
+    .venv/bin/dlir train --config $here/$name.toml --out "$out/$name" --threads 1 > "$out/$name.log" 2>&1 &
+  fi
+done
+wait
+evaluate() {  # NAME STACK [--refine auto]
+  local name=$1 stack=$2; shift 2
+  [ -f "$out/eval/$name/metrics.csv" ] || .venv/bin/dlir evaluate --pairs $here/pairs.csv --stack "$stack" --out "$out/eval/$name" --no-plots "$@" > "$out/eval/$name.log"
+}
+evaluate brain-mri Resources/Models/brain-mri.safetensors
+evaluate chest-ct Resources/Models/chest-ct.safetensors
+for fold in brain1 mni; do
+  evaluate without-$fold "$out/brain-mri-without-$fold/brain-mri-without-$fold.safetensors"
+  evaluate without-$fold-accurate "$out/brain-mri-without-$fold/brain-mri-without-$fold.safetensors" --refine auto
+done
+.venv/bin/python $here/table.py "$out/eval" brain-mri chest-ct without-brain1 without-mni without-brain1-accurate without-mni-accurate
