@@ -307,7 +307,7 @@ def _register(
             check_stage_output("the refinement of the stack's transform", stack.name, None, Composite(transforms))
     del fixed_p, moving_p  # their anti-aliased copies
 
-    # the stages' fields as one on the finest stage grid: the per-voxel work and the exported transform halve
+    # the stages' fields as one at the finest stage spacing, parallel to the fixed grid: evaluated separably per voxel
     transform = Composite(merge_fields(transforms, along=fixed_grid))
     with torch.no_grad():
         with steps.step("warp"):
