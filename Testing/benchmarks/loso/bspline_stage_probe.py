@@ -5,7 +5,10 @@ same-contrast synthetic-shape pairs (``shapes``: one image of a random label map
 mean |u|, the mean distance to the TRUE field (known for synthetic pairs) before -> after, and the output
 layer's bias (control-point voxels).
 
-    PYTHONPATH=DLIRRegistration .venv/bin/python Testing/benchmarks/loso/bspline_stage_probe.py mni 2500
+    PYTHONPATH=DLIRRegistration .venv/bin/python Testing/benchmarks/loso/bspline_stage_probe.py mni 2500 [DICE_WEIGHT]
+
+``DICE_WEIGHT`` (default 0): the share of the labels' soft Dice in the similarity, as ``dice_weight`` in a
+recipe (the labels are known for these pairs).
 
 A measurement for issue 12 (RESULTS.md, "Stacks on subjects they never saw"), not a test: one CPU
 thread, about 20 min for 2500 iterations of ``mni``.
@@ -15,12 +18,13 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from dlir.geometry import Grid, sample
-from dlir.losses import one_hot, soft_dice, stage_loss
+from dlir.losses import ncc, one_hot, soft_dice, stage_loss
 from dlir.pipeline import stage_grid
 from dlir.preprocess import to_grid
 from dlir.recipe import INTENSITY_PRESETS, StageSpec
@@ -62,10 +66,11 @@ def pair_source(kind: str):
     return same_contrast_shapes
 
 
-def main(kind: str, iterations: int) -> None:
+def main(kind: str, iterations: int, dice_weight: float = 0.0) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    stage = build_stage(SPEC)
+    spec = replace(SPEC, dice_weight=dice_weight)
+    stage = build_stage(spec)
     optimiser = torch.optim.Adam(stage.parameters(), lr=0.002)
     draw = pair_source(kind)
 
@@ -81,14 +86,15 @@ def main(kind: str, iterations: int) -> None:
         with torch.set_grad_enabled(train):
             field = stage.transform(stage.net(f, m), net_grid).field
             moved = points + field.movedim(1, -1)
-            terms = stage_loss(SPEC, f, sample(m, net_grid, moved), field, net_grid.spacing)
+            warped_labels = sample(m_labels, net_grid, moved)
+            terms = stage_loss(spec, f, sample(m, net_grid, moved), field, net_grid.spacing, (f_labels, warped_labels))
         if train:
             optimiser.zero_grad()
             terms.loss.backward()
             optimiser.step()
         u = field.detach().movedim(1, -1)
-        return [soft_dice(f_labels, m_labels).item(), soft_dice(f_labels, sample(m_labels, net_grid, moved.detach())).item(),
-                terms.similarity.item(), u.norm(dim=-1).mean().item(), truth.norm(dim=-1).mean().item(),
+        return [soft_dice(f_labels, m_labels).item(), soft_dice(f_labels, warped_labels.detach()).item(),
+                ncc(f, sample(m, net_grid, moved.detach())).item(), u.norm(dim=-1).mean().item(), truth.norm(dim=-1).mean().item(),
                 (u - truth).norm(dim=-1).mean().item()]
 
     training = torch.Generator().manual_seed(1)
@@ -104,4 +110,4 @@ def main(kind: str, iterations: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]) if len(sys.argv) > 3 else 0.0)
