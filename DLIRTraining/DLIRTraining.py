@@ -55,8 +55,9 @@ class DLIRTraining(ScriptedLoadableModule):
             "they need no images and aim at registration itself, for anatomies and contrasts you have few images of. They are "
             "experimental: SynthMorph trained for days on GPUs, and in our CPU runs of under an hour shapes alone did not train "
             "a B-spline stage; mix a share of them into real images. <b>Dice weight</b> mixes the soft Dice of known labels "
-            "(shapes always have them) into the similarity: 1 for shapes alone (their two images have unrelated contrasts), "
-            "0 to 0.5 with real images of one modality. A stack trained on a few subjects registers those well in one shot, "
+            "(shapes always have them) into the similarity. Keep it at 0 for B-spline stages for now: on their coarse "
+            "network grids the soft Dice of thin structures is highest at zero displacement, and a stage trained with it "
+            "does not move (measured; see the project's benchmark results). A stack trained on a few subjects registers those well in one shot, "
             "not new ones: for a new patient, use DLIR Registration's Accurate mode, which reaches elastix from any stack."
         )
         self.parent.acknowledgementText = _(
