@@ -462,7 +462,7 @@ def full_resolution(
         k1 = min(depth, k0 + slab)
         end = min(depth, k1 + 1) if need_det else k1  # one slice beyond: the next slab's halo
         first = k0 if carried is None else k0 + 1
-        q = evaluate_on_slab(rest, fixed_grid, first, end, device)[1]
+        q = evaluate_on_slab(rest, fixed_grid, first, end, device)
         start = k0
         if carried is not None:
             q, start = torch.cat([carried, q], 1), k0 - 1

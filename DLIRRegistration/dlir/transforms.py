@@ -272,8 +272,8 @@ def field_on_grid(field: "DisplacementField", grid: Grid, k0: int, k1: int) -> t
     return u.permute(1, 2, 3, 0)[None]
 
 
-def evaluate_on_slab(transform: SpatialTransform, grid: Grid, k0: int, k1: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(points, T(points)) for the voxel centres of slices ``k0 .. k1-1`` of ``grid``, float32 ``[1, k1-k0, H, W, 3]`` each.
+def evaluate_on_slab(transform: SpatialTransform, grid: Grid, k0: int, k1: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """T(x) for the voxel centres x of slices ``k0 .. k1-1`` of ``grid``, float32 ``[1, k1-k0, H, W, 3]`` (LPS mm).
 
     The transform applied first (the last of a :class:`Composite`), when a displacement field on a
     grid parallel to ``grid``, is evaluated separably (:func:`field_on_grid`); the rest pointwise,
@@ -289,7 +289,7 @@ def evaluate_on_slab(transform: SpatialTransform, grid: Grid, k0: int, k1: int, 
             parts = parts[:-1]
     for part in reversed(fold_affines(parts)):
         mapped = part(mapped)
-    return points, mapped
+    return mapped
 
 
 def fold_affines(parts: Sequence[SpatialTransform]) -> list[SpatialTransform]:
