@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+import dlir.io
 from dlir.errors import InputError
 from dlir.geometry import Grid
 from dlir.io import check_image, read_image
@@ -90,14 +91,38 @@ def test_unusable_inputs_are_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("cut", [1, 4, 5, 1000])
-def test_an_integer_nifti_gz_cut_short_is_refused_though_it_is_not_inflated_to_be_checked(tmp_path: Path, cut: int) -> None:
-    """A whole integer .nii.gz is known whole by its gzip trailer (not inflated twice); any cut fails that test and
-    the full check names the truncation (cut by 1, 4 or 5 bytes the trailer itself is damaged)."""
+def test_an_integer_nifti_gz_cut_short_is_refused_though_it_is_not_inflated_to_be_checked(
+    tmp_path: Path, cut: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole integer .nii.gz is known whole by its gzip trailer: the check reads (inflates) its header only, not its
+    voxels (ITK inflates them once, to read them); any cut fails that test and the full check, which reads on into
+    the voxels, names the truncation (cut by 1, 4 or 5 bytes the trailer itself is damaged)."""
+    reads: list[int] = []  # the sizes asked of the check's gzip stream
+    real_open = dlir.io.gzip.open
+
+    class Counting:
+        def __init__(self, *args, **kwargs) -> None:
+            self.file = real_open(*args, **kwargs)
+
+        def read(self, size: int = -1) -> bytes:
+            reads.append(size)
+            return self.file.read(size)
+
+        def __enter__(self) -> "Counting":
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.file.close()
+
+    monkeypatch.setattr(dlir.io.gzip, "open", Counting)
     image = sitk.GetImageFromArray(np.random.default_rng(0).integers(-1000, 1000, (20, 30, 40)).astype(np.int16))
     whole = tmp_path / "ct.nii.gz"
     sitk.WriteImage(image, str(whole), useCompression=True)
     assert np.array_equal(sitk.GetArrayFromImage(read_image(whole)), sitk.GetArrayFromImage(image))
+    assert reads == [540]  # the header
+    reads.clear()
     cut_path = tmp_path / "cut.nii.gz"
     cut_path.write_bytes(whole.read_bytes()[:-cut])
     with pytest.raises(InputError, match="truncated"):
         read_image(cut_path, "fixed image")
+    assert reads[0] == 540 and len(reads) > 1  # the full check read on into the voxels
