@@ -4,6 +4,13 @@ upsampler.
 * :class:`AffineNet` (paper Fig. 2): two weight-shared pipelines (fixed, moving) of
   3x3x3 convolution + 2x2x2 average pooling blocks, global average pooling, concatenation and
   fully connected layers to 12 affine parameters.
+* :class:`KeypointAffineNet` (not in the paper): the same weight-shared pipeline, but pooled by a
+  spatial soft-argmax into K keypoints per image instead of by global average pooling; the affine
+  transform is the least-squares fit between the two keypoint sets (see
+  :func:`dlir.transforms.affine_from_keypoints`).  Global average pooling discards where features
+  are, so the paper's head can infer translation and rotation only indirectly; a keypoint's
+  position is where, and the fit is exact for any affine, which is why it generalises to subjects
+  outside training (the idea of KeyMorph, Yu et al., MIDL 2022).
 * :class:`BSplineNet` (paper Fig. 3): fixed and moving concatenated, convolution + pooling down to
   the control-point spacing, two 3x3x3 convolutions, two 1x1x1 convolutions and a 3-channel
   1x1x1 output: control-point displacements (in voxels of the stage grid).
@@ -56,6 +63,47 @@ class AffineNet(nn.Module):
         f = self.pipeline(fixed).mean(dim=(2, 3, 4))
         m = self.pipeline(moving).mean(dim=(2, 3, 4))
         return self.head(torch.cat([f, m], dim=1))
+
+
+class KeypointAffineNet(nn.Module):
+    """Finds ``keypoints`` matching points in a fixed and a moving image (same grid).
+
+    Pipeline (shared by both images): ``levels`` blocks of 3x3x3 convolution + ReLU + 2x2x2 average
+    pooling, three 3x3x3 convolutions + ReLU, and a 1x1x1 convolution to one heatmap per keypoint;
+    each keypoint is the softmax-weighted mean position of its heatmap.  Output ``[N, 2, K, 3]``:
+    (fixed, moving) keypoints as continuous voxel indices (i, j, k) of the input grid (cell ``c`` of
+    the pooled map is centred on voxel ``c * 2**levels + (2**levels - 1) / 2``).
+    """
+
+    def __init__(self, levels: int, channels: int, keypoints: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 1
+        for _ in range(levels):
+            layers += [nn.Conv3d(in_ch, channels, 3, padding=1), nn.ReLU(inplace=True), nn.AvgPool3d(2)]
+            in_ch = channels
+        for _ in range(3):
+            layers += [nn.Conv3d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
+        self.pipeline = nn.Sequential(*layers)
+        self.heatmaps = nn.Conv3d(channels, keypoints, 1)
+        self.cell = 2**levels
+        _glorot(self)  # random (not zero) heatmap weights: identical keypoints would never separate
+
+    def locate(self, image: torch.Tensor) -> torch.Tensor:
+        """Keypoints ``[N, K, 3]`` (voxel index i, j, k) of one image ``[N, 1, D, H, W]``."""
+        logits = self.heatmaps(self.pipeline(image))
+        n, k, d, h, w = logits.shape
+        weights = torch.softmax(logits.reshape(n, k, -1).float(), dim=-1).reshape(n, k, d, h, w)
+        centre = (self.cell - 1) / 2
+
+        def along(dims: tuple[int, int], size: int) -> torch.Tensor:
+            position = torch.arange(size, device=image.device, dtype=weights.dtype) * self.cell + centre
+            return (weights.sum(dim=dims) * position).sum(dim=-1)
+
+        return torch.stack([along((2, 3), w), along((2, 4), h), along((3, 4), d)], dim=-1)
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.locate(fixed), self.locate(moving)], dim=1)
 
 
 class BSplineNet(nn.Module):

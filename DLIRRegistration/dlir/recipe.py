@@ -23,6 +23,7 @@ DEPTH = (1, 8)
 SPACING_MM = (0.05, 100.0)
 CONTROL_POINT_SPACING = (2, 64)  # voxels, a power of two
 NCC_WINDOW = (3, 31)  # voxels, odd
+KEYPOINTS = (0, 256)  # an affine stage's keypoints (0: the paper's 12-parameter head)
 MAX_ANGLE = math.pi  # radians: the rotation and shear bounds lie in [0, pi]
 SCALE = (0.01, 100.0)
 MAX_ALPHA = 1e6
@@ -84,7 +85,10 @@ class StageSpec:
     Loss: ``-similarity + alpha * bending energy`` (bending energy of the displacement in mm,
     derivatives per mm).  ``similarity`` is ``"ncc"`` (global) or ``"lncc"`` (local, window of
     ``ncc_window`` voxels); for training pairs whose labels are known it is mixed with the soft
-    Dice of the warped labels: ``(1 - dice_weight) * NCC + dice_weight * soft Dice``.  The training fields (iterations, learning rate, batch and patch
+    Dice of the warped labels: ``(1 - dice_weight) * NCC + dice_weight * soft Dice``.  An affine stage
+    with ``keypoints`` > 0 finds that many keypoints per image and fits the affine to them (``depth``
+    pooling levels; :class:`~dlir.nets.KeypointAffineNet`); with 0 it is the paper's 12-parameter network
+    (``depth`` convolution blocks, constrained by the rotation, shear and scale bounds).  The training fields (iterations, learning rate, batch and patch
     size in voxels) are used by ``dlir train`` and recorded for provenance.
     """
 
@@ -93,6 +97,7 @@ class StageSpec:
     control_point_spacing: int = 8
     channels: int = 32
     depth: int = 4
+    keypoints: int = 0
     max_rotation: float = math.pi
     max_shear: float = math.pi
     min_scale: float = 0.5
@@ -113,6 +118,8 @@ class StageSpec:
     def weight_count(self) -> int:
         """How many weights the stage's network has (:mod:`dlir.nets`), computed without building it."""
         c = self.channels
+        if self.kind == "affine" and self.keypoints:  # KeypointAffineNet: depth + 3 conv blocks, a 1x1x1 heatmap layer
+            return _conv_weights(1, c, 3) + (self.depth - 1 + 3) * _conv_weights(c, c, 3) + _conv_weights(c, self.keypoints, 1)
         if self.kind == "affine":  # AffineNet: depth conv blocks, then two linear layers
             return (_conv_weights(1, c, 3) + (self.depth - 1) * _conv_weights(c, c, 3)
                     + (2 * c * c + c) + (c * 12 + 12))
@@ -169,6 +176,9 @@ def _check_stage(spec: StageSpec) -> None:
                          f"to {CONTROL_POINT_SPACING[1]} voxels, got {f}")
     _whole(spec.channels, "channels", CHANNELS)
     _whole(spec.depth, "depth", DEPTH)
+    keypoints = _whole(spec.keypoints, "keypoints", KEYPOINTS)
+    if keypoints and (kind != "affine" or keypoints < 4):
+        raise StackError(f"keypoints must be 0 (the paper's affine head) or at least 4, and only an affine stage has them; got {keypoints}")
     put("max_rotation", _number(spec.max_rotation, "max_rotation (radians)", 0.0, MAX_ANGLE))
     put("max_shear", _number(spec.max_shear, "max_shear", 0.0, MAX_ANGLE))
     put("min_scale", _number(spec.min_scale, "min_scale", SCALE[0], 1.0))

@@ -493,6 +493,8 @@ def describe(manifest: Manifest, path: Path | None = None) -> str:
         if s.kind == "bspline":
             cp = "x".join(f"{v * s.control_point_spacing:g}" for v in s.spacing_mm)
             detail = f"control points every {cp} mm, alpha {s.alpha:g}"
+        elif s.keypoints:
+            detail = f"{s.keypoints} keypoints after {s.depth} pooling level{'s' if s.depth > 1 else ''}"
         else:
             detail = f"{s.depth} levels"
         lines.append(f"  {k + 1}. {s.kind:<7} grid {spacing} mm, {detail}, {s.similarity}, {s.channels} kernels")

@@ -12,25 +12,31 @@ import torch
 import torch.nn as nn
 
 from .geometry import Grid
-from .nets import AffineNet, BSplineNet, BSplineUpsample
+from .nets import AffineNet, BSplineNet, BSplineUpsample, KeypointAffineNet
 from .recipe import StageSpec
-from .transforms import AffineBounds, AffineTransform, DisplacementField, affine_from_parameters
+from .transforms import AffineBounds, AffineTransform, DisplacementField, affine_from_keypoints, affine_from_parameters
 
 
 class AffineStage(nn.Module):
-    """Affine registration (paper Fig. 2).  Output parameters ``[N, 12]``."""
+    """Affine registration: the paper's network (Fig. 2; output parameters ``[N, 12]``), or with
+    ``spec.keypoints > 0`` the keypoint network (output keypoints ``[N, 2, K, 3]``, voxel indices)."""
 
     def __init__(self, spec: StageSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.net = AffineNet(spec.channels, spec.depth)
+        self.net = KeypointAffineNet(spec.depth, spec.channels, spec.keypoints) if spec.keypoints else AffineNet(spec.channels, spec.depth)
         self.bounds = AffineBounds(spec.max_rotation, spec.max_shear, spec.min_scale, spec.max_scale)
 
     def predict(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         return self.net(fixed, moving)
 
     def transform(self, raw: torch.Tensor, grid: Grid) -> AffineTransform:
-        """Rotation, shear and scale act about the grid's centre; translation in units of half its extent."""
+        """Parameters: rotation, shear and scale act about the grid's centre; translation in units of half its extent.
+        Keypoints: the least-squares affine between the fixed and moving keypoints, in LPS mm on ``grid``."""
+        if self.spec.keypoints:
+            m = torch.as_tensor(grid.index_to_physical(), dtype=raw.dtype, device=raw.device)
+            points = raw @ m[:3, :3].T + m[:3, 3]
+            return affine_from_keypoints(points[:, 0], points[:, 1])
         centre = torch.as_tensor(grid.centre(), dtype=raw.dtype, device=raw.device).expand(raw.shape[0], 3)
         lower, upper = grid.bounding_box()
         half_extent = float((upper - lower).max()) / 2

@@ -86,6 +86,24 @@ def affine_from_parameters(
     return AffineTransform(matrix, offset)
 
 
+def affine_from_keypoints(fixed: torch.Tensor, moving: torch.Tensor, ridge_mm2: float = 1.0) -> AffineTransform:
+    """The affine transform mapping ``fixed`` keypoints onto ``moving`` ones, least squares.
+
+    ``fixed``, ``moving``: ``[N, K, 3]`` LPS mm.  With centred points ``P``, ``Q`` (K x 3) the matrix is
+    ``A = (Q^T P + r I)(P^T P + r I)^-1`` (``r = ridge_mm2 * K``, mm^2: a pull towards the identity
+    that keeps the fit defined when the keypoints are (nearly) coplanar, and is negligible for
+    keypoints spread over centimetres) and ``b = mean(Q) - A mean(P)``, so ``T(x) = A x + b``.
+    """
+    p_mean, q_mean = fixed.mean(dim=1, keepdim=True), moving.mean(dim=1, keepdim=True)
+    p, q = (fixed - p_mean).double(), (moving - q_mean).double()
+    ridge = ridge_mm2 * fixed.shape[1] * torch.eye(3, dtype=p.dtype, device=p.device)
+    # A (P^T P + rI) = Q^T P + rI, solved as (P^T P + rI) A^T = (Q^T P + rI)^T
+    matrix = torch.linalg.solve(p.transpose(1, 2) @ p + ridge, (q.transpose(1, 2) @ p + ridge).transpose(1, 2)).transpose(1, 2)
+    matrix = matrix.to(fixed.dtype)
+    offset = q_mean[:, 0] - (matrix @ p_mean[:, 0, :, None])[..., 0]
+    return AffineTransform(matrix, offset)
+
+
 @dataclass
 class DisplacementField:
     """``T(x) = x + u(x)``; ``field`` u is ``[N, 3, D, H, W]`` (LPS mm) on ``grid``.

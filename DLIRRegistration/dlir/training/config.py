@@ -38,7 +38,9 @@ Layout of ``CONFIG.toml`` (every key optional except ``data.images``; defaults b
     high = 1000.0
     [[recipe.stages]]                 # dlir.recipe.StageSpec, coarse to fine
     kind = "affine"
-    spacing_mm = [4.0, 4.0, 4.0]
+    spacing_mm = [8.0, 8.0, 8.0]
+    depth = 1                         # pooling levels before the keypoint heatmaps
+    keypoints = 32                    # 0: the paper's 12-parameter head
     iterations = 1000
     learning_rate = 0.001
     ...
@@ -166,7 +168,9 @@ class Outline:
     """A stack's recipe from the few choices a user makes: THE defaults of ``dlir train`` and of
     the DLIR Training module (which builds its configuration through this class).
 
-    An affine stage (``affine``) on a grid of twice ``grid_spacing_mm``, then one B-spline stage
+    An affine stage (``affine``) on a grid of twice ``grid_spacing_mm`` (``affine_keypoints`` keypoints
+    found after one pooling level, see :class:`~dlir.nets.KeypointAffineNet`; 0 for the paper's
+    12-parameter network), then one B-spline stage
     per entry of ``control_points_mm`` (control-point spacings in mm, coarse to fine), all on a
     ``grid_spacing_mm`` (mm) grid, so each must be the grid spacing times a power of two (>= 2).
     ``channels`` kernels per convolution; iterations per affine and per B-spline stage; the
@@ -177,6 +181,7 @@ class Outline:
     """
 
     affine: bool = True
+    affine_keypoints: int = 32
     control_points_mm: tuple[float, ...] = (32.0, 16.0)
     grid_spacing_mm: float = 4.0
     channels: int = StageSpec.channels
@@ -211,10 +216,11 @@ class Outline:
             previous = mm
         common = dict(channels=int(self.channels), learning_rate=float(self.learning_rate),
                       batch_size=int(self.batch_size), patch_size=int(self.patch_size), dice_weight=float(self.dice_weight))
-        stages = [StageSpec("affine", spacing_mm=(2 * g,) * 3, iterations=int(self.affine_iterations), **common)] if self.affine else []
-        stages += [StageSpec("bspline", spacing_mm=(g,) * 3, control_point_spacing=int(round(mm / g)), alpha=float(self.alpha),
-                             iterations=int(self.bspline_iterations), **common) for mm in self.control_points_mm]
+        head = dict(depth=1, keypoints=int(self.affine_keypoints)) if self.affine_keypoints else {}
         try:
+            stages = [StageSpec("affine", spacing_mm=(2 * g,) * 3, iterations=int(self.affine_iterations), **head, **common)] if self.affine else []
+            stages += [StageSpec("bspline", spacing_mm=(g,) * 3, control_point_spacing=int(round(mm / g)), alpha=float(self.alpha),
+                                 iterations=int(self.bspline_iterations), **common) for mm in self.control_points_mm]
             return Recipe(stages=tuple(stages), intensity=INTENSITY_PRESETS[self.intensity])
         except StackError as exc:
             raise InputError(str(exc)) from exc
