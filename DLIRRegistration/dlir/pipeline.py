@@ -7,6 +7,7 @@ the same inputs.  Stage ``k`` sees the fixed image and the moving image warped b
 
 from __future__ import annotations
 
+import logging
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,9 +29,12 @@ from .preprocess import (
     sample_source,
     smooth_for_spacing,
 )
+from .losses import similarity
 from .recipe import IntensitySpec, StageSpec
 from .stack import Stack
-from .transforms import AffineTransform, Composite, SpatialTransform, grid_points, is_finite
+from .transforms import AffineTransform, Composite, DisplacementField, SpatialTransform, grid_points, is_finite
+
+log = logging.getLogger(__name__)
 
 #: ``step(name)``: a context around one named step (progress, cancel and timing in inference)
 StepHook = Callable[[str], AbstractContextManager[None]]
@@ -144,6 +148,7 @@ def run_stages(
     upto: int | None = None,
     step: StepHook | None = None,
     check_finite: bool = False,
+    skip_worse: bool = False,
 ) -> tuple[list[SpatialTransform], list[torch.Tensor]]:
     """Run stages ``0 .. upto-1`` (all by default): THE stage loop of inference and training.
 
@@ -151,7 +156,11 @@ def run_stages(
     network output.  Each stage runs inside ``step("stage k/n (kind)")`` when given: the hook
     through which inference reports progress, polls cancel and times the stage.  With
     ``check_finite`` (inference), a NaN or infinite value in a stage's network output or
-    transform stops the run with a :class:`~dlir.errors.StackError` naming the stage.
+    transform stops the run with a :class:`~dlir.errors.StackError` naming the stage.  With
+    ``skip_worse`` (inference), a stage whose result is less similar to the fixed image than its
+    input was, by the stage's own similarity on its own grid, is replaced by the identity (and
+    logged): a network meeting images unlike its training data can be confidently wrong, and the
+    later stages (or accurate mode) then start from the better of the two.
     """
     transforms: list[SpatialTransform] = [initial]
     raws: list[torch.Tensor] = []
@@ -165,7 +174,25 @@ def run_stages(
             transforms.append(stage.transform(raw, grid))
             if check_finite:
                 check_stage_output(name, stack.name, raw, transforms[-1])
+            if skip_worse and not _improves(stage.spec, f, m, moving.resampled(stage.spec.spacing_mm, Composite(transforms), grid)):
+                log.info("%s of the stack '%s' made the images less similar; skipped for this pair", name, stack.name)
+                transforms[-1] = _identity_like(transforms[-1])
     return transforms, raws
+
+
+def _improves(spec: StageSpec, fixed: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> bool:
+    """Whether the moving image after a stage is at least as similar to the fixed one as before it (the stage's similarity)."""
+    return bool(similarity(spec, fixed, after).mean() >= similarity(spec, fixed, before).mean())
+
+
+def _identity_like(transform: SpatialTransform) -> SpatialTransform:
+    """The identity in the form of ``transform``: an affine, or a zero displacement field on the same grid."""
+    if isinstance(transform, AffineTransform):
+        eye = torch.eye(3, dtype=transform.matrix.dtype, device=transform.matrix.device).expand_as(transform.matrix)
+        return AffineTransform(eye.clone(), torch.zeros_like(transform.offset))
+    if isinstance(transform, DisplacementField):
+        return DisplacementField(torch.zeros_like(transform.field), transform.grid)
+    raise TypeError(f"no identity for a {type(transform).__name__}")
 
 
 def check_stage_output(name: str, stack_name: str, raw: torch.Tensor | None, transform: SpatialTransform) -> None:
