@@ -48,7 +48,8 @@ class DLIRTraining(ScriptedLoadableModule):
         self.parent.contributors = ["DLIR contributors"]
         self.parent.helpText = _(
             "Train a DLIR (unsupervised deep-learning image registration, de Vos et al. 2019) stage stack on your own "
-            "images: an affine stage, then B-spline stages coarse to fine. Training runs in a separate process; stop keeps "
+            "images: an affine stage (it finds 32 keypoints in each image and fits the affine to them), then B-spline stages "
+            "coarse to fine. Training runs in a separate process; stop keeps "
             "the last checkpoint and resume continues it, also after a restart. A finished stack appears in DLIR Registration."
             "<br><br>Which pairs? <b>Synthetic pairs</b> deform one of your images (a stack for that anatomy and modality, "
             "intra-patient motion). <b>Synthetic shapes</b> are random label maps drawn with random contrasts (SynthMorph): "

@@ -63,7 +63,7 @@ def test_the_merged_field_stays_close_to_the_stages_composition(oblique) -> None
         stages, _ = run_stages(stack, fixed_p, moving_p, alignment(stack, fixed_p, moving_p))
         exact = displacement_on_grid(Composite(stages), reg.grid)
         merged = displacement_on_grid(reg.transform, reg.grid)
-    assert sum(isinstance(t, DisplacementField) for t in stages) == 2
+    assert sum(isinstance(t, DisplacementField) for t in stages) == sum(s.spec.kind == "bspline" for s in stack.stages) >= 2
     gap = (exact - merged).norm(dim=1)
     assert float(gap.mean()) < 0.05 and float(gap.max()) < 1.0
 
