@@ -9,7 +9,8 @@ import csv
 import sys
 from pathlib import Path
 
-PAIRS = ("brain1_aniso_oblique", "brain_2to1", "mni_iso2mm", "mni_oblique_aniso", "lung1_aniso")
+PAIRS = ("brain1_aniso_oblique", "brain_2to1", "mni_iso2mm", "mni_oblique_aniso", "lung1_aniso",
+         "mni_iso2mm_h", "mni_oblique_aniso_h", "brain2_aniso")
 
 
 def rows(folder: Path) -> dict[tuple[str, str], dict[str, str]]:
