@@ -1,4 +1,4 @@
-"""Inference skips a stage that makes the images less similar (``run_stages(..., skip_worse=True)``)."""
+"""Inference skips an affine stage that makes the images less similar (``run_stages(..., skip_worse=True)``)."""
 
 from __future__ import annotations
 
