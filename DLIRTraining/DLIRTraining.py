@@ -53,12 +53,11 @@ class DLIRTraining(ScriptedLoadableModule):
             "the last checkpoint and resume continues it, also after a restart. A finished stack appears in DLIR Registration."
             "<br><br>Which pairs? <b>Synthetic pairs</b> deform one of your images (a stack for that anatomy and modality, "
             "intra-patient motion). <b>Synthetic shapes</b> are random label maps drawn with random contrasts (SynthMorph): "
-            "they need no images and aim at registration itself, for anatomies and contrasts you have few images of. They are "
-            "experimental: SynthMorph trained for days on GPUs, and in our CPU runs of under an hour shapes alone did not train "
-            "a B-spline stage; mix a share of them into real images. <b>Dice weight</b> mixes the soft Dice of known labels "
-            "(shapes always have them) into the similarity. Keep it at 0 for B-spline stages for now: on their coarse "
-            "network grids the soft Dice of thin structures is highest at zero displacement, and a stage trained with it "
-            "does not move (measured; see the project's benchmark results). A stack trained on a few subjects registers those well in one shot, "
+            "they need no images and aim at registration itself, for anatomies and contrasts you have few images of (the "
+            "bundled universal stack was trained on shapes alone); mixed into real images they add variety. <b>Dice weight</b> "
+            "mixes the soft Dice of known labels into the similarity: shapes always have labels, and so do the synthetic "
+            "pairs of images you give label maps. Use 1 for shapes alone, about 0.5 when the labels you give are the "
+            "structures you will propagate, 0 without labels (NCC alone). A stack trained on a few subjects registers those well in one shot, "
             "not new ones: for a new patient, use DLIR Registration's Accurate mode, which reaches elastix from any stack."
         )
         self.parent.acknowledgementText = _(

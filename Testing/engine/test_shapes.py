@@ -6,19 +6,23 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
 from dlir.errors import InputError
-from dlir.geometry import sample
+from dlir.geometry import Grid, sample
 from dlir.losses import one_hot, soft_dice, soft_dice_loss
+from dlir.metrics import dice
 from dlir.pairs import sample_pair
+from dlir.register import register
 from dlir.stack import load_stack
 from dlir.training.config import ShapeSpec, SyntheticSpec, TrainConfig
 from dlir.training.jobfolder import EVENTS_FILE
 from dlir.training.shapes import draw_image, label_map, shape_grid, shape_pair
-from dlir.training.trainer import _inside_moving, train
+from dlir.training.trainer import _inside_moving, label_shares, train
 from dlir.transforms import grid_points
 
 SMALL = ShapeSpec(size=48, spacing_mm=2.0)
@@ -95,12 +99,54 @@ def test_the_dice_term_only_counts_where_the_moving_image_is() -> None:
     shift = torch.tensor([12.0, 0.0, 0.0])  # T(x) = x + 12 mm: the last 3 slices along x map outside
     points = grid_points(grid, 1) + shift
     fixed = sample(moving.float(), grid, points, mode="nearest").long()  # 0 where T leaves the moving grid
-    values = torch.unique(torch.cat([fixed.flatten(), moving.flatten()])).tolist()  # as the trainer: 0 among them
+    values = torch.unique(moving).tolist()  # as the trainer: the moving map's values (0, outside, is not among them)
     f, m = one_hot(fixed, values), one_hot(moving, values)
     true = soft_dice(*_inside_moving(f, m, grid, points))
     shrink = soft_dice(*_inside_moving(f, m, grid, points * 0.85))
     assert float(true) == pytest.approx(1.0, abs=1e-6) and float(shrink) < float(true)
-    assert float(soft_dice(f, sample(m, grid, points))) < 0.97  # unmasked, the true transform is penalised at the border
+    _, warped = _inside_moving(f, m, grid, points * 0.85)  # every point inside, also where the fixed labels are 0 (unknown)
+    assert float(warped[..., -3:].abs().max()) == 0.0 and float(warped[..., :-3].sum()) > 0
+
+
+def test_soft_dice_of_soft_maps_peaks_where_they_are_equal() -> None:
+    """Squared denominators: a soft map scores 1 against itself and less against a sharper or blurrier version
+    (with ``sum(f) + sum(w)`` a sharp map would beat the aligned soft one)."""
+    soft = torch.rand((1, 3, 6, 6, 6), generator=torch.Generator().manual_seed(0))
+    soft = soft / soft.sum(1, keepdim=True)
+    sharp = one_hot(soft.argmax(1, keepdim=True), [0, 1, 2])
+    assert float(soft_dice(soft, soft)) == pytest.approx(1.0, abs=1e-6)
+    assert float(soft_dice(soft, sharp)) < 0.95 and float(soft_dice(soft, (soft + 1 / 3) / 2)) < 0.99
+
+
+def test_label_shares_are_area_averages_of_the_labels() -> None:
+    labels = label_map(SMALL, torch.Generator().manual_seed(3))
+    fine = shape_grid(SMALL)
+    values = torch.unique(labels).tolist()
+    same = label_shares(labels, fine, None, fine, values)  # one sample per voxel: the one-hot map itself
+    assert torch.equal(same, one_hot(labels, values))
+    coarse = Grid((12, 12, 12), (8.0, 8.0, 8.0), tuple(o + 3.0 for o in fine.origin), fine.direction)  # 4 x 4 x 4 voxels each
+    shares = label_shares(labels, fine, None, coarse, values)
+    assert torch.allclose(shares, F.avg_pool3d(one_hot(labels, values), 4), atol=1e-6)
+    outside = label_shares(labels, fine, lambda x: x + 1000.0, coarse, values)  # every box mapped outside the image
+    assert float(outside.abs().max()) == 0.0
+
+
+def test_the_soft_dice_term_prefers_the_true_field_to_the_identity_on_a_coarse_grid() -> None:
+    """Sub-voxel deformations on an 8 mm grid (as the first B-spline stage sees them): the soft Dice of the trainer's
+    label shares is higher at the true transform than at the identity.  Measured before this was so (point-sampled
+    one-hot labels, linear denominators): identity 0.874, true field 0.806 on the MNI labels; such a stage never
+    moved off the identity."""
+    spec = ShapeSpec(size=64, spacing_mm=2.0, labels_min=12, labels_max=12)
+    for seed in range(3):
+        fixed, moving, transform, fixed_labels, moving_labels, grid = shape_pair(spec, DEFORMATION, torch.Generator().manual_seed(seed))
+        coarse = Grid((16, 16, 16), (8.0, 8.0, 8.0), tuple(o + 3.0 for o in grid.origin), grid.direction)
+        values = torch.unique(moving_labels).tolist()
+        f = label_shares(fixed_labels, grid, None, coarse, values)
+        m = label_shares(moving_labels, grid, None, coarse, values)
+        points = grid_points(coarse, 1)
+        at_identity = soft_dice(*_inside_moving(f, m, coarse, points))
+        at_truth = soft_dice(*_inside_moving(f, m, coarse, transform(points)))
+        assert float(at_truth) > float(at_identity) + 0.01
 
 
 # ------------------------------------------------------------------------------------- in dlir train
@@ -131,6 +177,29 @@ def test_a_stack_trains_on_synthetic_shapes_alone(tmp_path: Path) -> None:
     assert validations and all(0 < e["dice_mean"] <= 1 for e in validations)  # shape pairs carry labels
     stack = load_stack(path)
     assert [s.dice_weight for s in stack.manifest.recipe.stages] == [1.0, 0.5]
+
+
+def test_a_tiny_stack_trained_on_shapes_alone_improves_a_real_pair(tmp_path: Path) -> None:
+    """Shapes only, no real image: a small keypoint affine trained for 400 iterations on soft Dice registers the
+    bundled MNI pair better than its initial alignment (measured: Dice 0.661 -> 0.673; shape validation 0.607 -> 0.750)."""
+    stage = {"kind": "affine", "spacing_mm": [8.0, 8.0, 8.0], "channels": 8, "depth": 1, "keypoints": 16, "iterations": 400,
+             "learning_rate": 0.003, "dice_weight": 1.0}
+    config = TrainConfig.from_dict({
+        "name": "tiny-shapes", "device": "cpu", "seed": 0, "validate_every": 0, "checkpoint_every": 1000,
+        "data": {"validation_pairs_per_image": 1, "shapes_fraction": 1.0},
+        "shapes": {"size": 32, "spacing_mm": 4.0, "labels_min": 4, "labels_max": 8, "blob_mm_min": 16.0, "blob_mm_max": 40.0,
+                   "same_contrast": 1.0},
+        "synthetic": {"displacement_mm": 2.0, "rotation_deg": 5.0, "scale": 0.05, "shear": 0.0, "translation_mm": 12.0},
+        "recipe": {"initial_alignment": "centre", "stages": [stage]}})
+    stack = load_stack(train(config, tmp_path / "job", progress="none"))
+    pair = sample_pair()
+    fixed_labels, moving_labels = (sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in (pair.fixed_labels, pair.moving_labels))
+    result = register(sitk.ReadImage(str(pair.fixed)), sitk.ReadImage(str(pair.moving)), stack,
+                      moving_labels=sitk.ReadImage(str(pair.moving_labels)), device="cpu")
+    labels = [int(v) for v in np.unique(fixed_labels) if v]
+    before = np.mean(list(dice(fixed_labels, moving_labels, labels).values()))
+    after = np.mean(list(dice(fixed_labels, sitk.GetArrayFromImage(result.warped_labels), labels).values()))
+    assert after > before + 0.005, (before, after)
 
 
 def test_held_out_images_are_never_drawn_for_training(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ def blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma < 0.3:
         return image
     radius = max(1, math.ceil(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=image.dtype)
+    x = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     kernel = kernel / kernel.sum()
     channels = image.shape[1]

@@ -125,6 +125,9 @@ class ShapeSpec:
     noise: float = 0.05  # the largest noise standard deviation
     thick_slice_probability: float = 0.3
     thick_slice_max: int = 4  # the largest number of voxels averaged into one thick slice
+    #: share of pairs whose two images share one contrast (same-modality pairs, from which a network learns
+    #: far faster); 0: the two contrasts are always independent (SynthMorph)
+    same_contrast: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -139,8 +142,9 @@ class ShapeSpec:
             raise InputError(f"shapes.labels_min and shapes.labels_max need 2 <= min <= max, got {self.labels_min} and {self.labels_max}")
         if not 0 < self.blob_mm_min <= self.blob_mm_max:
             raise InputError(f"shapes.blob_mm_min and shapes.blob_mm_max need 0 < min <= max, got {self.blob_mm_min} and {self.blob_mm_max}")
-        if self.thick_slice_probability > 1:
-            raise InputError(f"shapes.thick_slice_probability must lie between 0 and 1, got {self.thick_slice_probability}")
+        for key in ("thick_slice_probability", "same_contrast"):
+            if getattr(self, key) > 1:
+                raise InputError(f"shapes.{key} must lie between 0 and 1, got {getattr(self, key)}")
         if self.thick_slice_max < 1:
             raise InputError(f"shapes.thick_slice_max must be at least 1, got {self.thick_slice_max}")
 

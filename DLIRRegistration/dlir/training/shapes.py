@@ -8,7 +8,8 @@ blob_mm_max]`` mm).  An image of a label map gives each label a random mean and 
 Gaussian blur, a smooth multiplicative bias field, a random gamma, Gaussian noise and, with some
 probability, thick-slice partial volume along a random axis; intensities end in [0, 1].  A pair is
 one label map seen twice: ``moving`` = one image of it, ``fixed(x)`` = another, independent image
-of it sampled at ``T(x)``, with ``T`` (fixed point -> moving point, LPS mm) a random smooth
+of it sampled at ``T(x)`` (with probability ``same_contrast`` the two images share the labels' means and
+spreads, and differ in blur, bias, gamma, noise and slices only), with ``T`` (fixed point -> moving point, LPS mm) a random smooth
 deformation and affine (:func:`dlir.training.synthetic.random_transform`), so the fixed labels are
 the moving labels carried by ``T``.  The grid is axis-aligned and isotropic (``size`` voxels of
 ``spacing_mm`` per side, centred on the origin).  All randomness comes from one ``torch.Generator``.
@@ -41,11 +42,17 @@ def label_map(spec: ShapeSpec, generator: torch.Generator, n_labels: int | None 
     return (smooth_noise(n, (spec.size,) * 3, cells, generator).argmax(dim=1, keepdim=True) + 1).long()
 
 
-def draw_image(labels: torch.Tensor, spec: ShapeSpec, generator: torch.Generator) -> torch.Tensor:
-    """A random image ``[1, 1, D, H, W]`` in [0, 1] of a label map (see the module docstring)."""
+def draw_contrast(n: int, spec: ShapeSpec, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(means, spreads) of labels ``0..n``: a random contrast, means in [0, 1], spreads in [0, ``spec.spread``]."""
+    return torch.rand(n + 1, generator=generator), torch.rand(n + 1, generator=generator) * spec.spread
+
+
+def draw_image(labels: torch.Tensor, spec: ShapeSpec, generator: torch.Generator,
+               contrast: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """A random image ``[1, 1, D, H, W]`` in [0, 1] of a label map (see the module docstring); ``contrast``
+    (:func:`draw_contrast`) fixes the labels' means and spreads instead of drawing them."""
     n = int(labels.max())
-    means = torch.rand(n + 1, generator=generator)
-    spreads = torch.rand(n + 1, generator=generator) * spec.spread
+    means, spreads = contrast if contrast is not None else draw_contrast(n, spec, generator)
     index = labels[0, 0]
     image = means[index] + spreads[index] * torch.randn(index.shape, generator=generator)
     image = blur(image[None, None], uniform(generator, 0.0, spec.blur_mm) / spec.spacing_mm)
@@ -75,6 +82,9 @@ def shape_pair(
     transform = random_transform(deformation, grid, generator)
     points = transform(grid_points(grid, 1))
     fixed_labels = sample(moving_labels.float(), grid, points, mode="nearest").long()
-    moving = draw_image(moving_labels, spec, generator)
-    fixed = sample(draw_image(moving_labels, spec, generator), grid, points)
+    shared = None
+    if spec.same_contrast > 0 and float(torch.rand(1, generator=generator)) < spec.same_contrast:
+        shared = draw_contrast(int(moving_labels.max()), spec, generator)
+    moving = draw_image(moving_labels, spec, generator, shared)
+    fixed = sample(draw_image(moving_labels, spec, generator, shared), grid, points)
     return fixed, moving, transform, fixed_labels, moving_labels, grid

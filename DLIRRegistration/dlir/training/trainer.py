@@ -70,15 +70,46 @@ class TrainingPair:
 
 def _inside_moving(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, grid: Grid,
                    points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fixed, warped moving) label probabilities for the soft-Dice term, both zero where ``points`` leave the moving grid.
+    """(fixed, warped moving) label probabilities for the soft-Dice term, both zero where ``points`` leave the moving
+    grid, and the warped ones zero where the fixed voxel has no label of the moving map.
 
-    Without this mask a transform that keeps every point inside the moving image (e.g. a uniform
-    shrink) would gain Dice at the borders, and an affine stage trained on label maps that fill
-    their whole grid (synthetic shapes) learns exactly that bias.
+    ``fixed_labels`` has one channel per label value of the MOVING map (:meth:`Trainer.stage_labels`), so its
+    channels sum to the share of each fixed voxel that the moving map can match: below 1 outside the fixed
+    image and where the fixed map holds a value the moving one lacks (the 0 a synthetic shape pair's fixed
+    labels get where its transform leaves the moving grid).  Counted, such voxels would reward pushing
+    points out of the moving grid there; without the ``points`` mask, a transform that keeps every point
+    inside the moving image (e.g. a uniform shrink) would gain Dice at the borders.
     """
     warped = sample(moving_labels, grid, points)
     inside = sample(torch.ones_like(moving_labels[:, :1]), grid, points)
-    return fixed_labels * inside, warped * inside
+    known = fixed_labels.sum(1, keepdim=True).clamp(max=1)
+    return fixed_labels * inside, warped * inside * known
+
+
+def label_shares(labels: torch.Tensor, image_grid: Grid, transform: SpatialTransform | None, grid: Grid,
+                 values: list[int]) -> torch.Tensor:
+    """Label probabilities ``[1, len(values), D, H, W]`` on ``grid``: per voxel, the share of its box (one voxel of
+    ``grid``, mapped through ``transform`` into ``image_grid``) that each label value covers; 0 outside the image.
+
+    ``labels`` ``[1, 1, ...]`` on ``image_grid``; the box is sampled by nearest neighbour at ``n^3`` points,
+    ``n`` = the ratio of the two grids' spacings (1 to 4), centred in ``n`` equal parts along each axis:
+    an area average (anti-aliasing) computed on the coarse grid alone.
+    """
+    n = max(1, min(4, round(min(g / s for g, s in zip(grid.spacing, image_grid.spacing)))))
+    steps = [(a + 0.5) / n - 0.5 for a in range(n)]  # voxel fractions of ``grid``
+    linear = torch.as_tensor(grid.index_to_physical()[:3, :3], dtype=torch.float32, device=labels.device)
+    centres = grid_points(grid, 1, labels.device)
+    inside_labels = labels.float() + 1  # 0 = outside the image after sampling
+    shares = torch.zeros((1, len(values), *grid.shape), device=labels.device)
+    for di in steps:
+        for dj in steps:
+            for dk in steps:
+                points = centres + linear @ torch.tensor([di, dj, dk], device=labels.device)
+                if transform is not None:
+                    points = transform(points)
+                sampled = sample(inside_labels, image_grid, points, mode="nearest")
+                shares += one_hot(sampled, [v + 1 for v in values])
+    return shares / n ** 3
 
 
 @dataclass
@@ -217,7 +248,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- pairs
     def draw_pair(self, generator: torch.Generator) -> TrainingPair:
-        """A synthetic, listed or random inter-image pair (see ``data.synthetic_fraction``)."""
+        """A synthetic, listed or random inter-image pair (see ``data.synthetic_fraction``), with labels where known.
+
+        Labels travel with a synthetic pair of a labelled image (carried to the fixed image by the same
+        transform) and with an inter-image pair whose two images both have them; the soft-Dice term of a
+        stage with ``dice_weight`` > 0 uses them, other pairs train on the similarity alone.
+        """
         c = self.config
         if c.data.shapes_fraction >= 1 or (c.data.shapes_fraction > 0 and float(torch.rand(1, generator=generator)) < c.data.shapes_fraction):
             return self.shape_pair(generator)
@@ -225,16 +261,19 @@ class Trainer:
         synthetic = len(images) == 1 and not self.listed or float(torch.rand(1, generator=generator)) < c.data.synthetic_fraction
         if synthetic:
             im = images[_randint(generator, len(images))]
-            fixed, moving, _, _ = synthetic_pair(im.prepared.tensor, im.prepared.grid, c.synthetic, generator)
-            return TrainingPair(PreparedImage(fixed.to(self.device), im.prepared.grid), PreparedImage(moving.to(self.device), im.prepared.grid))
+            fixed, moving, _, fixed_labels = synthetic_pair(im.prepared.tensor, im.prepared.grid, c.synthetic, generator, im.labels)
+            return TrainingPair(PreparedImage(fixed.to(self.device), im.prepared.grid), PreparedImage(moving.to(self.device), im.prepared.grid),
+                                fixed_labels, im.labels)
         if self.listed:
             a, b = self.listed[_randint(generator, len(self.listed))]
         else:
             i = _randint(generator, len(images))
             j = (i + 1 + _randint(generator, len(images) - 1)) % len(images)
             a, b = images[i], images[j]
+        both = a.labels is not None and b.labels is not None  # label values mean the same in every image of a job
         return TrainingPair(PreparedImage(a.prepared.tensor.to(self.device), a.prepared.grid),
-                    PreparedImage(b.prepared.tensor.to(self.device), b.prepared.grid))
+                            PreparedImage(b.prepared.tensor.to(self.device), b.prepared.grid),
+                            a.labels if both else None, b.labels if both else None)
 
     def shape_pair(self, generator: torch.Generator) -> TrainingPair:
         """A synthetic-shape pair with its labels (:mod:`dlir.training.shapes`; intensities already in [0, 1])."""
@@ -253,13 +292,18 @@ class Trainer:
     @torch.no_grad()
     def stage_labels(self, dice_weight: float, pair: TrainingPair, earlier: SpatialTransform,
                      grid: Grid) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """One-hot labels on a stage grid, (fixed, moving through the earlier stages), for the soft-Dice term; (None, None) without."""
+        """Label probabilities on a stage grid, (fixed, moving through the earlier stages), for the soft-Dice term; (None, None) without.
+
+        One channel per label: the share of the stage voxel's box covered by that label, from
+        nearest-neighbour samples of the label map at up to 4 x 4 x 4 points spread over the box
+        (:func:`label_shares`).  Sampled at the voxel centres alone, 2 mm labels on an 8 mm grid would
+        be point samples of thin structures (aliased), whose overlap jumps as the field moves.
+        """
         if dice_weight <= 0 or pair.fixed_labels is None or pair.moving_labels is None:
             return None, None
-        values = torch.unique(torch.cat([pair.fixed_labels.flatten(), pair.moving_labels.flatten()])).long().tolist()
-        fixed = to_grid(one_hot(pair.fixed_labels.to(self.device), values), pair.fixed.grid, None, grid)
-        moving = to_grid(one_hot(pair.moving_labels.to(self.device), values), pair.moving.grid, earlier, grid)
-        return fixed, moving
+        values = torch.unique(pair.moving_labels).long().tolist()  # a fixed value the moving map lacks cannot be matched
+        return (label_shares(pair.fixed_labels.to(self.device), pair.fixed.grid, None, grid, values),
+                label_shares(pair.moving_labels.to(self.device), pair.moving.grid, earlier, grid, values))
 
     def pair_loss(self, k: int, net: torch.nn.Module, pair: TrainingPair, generator: torch.Generator) -> tuple[torch.Tensor, float, float]:
         """(loss, similarity, bending) of stage ``k`` on one pair (a random patch for B-spline stages)."""
