@@ -497,7 +497,9 @@ def describe(manifest: Manifest, path: Path | None = None) -> str:
             detail = f"{s.keypoints} keypoints after {s.depth} pooling level{'s' if s.depth > 1 else ''}"
         else:
             detail = f"{s.depth} levels"
-        lines.append(f"  {k + 1}. {s.kind:<7} grid {spacing} mm, {detail}, {s.similarity}, {s.channels} kernels")
+        loss = (s.similarity if s.dice_weight <= 0 else "soft Dice of labels" if s.dice_weight >= 1
+                else f"{1 - s.dice_weight:g} {s.similarity} + {s.dice_weight:g} soft Dice of labels")
+        lines.append(f"  {k + 1}. {s.kind:<7} grid {spacing} mm, {detail}, {loss}, {s.channels} kernels")
     if manifest.training:
         lines.append("training:    " + json.dumps(manifest.training, sort_keys=True))
     if manifest.validation:
