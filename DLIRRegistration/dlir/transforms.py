@@ -326,7 +326,7 @@ def fold_affines(parts: Sequence[SpatialTransform]) -> list[SpatialTransform]:
     return folded
 
 
-def merge_fields(parts: Sequence[SpatialTransform], along: Grid | None = None) -> list[SpatialTransform]:
+def merge_fields(parts: Sequence[SpatialTransform], along: Grid | None = None, min_spacing: float = 0.0) -> list[SpatialTransform]:
     """``parts`` (composition order, ``T1 o T2 o ...``) with every run of consecutive :class:`DisplacementField` replaced by
     one field: ``u(x) = T_run(x) - x`` at the voxel centres of the grid of the run's field applied first (its last
     one), trilinear between them as every field.
@@ -338,7 +338,10 @@ def merge_fields(parts: Sequence[SpatialTransform], along: Grid | None = None) -
     spacing, covering the field's box.  Exact at the new grid's voxel centres; between them the
     trilinear interpolation of the composed map stands for the composition of trilinear maps (on
     the fast path's 4 mm grids: hundredths of a mm on average, measured in
-    ``Testing/engine/test_export.py``).  A run of one field is kept as it is (exact).
+    ``Testing/engine/test_export.py``).  ``min_spacing`` (mm): the merged grid is never finer than this
+    (a coarser grid of ``along``'s or the field's direction covering the same box), so that the merged
+    field, which is also what ``transform.h5`` and Slicer's transform node hold, stays compact when the
+    last stage's grid is fine.  A run of one field is kept as it is (exact).
     """
     merged: list[SpatialTransform] = []
     run: list[DisplacementField] = []
@@ -346,7 +349,11 @@ def merge_fields(parts: Sequence[SpatialTransform], along: Grid | None = None) -
     def close() -> None:
         if len(run) > 1:
             first = run[-1]
-            grid = first.grid if along is None or _parallel(along, first.grid) else _covering(first.grid, along)
+            spacing = max(float(min(first.grid.spacing)), min_spacing)
+            if spacing == min(first.grid.spacing) and (along is None or _parallel(along, first.grid)):
+                grid = first.grid
+            else:
+                grid = _covering(first.grid, along if along is not None else first.grid, spacing)
             pts = grid_points(grid, first.field.shape[0], first.field.device)
             if grid is first.grid:  # at its own voxel centres its values need no interpolation
                 mapped = Composite(run[:-1])(pts + first.field.movedim(1, -1).to(pts.dtype))
@@ -373,9 +380,8 @@ def _parallel(a: Grid, b: Grid) -> bool:
     return bool(np.allclose(relative, np.diag(np.diag(relative)), atol=1e-9))
 
 
-def _covering(grid: Grid, along: Grid) -> Grid:
-    """A grid with ``along``'s direction and ``grid``'s finest spacing (isotropic) whose voxel centres cover ``grid``'s box."""
-    spacing = float(min(grid.spacing))
+def _covering(grid: Grid, along: Grid, spacing: float) -> Grid:
+    """A grid with ``along``'s direction and ``spacing`` mm (isotropic) whose voxel centres cover ``grid``'s box."""
     axes = along.direction_matrix  # columns: the new grid's axes in LPS
     corners = grid.corners() @ axes  # the box's corners in the new axes' coordinates (mm)
     low, high = corners.min(axis=0), corners.max(axis=0)

@@ -12,7 +12,7 @@ import torch
 from dlir.export import MARGIN_MM, itk_transform, padded_grid
 from dlir.geometry import Grid
 from dlir.refine import RefineSettings
-from dlir.register import register
+from dlir.register import MERGED_SPACING_MM, register
 from dlir.stack import load_stack
 from dlir.pipeline import PreparedImage, alignment, run_stages
 from dlir.transforms import Composite, DisplacementField, displacement_on_grid
@@ -45,14 +45,17 @@ def test_the_composite_is_the_engines_transform_on_an_oblique_anisotropic_pair(o
     assert deviation(reg, fixed, transform) < 1e-3  # measured 2.7e-5 mm: float32 rounding of the engine
     finest = [s.spec for s in load_stack("brain-mri").stages if s.spec.kind == "bspline"][-1]
     field = sitk.DisplacementFieldTransform(transform.GetNthTransform(2)).GetDisplacementField()
-    # the merged field lies along the oblique fixed grid (so that full resolution evaluates it separably)
-    assert field.GetSpacing() == finest.spacing_mm and np.allclose(field.GetDirection(), fixed.GetDirection())
+    # the merged field lies along the oblique fixed grid (so that full resolution evaluates it separably), at the finest
+    # stage spacing but never finer than MERGED_SPACING_MM
+    assert field.GetSpacing() == (max(min(finest.spacing_mm), MERGED_SPACING_MM),) * 3
+    assert np.allclose(field.GetDirection(), fixed.GetDirection())
 
 
 def test_the_merged_field_stays_close_to_the_stages_composition(oblique) -> None:
-    """The B-spline stages' fields merged into one at the finest stage spacing along the oblique fixed grid (exact at
-    its voxel centres, trilinear between) against the stages' own composition at every fixed voxel: measured 0.019 mm
-    mean, 0.18 mm at the 99.9th percentile, 0.45 mm at most (where the stages' trilinear kinks fall between nodes)."""
+    """The B-spline stages' fields merged into one at the finest stage spacing, not finer than 4 mm, along the oblique
+    fixed grid (exact at its voxel centres, trilinear between) against the stages' own composition at every fixed
+    voxel: measured for the four-stage brain-mri (merged at 4 mm, its last stage on 2 mm) 0.015 mm mean, 0.12 mm at
+    the 99.9th percentile, 0.20 mm at most (where the stages' trilinear kinks fall between nodes)."""
     fixed, moving = oblique
     stack = load_stack("brain-mri")
     reg = register(fixed, moving, stack, device="cpu", outputs=())
