@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import InputError, StackError
+from .errors import StackError
 from .geometry import Grid
 from .preprocess import (
     antialiased_source,

@@ -385,7 +385,7 @@ def _covering(grid: Grid, along: Grid, spacing: float) -> Grid:
     axes = along.direction_matrix  # columns: the new grid's axes in LPS
     corners = grid.corners() @ axes  # the box's corners in the new axes' coordinates (mm)
     low, high = corners.min(axis=0), corners.max(axis=0)
-    size = tuple(int(math.ceil((h - l) / spacing)) + 1 for l, h in zip(low, high))
+    size = tuple(int(math.ceil((h - lo) / spacing)) + 1 for lo, h in zip(low, high))
     origin = axes @ low
     return Grid(size, (spacing,) * 3, tuple(float(v) for v in origin), along.direction)
 

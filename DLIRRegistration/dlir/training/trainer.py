@@ -41,7 +41,6 @@ from ..geometry import Grid, sample
 from ..losses import ncc, one_hot, stage_loss
 from ..metrics import dice, folding_fraction
 from ..pipeline import PreparedImage, alignment, run_stages, stage_inputs
-from ..preprocess import to_grid
 from ..stack import Manifest, Stack, build_stack, save_stack
 from ..transforms import Composite, DisplacementField, SpatialTransform, displacement_on_grid, grid_points, jacobian_determinant
 from .config import TrainConfig
