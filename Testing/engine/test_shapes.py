@@ -92,8 +92,9 @@ def test_soft_dice_loss_of_identical_shifted_and_its_gradient() -> None:
 
 def test_the_dice_term_only_counts_where_the_moving_image_is() -> None:
     """Label maps that fill their grid (synthetic shapes): the true transform of a shifted pair scores a perfect soft
-    Dice although some of its points leave the moving grid (unmasked it does not), and a uniform shrink, which keeps
-    every point inside, scores lower (an affine stage trained on unmasked shapes learned such a shrink)."""
+    Dice although some of its points leave the moving grid, a uniform shrink, which keeps every point inside, scores
+    lower (an affine stage trained on unmasked shapes learned such a shrink), and fixed voxels without a moving label
+    (0: outside the moving grid under the pair's transform) take no part, wherever the points fall."""
     grid = shape_grid(ShapeSpec(size=24, spacing_mm=4.0))
     moving = label_map(ShapeSpec(size=24, spacing_mm=4.0, labels_min=4, labels_max=4), torch.Generator().manual_seed(0))
     shift = torch.tensor([12.0, 0.0, 0.0])  # T(x) = x + 12 mm: the last 3 slices along x map outside
