@@ -32,7 +32,7 @@ from .preprocess import (
 from .losses import similarity
 from .recipe import IntensitySpec, StageSpec
 from .stack import Stack
-from .transforms import AffineTransform, Composite, SpatialTransform, grid_points, is_finite
+from .transforms import AffineTransform, Composite, SpatialTransform, grid_points, is_finite, map_grid
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,10 @@ class PreparedImage:
     def resampled(self, spacing: tuple[float, float, float], transform: SpatialTransform | None, grid: Grid) -> torch.Tensor:
         """The image anti-aliased for ``spacing`` and resampled onto ``grid`` through ``transform``, 0 outside."""
         image, image_grid = self.source_for(spacing)
-        pts = grid_points(grid, image.shape[0], image.device)
-        if transform is not None:
-            pts = transform(pts)
+        if transform is None:
+            pts = grid_points(grid, image.shape[0], image.device)
+        else:
+            pts = map_grid(transform, grid, image.shape[0], image.device)
         return sample_source(image, image_grid, self.grid, pts)
 
     def centre_of_mass(self) -> np.ndarray:

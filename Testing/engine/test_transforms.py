@@ -10,7 +10,7 @@ import torch
 
 from dlir.geometry import Grid, rotation_matrix
 from dlir.losses import bending_energy, local_ncc, ncc
-from dlir.nets import AffineNet, BSplineNet, BSplineUpsample
+from dlir.nets import AffineNet, BSplineNet, BSplineUpsample, _first_block_by_slices
 from dlir.transforms import (
     AffineBounds,
     AffineTransform,
@@ -19,6 +19,7 @@ from dlir.transforms import (
     affine_from_parameters,
     displacement_on_grid,
     jacobian_determinant,
+    map_grid,
     warp,
 )
 
@@ -78,6 +79,22 @@ def test_networks_start_at_identity_and_are_fully_convolutional() -> None:
         assert out.shape == (1, 3, *(s // 4 for s in shape))
 
 
+@pytest.mark.parametrize("depth", [8, 7])
+def test_the_bspline_nets_first_block_by_slices_equals_the_layers(depth: int) -> None:
+    """Without autograd on a CPU the first convolution block runs two slices at a time: the same numbers."""
+    torch.manual_seed(3)
+    net = BSplineNet(levels=2, channels=8)
+    torch.nn.init.normal_(net.output.weight)  # not the identity start, so the whole net's output is compared
+    fixed, moving = torch.rand(1, 1, depth, 12, 8), torch.rand(1, 1, depth, 12, 8)
+    layers = net.features[:3](torch.cat([fixed, moving], dim=1))
+    with torch.no_grad():
+        by_slices = _first_block_by_slices(net.features[0], net.features[2], torch.cat([fixed, moving], dim=1))
+        assert by_slices.shape == layers.shape
+        assert torch.allclose(by_slices, layers, atol=1e-6)
+        if depth % 4 == 0:
+            assert torch.allclose(net(fixed, moving), net.output(net.features(torch.cat([fixed, moving], dim=1))), atol=1e-6)
+
+
 def test_affine_parameters_are_constrained_as_in_the_paper() -> None:
     raw = torch.full((1, 12), 50.0)
     t = affine_from_parameters(raw, torch.zeros(1, 3), 10.0, AffineBounds())
@@ -114,6 +131,27 @@ def test_warping_once_with_the_composition_equals_warping_stage_by_stage() -> No
     u = displacement_on_grid(Composite([t1, t2, t3]), fixed_grid)
     assert torch.allclose(pts + u[0].movedim(0, -1), t1(t2(t3(pts))), atol=1e-4)
     assert torch.allclose(warp(moving, moving_grid, DisplacementField(u, fixed_grid), fixed_grid), once, atol=1e-5)
+
+
+def test_stage_inputs_points_merge_the_earlier_fields_within_a_tenth_of_a_mm() -> None:
+    """map_grid (where a stage samples its inputs): the earlier stages' fields merged on the grid of the one applied
+    first, evaluated separably, deviate from evaluating them one after the other by the merge's interpolation only
+    (here fields of strong curvature, 3 mm waves 57 mm long; on the real pairs 0.012-0.028 mm on average)."""
+    coarse = Grid((14, 13, 11), (8.0, 8.0, 8.0), (-52.0, -48.0, -40.0), IDENTITY)
+    medium = Grid((27, 25, 21), (4.0, 4.0, 4.0), (-52.0, -48.0, -40.0), IDENTITY)
+    stage = Grid((52, 48, 40), (2.0, 2.0, 2.0), (-51.0, -47.0, -39.0), IDENTITY)
+    affine = AffineTransform(rotation_matrix(torch.tensor([[0.05, -0.03, 0.02]])) * 1.02, torch.tensor([[2.0, -1.0, 0.5]]))
+    earlier = Composite([affine, DisplacementField(smooth_field(coarse, 3.0, 0.0), coarse),
+                         DisplacementField(smooth_field(medium, 1.5, 1.0), medium)])
+    exact = earlier(stage.physical_points()[None])
+    mapped = map_grid(earlier, stage)
+    assert mapped.shape == exact.shape
+    error = (mapped - exact).norm(dim=-1)
+    assert float(error.mean()) < 0.1 and float(error.max()) < 0.5  # of the stage's 2 mm voxels: 1/20 and 1/4
+    # a batch of pairs (training) takes the pointwise path through the same merged field
+    batch = Composite([AffineTransform(affine.matrix.expand(2, 3, 3), affine.offset.expand(2, 3)),
+                       *[DisplacementField(t.field.expand(2, -1, -1, -1, -1), t.grid) for t in earlier.transforms[1:]]])
+    assert torch.allclose(map_grid(batch, stage, batch=2), mapped.expand(2, -1, -1, -1, -1), atol=1e-4)
 
 
 def test_composition_order_matters_and_is_documented() -> None:
