@@ -182,7 +182,9 @@ class BSplineUpsample(nn.Module):
         if factor < 2 or factor & (factor - 1):
             raise ValueError(f"control-point spacing must be a power of two >= 2 voxels, got {factor}")
         self.factor = factor
-        m = torch.arange(4 * factor, dtype=torch.float64)
+        # on the CPU whatever the default device: built on the meta device (a stack file's table checked without
+        # memory), an arange there would import torch's decompositions, a second of start-up
+        m = torch.arange(4 * factor, dtype=torch.float64, device="cpu")
         kernel = cubic_bspline((m - (4 * factor - 1) / 2) / factor)
         self.register_buffer("kernel", kernel.float(), persistent=False)
 

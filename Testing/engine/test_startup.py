@@ -45,3 +45,14 @@ def test_train_help_still_lists_the_training_flags() -> None:
     proc = subprocess.run([sys.executable, "-m", "dlir", "train", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "--config" in proc.stdout and "--resume" in proc.stdout and "--out" in proc.stdout
+
+
+def test_finding_a_stack_by_name_imports_no_compiler() -> None:
+    """Looking a stack up by name checks every registry file's tensor table on the meta device; that must not pull in
+    torch's compiler (torch._dynamo, imported by a decomposition on the meta device: over a second of every
+    `dlir register` on 2 cores)."""
+    probe = ("import sys\nfrom dlir.stack import resolve_stack\nresolve_stack('brain-mri')\n"
+             "print('IMPORTED', *sorted(m for m in ('torch._dynamo',) if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "IMPORTED", proc.stdout
