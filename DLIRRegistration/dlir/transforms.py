@@ -265,29 +265,46 @@ def _interpolation_matrix(coords: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
-def field_on_grid(field: "DisplacementField", grid: Grid, k0: int, k1: int) -> torch.Tensor | None:
-    """``u`` of ``field`` at the voxel centres of slices ``k0 .. k1-1`` of ``grid``, ``[1, k1-k0, H, W, 3]``, by separable
-    linear interpolation (three small matrix products instead of a trilinear gather per point).
+def resample_parallel(values: torch.Tensor, source: Grid, grid: Grid, k0: int = 0, k1: int | None = None,
+                      extent: Grid | None = None) -> torch.Tensor | None:
+    """``values`` ``[C, Dz, Dy, Dx]`` (on ``source``) at the voxel centres of slices ``k0 .. k1-1`` of ``grid``,
+    ``[C, k1-k0, H, W]``, trilinear with the border values extended (as ``grid_sample`` with border padding), by three
+    small matrix products instead of a gather per point.
 
-    Only when ``grid``'s axes are parallel to the field grid's, axis for axis (a diagonal direction
-    matrix relative to it, flips allowed); None otherwise.  Equal to :class:`DisplacementField`'s own
-    evaluation (trilinear, border values extended) up to float32 rounding.
+    Only when ``grid``'s axes are parallel to ``source``'s, axis for axis (a diagonal direction matrix relative to it,
+    flips allowed); None otherwise.  ``extent`` (parallel too): 0 where a point lies outside that image (continuous
+    index beyond ``[-0.5, size - 0.5]``, as :func:`dlir.geometry.sample`); inside and outside are separable.
     """
-    fg = field.grid
-    if field.field.shape[0] != 1 or not _parallel(grid, fg):
+    k1 = grid.shape[0] if k1 is None else k1
+    if not _parallel(grid, source) or (extent is not None and not _parallel(grid, extent)):
         return None
-    to_field = fg.physical_to_index() @ grid.index_to_physical()  # grid index -> field index (diagonal + offset)
-    height, width = grid.shape[1], grid.shape[2]
+    to_source = source.physical_to_index() @ grid.index_to_physical()  # grid index -> source index (diagonal + offset)
+    to_extent = None if extent is None else extent.physical_to_index() @ grid.index_to_physical()
     dtype = torch.float64
-    axes = [torch.arange(width, dtype=dtype), torch.arange(height, dtype=dtype), torch.arange(k0, k1, dtype=dtype)]
-    mats = [_interpolation_matrix(a * float(to_field[d, d]) + float(to_field[d, 3]), fg.size[d]).float() for d, a in enumerate(axes)]
-    u = field.field[0].float()  # [3, Dz, Dy, Dx]
-    device = u.device
-    mi, mj, mk = (m.to(device) for m in mats)
+    axes = [torch.arange(grid.size[0], dtype=dtype), torch.arange(grid.size[1], dtype=dtype), torch.arange(k0, k1, dtype=dtype)]
+    mats = []
+    for d, a in enumerate(axes):
+        m = _interpolation_matrix(a * float(to_source[d, d]) + float(to_source[d, 3]), source.size[d])
+        if to_extent is not None:
+            index = a * float(to_extent[d, d]) + float(to_extent[d, 3])
+            m[(index < -0.5) | (index > extent.size[d] - 0.5)] = 0.0  # type: ignore[union-attr]
+        mats.append(m.to(device=values.device, dtype=torch.float32))
+    mi, mj, mk = mats
+    u = values.float()
     u = torch.einsum("kz,czyx->ckyx", mk, u)
     u = torch.einsum("jy,ckyx->ckjx", mj, u)
-    u = torch.matmul(u, mi.T)  # [3, K, H, W]
-    return u.permute(1, 2, 3, 0)[None]
+    return torch.matmul(u, mi.T)
+
+
+def field_on_grid(field: "DisplacementField", grid: Grid, k0: int, k1: int) -> torch.Tensor | None:
+    """``u`` of ``field`` at the voxel centres of slices ``k0 .. k1-1`` of ``grid``, ``[1, k1-k0, H, W, 3]``, by separable
+    linear interpolation (:func:`resample_parallel`); None unless ``grid``'s axes are parallel to the field grid's.
+    Equal to :class:`DisplacementField`'s own evaluation (trilinear, border values extended) up to float32 rounding.
+    """
+    if field.field.shape[0] != 1:
+        return None
+    u = resample_parallel(field.field[0], field.grid, grid, k0, k1)
+    return None if u is None else u.permute(1, 2, 3, 0)[None]
 
 
 def evaluate_on_slab(transform: SpatialTransform, grid: Grid, k0: int, k1: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -83,7 +83,7 @@ def _moving(grid: Grid, dtype=np.int16) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------- network inputs
 def test_network_inputs_equal_the_full_resolution_gaussian_without_block_averaging(shared_data: Path) -> None:
-    """Every development pair (voxels >= 1.5 mm): no block averaging, so the stage inputs are exactly today's."""
+    """Every development pair (voxels >= 1.5 mm): no block averaging, so the stage inputs are today's (float rounding)."""
     pair = shared_data / "pairs" / "lung1_aniso"
     fixed, moving = (sitk.ReadImage(str(pair / f"{n}.nii.gz")) for n in ("fixed", "moving"))
     stack = load_stack(resolve_stack("chest-ct"))
@@ -99,7 +99,8 @@ def test_network_inputs_equal_the_full_resolution_gaussian_without_block_averagi
         grid, f, m = stage_inputs(stage.spec, f_new, m_new, shift)
         old_f = to_grid(f_old.smoothed(stage.spec.spacing_mm), fg, None, grid)
         old_m = to_grid(m_old.smoothed(stage.spec.spacing_mm), mg, shift, grid)
-        assert torch.equal(f, old_f) and torch.equal(m, old_m)
+        # the same up to float32 rounding (the fixed image, parallel to the network grid, is interpolated separably)
+        assert torch.allclose(f, old_f, rtol=0, atol=2e-5) and torch.allclose(m, old_m, rtol=0, atol=2e-5)
 
 
 def test_network_inputs_from_block_averages_stay_close_on_a_fine_grid() -> None:
