@@ -18,7 +18,7 @@ from dlir.losses import one_hot, soft_dice, soft_dice_loss
 from dlir.metrics import dice
 from dlir.pairs import sample_pair
 from dlir.register import register
-from dlir.stack import load_stack
+from dlir.stack import load_stack, resolve_stack
 from dlir.training.config import ShapeSpec, SyntheticSpec, TrainConfig
 from dlir.training.jobfolder import EVENTS_FILE
 from dlir.training.shapes import draw_image, label_map, shape_grid, shape_pair
@@ -180,27 +180,24 @@ def test_a_stack_trains_on_synthetic_shapes_alone(tmp_path: Path) -> None:
     assert [s.dice_weight for s in stack.manifest.recipe.stages] == [1.0, 0.5]
 
 
-def test_a_tiny_stack_trained_on_shapes_alone_improves_a_real_pair(tmp_path: Path) -> None:
-    """Shapes only, no real image: a small keypoint affine trained for 400 iterations on soft Dice registers the
-    bundled MNI pair better than its initial alignment (measured: Dice 0.661 -> 0.673; shape validation 0.607 -> 0.750)."""
-    stage = {"kind": "affine", "spacing_mm": [8.0, 8.0, 8.0], "channels": 8, "depth": 1, "keypoints": 16, "iterations": 400,
-             "learning_rate": 0.003, "dice_weight": 1.0}
-    config = TrainConfig.from_dict({
-        "name": "tiny-shapes", "device": "cpu", "seed": 0, "validate_every": 0, "checkpoint_every": 1000,
-        "data": {"validation_pairs_per_image": 1, "shapes_fraction": 1.0},
-        "shapes": {"size": 32, "spacing_mm": 4.0, "labels_min": 4, "labels_max": 8, "blob_mm_min": 16.0, "blob_mm_max": 40.0,
-                   "same_contrast": 1.0},
-        "synthetic": {"displacement_mm": 2.0, "rotation_deg": 5.0, "scale": 0.05, "shear": 0.0, "translation_mm": 12.0},
-        "recipe": {"initial_alignment": "centre", "stages": [stage]}})
-    stack = load_stack(train(config, tmp_path / "job", progress="none"))
+def test_the_stack_trained_on_shapes_alone_improves_a_real_pair() -> None:
+    """The bundled ``universal`` stack saw synthetic shapes only, no real image: it registers the bundled MNI pair better
+    than its initial alignment, every label (measured: mean Dice 0.661 -> 0.683).
+
+    (A tiny keypoint affine trained here for 400 iterations was tried first: over seeds 0-3 its change on this pair was
+    +0.012 / +0.004 / +0.004 / 0 and, after a float-rounding-level change of the stage inputs, +0.002 / 0 / +0.001 / 0,
+    so it tested luck; transfer from shapes to real images takes the hour of training that ``universal`` had.)"""
     pair = sample_pair()
     fixed_labels, moving_labels = (sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in (pair.fixed_labels, pair.moving_labels))
+    stack = load_stack(resolve_stack("universal"))
+    assert not stack.manifest.training.get("images")  # trained on shapes alone
     result = register(sitk.ReadImage(str(pair.fixed)), sitk.ReadImage(str(pair.moving)), stack,
                       moving_labels=sitk.ReadImage(str(pair.moving_labels)), device="cpu")
     labels = [int(v) for v in np.unique(fixed_labels) if v]
-    before = np.mean(list(dice(fixed_labels, moving_labels, labels).values()))
-    after = np.mean(list(dice(fixed_labels, sitk.GetArrayFromImage(result.warped_labels), labels).values()))
-    assert after > before + 0.005, (before, after)
+    before = dice(fixed_labels, moving_labels, labels)
+    after = dice(fixed_labels, sitk.GetArrayFromImage(result.warped_labels), labels)
+    assert all(after[k] > before[k] for k in labels), (before, after)
+    assert np.mean(list(after.values())) > np.mean(list(before.values())) + 0.015, (before, after)
 
 
 def test_held_out_images_are_never_drawn_for_training(tmp_path: Path) -> None:
