@@ -288,6 +288,39 @@ def test_tensorboard_gets_scalars_and_image_snapshots(tmp_path: Path) -> None:
     assert len(events.Scalars("stage2/ncc")) == 8  # one per logged iteration
 
 
+def test_a_stage_appended_to_a_finished_job_trains_as_in_a_job_with_it_from_the_start(tmp_path: Path) -> None:
+    """How a finer stage is added to a stack: append it to the job's config.toml and resume.  The earlier stage is not
+    trained again, the new one starts from the weights a two-stage job would have given it, so the result equals a
+    two-stage job's.  A stage removed from the recipe is refused in one sentence."""
+    config = write_config(tmp_path)
+    text = config.read_text(encoding="utf-8")
+    cut = text.index("[[recipe.stages]]", text.index("[[recipe.stages]]") + 1)
+    first_only = tmp_path / "first.toml"
+    first_only.write_text(text[:cut], encoding="utf-8")
+    reference = dlir_train("--config", config, "--out", tmp_path / "reference", "--progress", "none")
+    assert reference.returncode == 0, reference.stderr
+    job = tmp_path / "job"
+    one = dlir_train("--config", first_only, "--out", job, "--progress", "none")
+    assert one.returncode == 0, one.stderr
+    assert [k for k in load_file(str(job / "tiny.safetensors")) if k.startswith("stage1.")] == []
+
+    job_config = job / "config.toml"
+    job_config.write_text(job_config.read_text(encoding="utf-8") + "\n" + text[cut:], encoding="utf-8")
+    extended = dlir_train("--resume", job, "--progress", "none")
+    assert extended.returncode == 0, extended.stderr
+    after = [e for e in events_of(job) if e["type"] == "iteration"]
+    assert {e["stage"] for e in after if e["iteration"] == 1} == {1, 2} and after[-1]["stage"] == 2
+    expected = load_file(str(tmp_path / "reference" / "tiny.safetensors"))
+    got = load_file(str(job / "tiny.safetensors"))
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+    job_config.write_text(text[:cut], encoding="utf-8")  # the second stage removed again: refused
+    shrunk = dlir_train("--resume", job, "--progress", "none", timeout=60)
+    assert shrunk.returncode != 0 and "not removed" in shrunk.stderr and "Traceback" not in shrunk.stderr
+
+
 def test_resume_without_a_job_is_one_sentence(tmp_path: Path) -> None:
     result = dlir_train("--resume", tmp_path, timeout=60)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "not a training job folder" in result.stderr

@@ -9,7 +9,9 @@ stage sees the whole stage grid.  Gradients are averaged over the batch.
 
 Robust jobs: a checkpoint (``checkpoints/last.pt``: weights, optimiser, best weights, position;
 read back with ``torch.load(weights_only=True)``) every ``checkpoint_every`` iterations, at
-every stage end and on SIGINT/SIGTERM.  All randomness of iteration ``i`` of stage ``k`` comes
+every stage end and on SIGINT/SIGTERM.  A finer stage can be added to a job, finished or not:
+append it to the job's ``config.toml`` (earlier stages left as they are) and resume; it starts
+from the initial weights a job with that recipe from the start would have given it.  All randomness of iteration ``i`` of stage ``k`` comes
 from a generator seeded with ``(seed, rank, k, i)``, so a resumed job draws exactly the pairs an
 uninterrupted one would, and on the CPU finishes with the same weights.
 
@@ -399,7 +401,18 @@ class Trainer:
             raise InputError(f"the checkpoint {path} cannot be read ({exc}); start the job again") from exc
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("name") != self.config.name:
             raise InputError(f"{path} is not a checkpoint of the job {self.config.name}")
-        self.stack.load_weights({n: t.to(self.device) for n, t in state["weights"].items()}, str(path))
+        weights = dict(state["weights"])
+        saved = len(state["records"])
+        if saved > len(self.records):
+            raise InputError(f"the checkpoint {path} holds {saved} stages and the job's config.toml {len(self.records)}: "
+                             "stages can be appended to a job's recipe, not removed")
+        if saved < len(self.records):  # stages appended to config.toml since: they start from their seeded initial weights
+            log.info("%d stage(s) appended to the job since its checkpoint; training them after the %d before",
+                     len(self.records) - saved, saved)
+            for name, tensor in self.stack.weights().items():
+                if int(name.split(".", 1)[0].removeprefix("stage")) >= saved:
+                    weights.setdefault(name, tensor.detach().cpu())
+        self.stack.load_weights({n: t.to(self.device) for n, t in weights.items()}, str(path))
         self.position = (int(state["stage"]), int(state["iteration"]))
         self.optimiser_state = state["optimiser"] or None
         for record, saved in zip(self.records, state["records"]):
