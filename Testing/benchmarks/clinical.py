@@ -32,9 +32,10 @@ What it does (needs ``../shared/data`` and ``pip install -e ".[bench]"`` for itk
    one is registered, the previous one written meanwhile) against elastix on each pair in its
    own process; per-pair ratio, DLIR's time per pair being its share of the cohort's wall time
    (``cohort_s`` of ``summary.csv``: waiting for its read and for the previous pair's write,
-   registering; the last pair's own write added to it).  The cohort process runs ``--repeats``' DLIR
-   count of times (default 2; each a fresh process) and each pair keeps its fastest share, as the
-   CT runs keep their fastest repetition: on a shared 2-core machine one run's shares vary by 2x.
+   registering; the last pair's own write added to it).  The cohort process is run as many times
+   as ``--repeats`` gives DLIR (default 2, each a fresh process) and each pair keeps its fastest
+   share, as the CT runs keep their fastest repetition: on a shared 2-core machine one run's shares
+   vary by up to 2x.  Peak RSS: the largest of the runs.
 
 Printed: three markdown tables (also in ``OUT/clinical.md``).  Times: ``time`` is read +
 register + write after imports and loading (DLIR: fastest repetition after the first when
@@ -290,7 +291,7 @@ def run_cohort(config: Config, source: Path, log=print) -> CohortResult:
     env = {**os.environ, "OMP_NUM_THREADS": str(config.threads)}
     dlir_s: dict[str, float] = {}
     read_s: dict[str, float] = {}
-    wall, peak = math.inf, math.nan
+    wall, peaks = math.inf, []
     for run in range(max(1, config.repeats[0])):
         log(f"cohort: one dlir register --pairs process over {len(pairs)} pairs (run {run + 1}) ...")
         t0 = time.perf_counter()
@@ -300,7 +301,8 @@ def run_cohort(config: Config, source: Path, log=print) -> CohortResult:
         if proc.returncode not in (0, 1):
             raise DLIRError(f"the cohort run failed (exit {proc.returncode}): {(proc.stderr.strip() or proc.stdout.strip())[-500:]}")
         args = args if "--overwrite" in args else [*args, "--overwrite"]
-        peak = float(peak_file.read_text()) if peak_file.is_file() else math.nan
+        if peak_file.is_file():
+            peaks.append(float(peak_file.read_text()))
         with (out / "summary.csv").open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
         status = {row["id"]: row["status"] for row in rows}
@@ -317,7 +319,7 @@ def run_cohort(config: Config, source: Path, log=print) -> CohortResult:
     for pair in pairs:
         spec = specs(config, pair.fixed, pair.moving, pair.moving_labels, config.out / "runs" / "cohort-elastix" / pair.id)["elastix"]
         elastix[pair.id] = run_measured("elastix", spec, None, config.timeout_s, log)
-    return CohortResult([p.id for p in pairs], voxels, dlir_s, read_s, wall, peak, status, elastix)
+    return CohortResult([p.id for p in pairs], voxels, dlir_s, read_s, wall, max(peaks, default=math.nan), status, elastix)
 
 
 def _header_size(path: Path) -> tuple[int, ...]:

@@ -9,11 +9,12 @@ stage sees the whole stage grid.  Gradients are averaged over the batch.
 
 Robust jobs: a checkpoint (``checkpoints/last.pt``: weights, optimiser, best weights, position;
 read back with ``torch.load(weights_only=True)``) every ``checkpoint_every`` iterations, at
-every stage end and on SIGINT/SIGTERM.  A finer stage can be added to a job, finished or not:
-append it to the job's ``config.toml`` (earlier stages left as they are) and resume; it starts
-from the initial weights a job with that recipe from the start would have given it.  All randomness of iteration ``i`` of stage ``k`` comes
+every stage end and on SIGINT/SIGTERM.  All randomness of iteration ``i`` of stage ``k`` comes
 from a generator seeded with ``(seed, rank, k, i)``, so a resumed job draws exactly the pairs an
-uninterrupted one would, and on the CPU finishes with the same weights.
+uninterrupted one would, and on the CPU finishes with the same weights.  A finer stage can be
+added to a job, finished or not: append it to the job's ``config.toml`` (earlier stages left as
+they are) and resume; it starts from the initial weights a job with that recipe from the start
+would have given it, so the stack is that job's.
 
 Scale out: under ``torchrun`` (``WORLD_SIZE`` > 1) the stage's network is wrapped in
 DistributedDataParallel (NCCL on GPUs, gloo on CPUs), every rank draws its own pairs, and only
