@@ -403,15 +403,15 @@ class Trainer:
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("name") != self.config.name:
             raise InputError(f"{path} is not a checkpoint of the job {self.config.name}")
         weights = dict(state["weights"])
-        saved = len(state["records"])
-        if saved > len(self.records):
-            raise InputError(f"the checkpoint {path} holds {saved} stages and the job's config.toml {len(self.records)}: "
+        saved_stages = len(state["records"])
+        if saved_stages > len(self.records):
+            raise InputError(f"the checkpoint {path} holds {saved_stages} stages and the job's config.toml {len(self.records)}: "
                              "stages can be appended to a job's recipe, not removed")
-        if saved < len(self.records):  # stages appended to config.toml since: they start from their seeded initial weights
+        if saved_stages < len(self.records):  # stages appended to config.toml since: they start from their seeded initial weights
             log.info("%d stage(s) appended to the job since its checkpoint; training them after the %d before",
-                     len(self.records) - saved, saved)
+                     len(self.records) - saved_stages, saved_stages)
             for name, tensor in self.stack.weights().items():
-                if int(name.split(".", 1)[0].removeprefix("stage")) >= saved:
+                if int(name.split(".", 1)[0].removeprefix("stage")) >= saved_stages:
                     weights.setdefault(name, tensor.detach().cpu())
         self.stack.load_weights({n: t.to(self.device) for n, t in weights.items()}, str(path))
         self.position = (int(state["stage"]), int(state["iteration"]))
