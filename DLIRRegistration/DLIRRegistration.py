@@ -33,6 +33,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from dlir.choices import ALIGNMENT_MODES
+
 #: oldest PyTorch the engine is meant for (installed through the PyTorch extension)
 TORCH_REQUIREMENT = ">=2.1"
 SAMPLE_CATEGORY = "DLIR"
@@ -121,28 +123,29 @@ class RegistrationMode(enum.Enum):
         return _("Fast (one shot)") if self is RegistrationMode.FAST else _("Accurate (optimised on this pair)")
 
 
-class InitialAlignment(enum.Enum):
-    """How the moving volume is placed before the networks; ``engineValue`` is ``registerVolumes``' ``initialAlignment``."""
-
-    STACK = "stack"
-    CENTRE = "centre"
-    COM = "com"
-    MOMENTS = "moments"
-    NONE = "none"
+class _AlignmentChoice(enum.Enum):
+    """The behaviour of :data:`InitialAlignment`, whose members are made from the engine's list."""
 
     def label(self) -> str:
-        """The text in the initial-alignment chooser."""
+        """The text in the initial-alignment chooser (the engine's name for a mode this list does not know)."""
         return {
-            InitialAlignment.STACK: _("Stack default"),
-            InitialAlignment.CENTRE: _("Image centres"),
-            InitialAlignment.COM: _("Centres of mass"),
-            InitialAlignment.MOMENTS: _("Centres of mass and principal axes"),
-            InitialAlignment.NONE: _("None (as placed)"),
-        }[self]
+            "stack": _("Stack default"),
+            "centre": _("Image centres"),
+            "com": _("Centres of mass"),
+            "moments": _("Centres of mass and principal axes"),
+            "none": _("None (as placed)"),
+        }.get(self.value, self.value)
 
     def engineValue(self) -> Optional[str]:
         """None for the stack's own recipe, else the engine's name of the alignment."""
-        return None if self is InitialAlignment.STACK else self.value
+        return None if self.value == "stack" else self.value
+
+
+#: How the moving volume is placed before the networks: STACK (the stack's recipe) or one member per
+#: ``dlir.choices.ALIGNMENT_MODES`` (CENTRE, COM, MOMENTS, NONE); ``engineValue`` is ``registerVolumes``'
+#: ``initialAlignment``.
+InitialAlignment = _AlignmentChoice(
+    "InitialAlignment", [("STACK", "stack")] + [(mode.upper(), mode) for mode in ALIGNMENT_MODES], module=__name__)
 
 
 @parameterNodeWrapper

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import __version__
+from .choices import ALIGNMENT_MODES, FILE_OUTPUTS, LABEL_INTERPOLATIONS
 from .errors import DLIRError, InputError
 
 EXIT_USER_ERROR = 2
@@ -55,12 +56,12 @@ def _add_register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine", default="0", metavar="auto|N",
                    help="auto = accurate mode: the networks' transform optimised on the pair, coarse to fine, to convergence, "
                         "never folding; N = N optimiser steps at the finest level only (for experiments); default 0 = one shot")
-    p.add_argument("--initial-alignment", choices=("centre", "com", "moments", "none"),
+    p.add_argument("--initial-alignment", choices=ALIGNMENT_MODES,
                    help="override the stack's initial alignment: image centres, centres of mass, centres of mass and "
                         "principal axes (moments: for images rotated against each other), or none")
-    p.add_argument("--label-interpolation", choices=("nearest", "one-hot-linear"), default="nearest")
-    p.add_argument("--outputs", default="warped,labels,jacobian,transform", metavar="LIST",
-                   help="comma-separated outputs to compute and write, from warped, labels, jacobian, transform "
+    p.add_argument("--label-interpolation", choices=LABEL_INTERPOLATIONS, default="nearest")
+    p.add_argument("--outputs", default=",".join(FILE_OUTPUTS), metavar="LIST",
+                   help=f"comma-separated outputs to compute and write, from {', '.join(FILE_OUTPUTS)} "
                         "(default all; result.json is always written, with folding and std of the Jacobian)")
 
 

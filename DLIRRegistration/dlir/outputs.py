@@ -38,6 +38,7 @@ from typing import Callable
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from .choices import FILE_OUTPUTS as OUTPUTS
 from .errors import DLIRError, InputError
 from .io import _captured_stderr, write_image, write_transform
 from .metrics import dice
@@ -55,9 +56,6 @@ TRANSFORM_FILE = "transform.h5"
 LABELS_FILE = "labels.nii.gz"
 RESULT_FILE = "result.json"
 OUTPUT_FILES = (WARPED_FILE, JACOBIAN_FILE, TRANSFORM_FILE, LABELS_FILE, RESULT_FILE)
-#: what ``dlir register --outputs`` can ask for (default all) and the file each writes
-OUTPUTS = ("warped", "labels", "jacobian", "transform")
-OUTPUT_FILE = {"warped": WARPED_FILE, "labels": LABELS_FILE, "jacobian": JACOBIAN_FILE, "transform": TRANSFORM_FILE}
 #: the table of a cohort (``dlir register --pairs``) beside its pair folders
 SUMMARY_FILE = "summary.csv"
 #: ``out`` + this suffix: the lock file of a run writing into ``out`` (beside it)

@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from .choices import ALIGNMENT_MODES, AlignmentMode
 from .errors import StackError
 
 StageKind = Literal["affine", "bspline"]
@@ -251,7 +252,7 @@ class Recipe:
 
     stages: tuple[StageSpec, ...]
     intensity: IntensitySpec = field(default_factory=IntensitySpec)
-    initial_alignment: Literal["centre", "com", "moments", "none"] = "centre"
+    initial_alignment: AlignmentMode = "centre"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
@@ -261,7 +262,7 @@ class Recipe:
             raise StackError(f"a stack has at most {MAX_STAGES} stages, this recipe has {len(self.stages)}")
         if not all(isinstance(s, StageSpec) for s in self.stages) or not isinstance(self.intensity, IntensitySpec):
             raise StackError("a recipe is made of StageSpec stages and an IntensitySpec")
-        _choice(self.initial_alignment, "initial alignment", ("centre", "com", "moments", "none"))
+        _choice(self.initial_alignment, "initial alignment", ALIGNMENT_MODES)
         weights = [s.weight_count for s in self.stages]
         if sum(weights) > MAX_WEIGHTS:
             k = max(range(len(weights)), key=weights.__getitem__)

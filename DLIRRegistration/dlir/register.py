@@ -32,12 +32,14 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Iterator, Literal
+from typing import Callable, Collection, Iterator
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .choices import CHUNK_VOXELS as _CHUNK_VOXELS
+from .choices import DEFAULT_OUTPUTS, ENGINE_OUTPUTS, LABEL_INTERPOLATIONS, LabelInterpolation
 from .device import resolve_device
 from .errors import CancelledError, DeviceError, InputError, StackError
 from .export import itk_transform
@@ -54,10 +56,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
 Cancel = Callable[[], bool]
-LabelInterpolation = Literal["nearest", "one-hot-linear"]
 
-#: voxels per chunk when evaluating the transform on the full-resolution fixed grid
-_CHUNK_VOXELS = 1_000_000
 #: below this share of fixed voxels inside the moving image after the initial alignment, the
 #: images count as not overlapping (a warning, and ``no_overlap`` in the summary)
 NO_OVERLAP_BELOW = 0.01
@@ -71,9 +70,6 @@ _FEW_LABELS = 16
 #: 2 mm field of a head or chest with its margin made a 50-118 MB transform; measured deviation from the
 #: stages' own composition in ``Testing/engine/test_export.py``
 MERGED_SPACING_MM = 4.0
-#: the full-resolution results :func:`register` can make (``outputs``) and those it makes by default
-ENGINE_OUTPUTS = ("warped", "labels", "jacobian", "displacement")
-DEFAULT_OUTPUTS = ("warped", "labels", "jacobian")
 
 
 @dataclass
@@ -188,8 +184,8 @@ def register(
     if fixed_mask is not None:
         check_label_map(fixed_mask, fixed, "fixed mask", "fixed image")
     check_refinement(refine)
-    if label_interpolation not in ("nearest", "one-hot-linear"):
-        raise InputError(f"unknown label interpolation {label_interpolation!r}: use nearest or one-hot-linear")
+    if label_interpolation not in LABEL_INTERPOLATIONS:
+        raise InputError(f"unknown label interpolation {label_interpolation!r}: use {' or '.join(LABEL_INTERPOLATIONS)}")
     wanted = frozenset(DEFAULT_OUTPUTS if outputs is None else outputs)
     if not wanted <= set(ENGINE_OUTPUTS):
         raise InputError(f"unknown outputs {', '.join(sorted(wanted - set(ENGINE_OUTPUTS)))}: choose from {', '.join(ENGINE_OUTPUTS)}")
@@ -259,7 +255,7 @@ def _register(
     label_interpolation: LabelInterpolation,
     progress: Progress | None,
     cancel: Cancel | None,
-    options: tuple[frozenset[str], bool] = (frozenset(("warped", "labels", "jacobian")), False),
+    options: tuple[frozenset[str], bool] = (frozenset(DEFAULT_OUTPUTS), False),
 ) -> Registration:
     wanted, float_warped = options
     n_stages = len(stack.stages)

@@ -23,13 +23,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
+from .choices import STACK_SUFFIX as SUFFIX
+from .choices import stack_file_name
 from .errors import DLIRError, StackError
 from .recipe import Recipe
 from .stages import build_stage
 
 FORMAT = "dlir-stack"
 FORMAT_VERSION = 1
-SUFFIX = ".safetensors"
 
 #: the manifest's JSON is refused above this size (bytes) or nesting depth, before it is parsed
 MAX_MANIFEST_BYTES = 1_000_000
@@ -463,7 +464,7 @@ def install_stack(source: str | Path, folder: str | Path | None = None, overwrit
     load_stack(source)
     manifest = read_manifest(source)
     folder = Path(folder) if folder else user_models_dir()
-    target = folder / f"{manifest.name}{SUFFIX}"
+    target = folder / stack_file_name(manifest.name)
     if target.exists() and target.resolve() == source.resolve():
         return StackInfo(manifest.name, target, manifest)
     if target.exists() and not overwrite:

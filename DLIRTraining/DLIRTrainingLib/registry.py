@@ -27,9 +27,10 @@ def modelsDir(chosen: str | Path | None = None, default: Path | None = None) -> 
 
 def stackNameTaken(name: str, folder: Path) -> Path | None:
     """The file of a stack already called ``name`` (in ``folder`` or anywhere the registry looks), else None."""
+    from dlir.choices import stack_file_name
     from dlir.stack import list_stacks
 
-    candidate = folder / f"{name}.safetensors"
+    candidate = folder / stack_file_name(name)
     if candidate.exists():
         return candidate
     for info in list_stacks((folder,)):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..choices import stack_file_name
+
 CONFIG_FILE = "config.toml"
 EVENTS_FILE = "events.jsonl"
 LOG_FILE = "train.log"
@@ -20,4 +22,4 @@ CHECKPOINT = Path(CHECKPOINTS_DIR) / "last.pt"
 
 def stack_file(job_dir: str | Path, name: str) -> Path:
     """The finished stack of the job ``name`` in ``job_dir``."""
-    return Path(job_dir) / f"{name}.safetensors"
+    return Path(job_dir) / stack_file_name(name)
