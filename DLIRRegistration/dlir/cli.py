@@ -1,7 +1,7 @@
 """The ``dlir`` command: ``dlir register | info | train | evaluate | bench``.
 
 The top layer of the engine: it parses arguments and calls the engine (:mod:`dlir.outputs`,
-:mod:`dlir.stack`, :mod:`dlir.training`, :mod:`dlir.evaluation`), importing each only when its
+:mod:`dlir.cohort`, :mod:`dlir.stack`, :mod:`dlir.training`, :mod:`dlir.evaluation`), importing each only when its
 command runs, so ``dlir --help`` and ``dlir register --help`` start without PyTorch, SimpleITK
 or NumPy (``Testing/engine/test_startup.py``); only the named command's options are built (the
 training flags need :mod:`dlir.training.config`).  Every user-caused failure ends with
@@ -104,96 +104,24 @@ def _print_result(result: dict, out: Path) -> None:
     print(f"outputs in {out}")
 
 
-SUMMARY_COLUMNS = ("id", "status", "total_s", "cohort_s", "folding_fraction", "jacobian_std")
-
-
 def _register_cohort(stack_path: Path, source: Path, out: Path, options: dict, overwrite: bool) -> int:
-    """Register every pair of a CSV or a folder of pair folders (see :mod:`dlir.pairs`) into ``out/ID``.
-
-    The cohort is staged and put in place as a whole (``out`` is absent or complete), each pair
-    folder atomically inside it.  A pair that fails (a refused input, or an unexpected error) is
-    recorded in ``summary.csv`` with its sentence and the others go on.  The stack is loaded
-    once; a background thread reads the next pair while the current one is registered
-    (:class:`dlir.prefetch.PairReader`), so a pair's ``read`` time is only what was not hidden,
-    and another writes a pair's outputs while the next one is registered (one pair at a time).
-    ``cohort_s`` (summary.csv, result.json): the pair's share of the cohort's wall time, i.e. the
-    time from the end of the previous pair's registration to the end of its own (waiting for
-    its read and for the previous pair's write included; the last pair also gets the final write).
-    """
-    import csv
-    import io
-    import logging
-    import time
-    from concurrent.futures import Future, ThreadPoolExecutor
-
+    """Register the pairs of a CSV or a folder of pair folders (:mod:`dlir.pairs`) into ``out/ID`` (:mod:`dlir.cohort`)
+    and say how many were registered; exit code 1 when any failed, each named with its sentence on stderr."""
     from tqdm import tqdm
 
-    from .outputs import (SUMMARY_FILE, ComputedPair, OutputError, OutputFolder, compute_pair, staged_folder, write_pair,
-                          write_text_atomically)
+    from .cohort import register_cohort
+    from .outputs import SUMMARY_FILE
     from .pairs import read_pairs
-    from .prefetch import PairReader
-    from .stack import load_stack
 
     pairs = read_pairs(source)
-    inputs: dict[str, str | Path | None] = {"pairs file" if source.is_file() else "pairs folder": source, "stack": stack_path}
-    for pair in pairs:
-        for what in ("fixed", "moving", "moving_labels", "fixed_mask", "fixed_labels"):
-            inputs[f"{what.replace('_', ' ')} of pair {pair.id}"] = getattr(pair, what)
-    rows: list[dict[str, object]] = []
-
-    def recorded(row: dict[str, object], work: Callable[[], dict[str, object] | None]) -> None:
-        """Run ``work`` for the pair of ``row``: its result fills the row, an error becomes its status."""
-        try:
-            result = work()
-            if result is not None:
-                row.update(status="ok", total_s=result["total_s"], folding_fraction=result["folding_fraction"],
-                           jacobian_std=result["jacobian_std"])
-        except DLIRError as exc:
-            row["status"] = f"error: {exc}"
-        except Exception as exc:  # a bug or an unforeseen input: recorded (on one line), and the cohort goes on
-            logging.getLogger(__name__).info("pair %s failed", row["id"], exc_info=True)  # the traceback with -v
-            row["status"] = f"error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
-
-    def write(pair, computed, extra: dict[str, object]) -> dict[str, object]:
-        with staged_folder(folder.temp / pair.id, shown=out / pair.id) as temp:
-            return write_pair(temp, computed, shown=out / pair.id, extra=extra)
-
-    with OutputFolder(out, inputs, overwrite=overwrite) as folder, PairReader(pairs) as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="dlir-writer") as writes:
-        stack = load_stack(stack_path)  # while the first pair is read
-        pending: tuple[dict[str, object], Future] | None = None  # the pair being written
-        mark = time.perf_counter()
-        for pair in tqdm(pairs, desc="pairs", unit="pair", disable=not sys.stderr.isatty()):
-            row: dict[str, object] = dict.fromkeys(SUMMARY_COLUMNS, "") | {"id": pair.id}
-            rows.append(row)
-            computed: list[ComputedPair] = []
-            recorded(row, lambda: computed.append(compute_pair(stack, pair.fixed, pair.moving, moving_labels=pair.moving_labels,
-                                                               fixed_mask=pair.fixed_mask, fixed_labels=pair.fixed_labels,
-                                                               show_progress=False, images=reader.next(), **options)))
-            if pending is not None:  # one write at a time: the previous pair's, while this one was registered
-                recorded(pending[0], pending[1].result)
-            now = time.perf_counter()
-            row["cohort_s"] = round(now - mark, 4)
-            mark = now
-            pending = (row, writes.submit(write, pair, computed[0], {"cohort_s": row["cohort_s"]})) if computed else None
-        if pending is not None:
-            recorded(pending[0], pending[1].result)
-            pending[0]["cohort_s"] = round(float(pending[0]["cohort_s"]) + time.perf_counter() - mark, 4)
-        failures = sum(row["status"] != "ok" for row in rows)
-        table = io.StringIO(newline="")
-        writer = csv.DictWriter(table, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        try:
-            write_text_atomically(folder.temp / SUMMARY_FILE, table.getvalue())
-        except OSError as exc:
-            raise OutputError(f"cannot write {SUMMARY_FILE} into {out} ({exc.strerror or exc}); nothing was written there") from exc
-        folder.commit()
-    print(f"{len(pairs) - failures} of {len(pairs)} pairs registered; summary in {out / SUMMARY_FILE}")
-    for row in rows:
-        if row["status"] != "ok":
-            print(f"  {row['id']}: {row['status']}", file=sys.stderr)
-    return 0 if failures == 0 else 1
+    with tqdm(total=len(pairs), desc="pairs", unit="pair", disable=not sys.stderr.isatty()) as bar:
+        rows = register_cohort(pairs, stack_path, out, source=source, overwrite=overwrite,
+                               progress=lambda done, total: bar.update(done - bar.n), **options)
+    failures = [row for row in rows if row["status"] != "ok"]
+    print(f"{len(pairs) - len(failures)} of {len(pairs)} pairs registered; summary in {out / SUMMARY_FILE}")
+    for row in failures:
+        print(f"  {row['id']}: {row['status']}", file=sys.stderr)
+    return 0 if not failures else 1
 
 
 # ----------------------------------------------------------------------------------- info
