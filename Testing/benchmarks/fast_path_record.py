@@ -37,7 +37,10 @@ def record(out: str) -> None:
     data = {}
     for pair in sorted(PAIRS.iterdir()):
         stack = load_stack(resolve_stack("chest-ct" if pair.name.startswith("lung") else "brain-mri"))
-        read = lambda name: sitk.ReadImage(str(pair / f"{name}.nii.gz"))
+
+        def read(name: str, pair: Path = pair) -> sitk.Image:
+            return sitk.ReadImage(str(pair / f"{name}.nii.gz"))
+
         inputs.clear()
         reg = register(read("fixed"), read("moving"), stack, moving_labels=read("moving_labels"), device="cpu")
         for k, (f, m) in enumerate(inputs):

@@ -1,4 +1,5 @@
-"""The README's quick-start command works: the bundled ``brain-mri`` stack on the bundled sample pair.
+"""The README's quick-start command works: the bundled ``brain-mri`` stack on the bundled sample pair;
+and its test command is the one ``.ci/run`` runs.
 
 The command's ``dlir register ...`` part runs as written (from the repository root, with this
 Python's ``dlir``); the venv set-up before it is what ``.ci/run`` already did.
@@ -46,3 +47,15 @@ def test_quick_start_registers_the_sample_pair_with_the_bundled_stack(tmp_path: 
     mean_after = sum(d["after"] for d in dice.values()) / len(dice)
     assert mean_after > mean_before + 0.05, (mean_before, mean_after)  # the trained stack registers, not just runs
     assert report["folding_fraction"] < 1e-3
+
+
+def test_ci_runs_the_readme_test_command_linter_first() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Install and test", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block is not None, "the README's Install and test has no bash block"
+    command = block.group(1).strip()
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    assert command in ci, f".ci/run does not run the README's test command {command!r}"
+    steps = command.split(" && ")
+    assert steps.index(".venv/bin/ruff check .") < steps.index(".venv/bin/python -m pytest -q"), steps

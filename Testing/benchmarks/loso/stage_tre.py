@@ -53,7 +53,7 @@ def main(stack_path: str, pairs_csv: str) -> None:
     stack = load_stack(stack_path).eval()
     base = Path(pairs_csv).resolve().parent
     stages = [f"{k + 1} {s.spec.kind}" for k, s in enumerate(stack.stages)]
-    print(f"| pair | before | initial | " + " | ".join(stages) + " | best affine |")
+    print("| pair | before | initial | " + " | ".join(stages) + " | best affine |")
     print("|" + " --- |" * (len(stages) + 4))
     with open(pairs_csv, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
