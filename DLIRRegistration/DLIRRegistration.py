@@ -33,7 +33,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from dlir.choices import ALIGNMENT_MODES
+from dlir.choices import ALIGNMENT_MODES, STACK_SUFFIX
 
 #: oldest PyTorch the engine is meant for (installed through the PyTorch extension)
 TORCH_REQUIREMENT = ">=2.1"
@@ -332,7 +332,7 @@ class DLIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.refreshStacks()
 
     def onAddStack(self) -> None:
-        path = qt.QFileDialog.getOpenFileName(self.parent, _("Add a DLIR stack"), "", _("DLIR stacks (*.safetensors)"))
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Add a DLIR stack"), "", _("DLIR stacks") + f" (*{STACK_SUFFIX})")
         if not path:
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to add the stack."), waitCursor=True):
