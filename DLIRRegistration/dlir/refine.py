@@ -150,8 +150,7 @@ class _Level:
         self.moving, self.moving_grid = moving.source_for(spacings)
         self.extent = moving.grid
         index, weight = _draw_indices(fixed.grid, mask, spacing, count, generator)
-        to_physical = torch.as_tensor(fixed.grid.index_to_physical(), dtype=torch.float32)
-        points = (index @ to_physical[:3, :3].T + to_physical[:3, 3]).to(fixed.device).reshape(1, -1, 1, 1, 3)
+        points = fixed.grid.physical_from_index(index).to(fixed.device).reshape(1, -1, 1, 1, 3)
         image, image_grid = fixed.source_for(spacings)
         self.fixed = sample_source(image, image_grid, fixed.grid, points).reshape(-1)
         self.weights = weight.to(device=fixed.device, dtype=self.fixed.dtype)
@@ -178,9 +177,7 @@ class _Level:
         """
         values = sample(self.moving, self.moving_grid, points, outside=None)
         with torch.no_grad():
-            idx = self.extent.continuous_index(points)
-            size = torch.as_tensor(self.extent.size, dtype=idx.dtype, device=idx.device)
-            inside = ((idx >= -0.5) & (idx <= size - 0.5)).all(dim=-1).unsqueeze(1).to(values.dtype)
+            inside = self.extent.contains(points).unsqueeze(1).to(values.dtype)
         return values, inside
 
 def _draw_indices(grid: Grid, mask: np.ndarray | None, spacing: float, count: int,

@@ -357,13 +357,9 @@ def overlap_fraction(initial: SpatialTransform, fixed_grid: Grid, moving_grid: G
             for n in fixed_grid.size]
     k, j, i = torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
     index = torch.stack([i, j, k], dim=-1).reshape(-1, 3)
-    m = torch.as_tensor(fixed_grid.index_to_physical(), dtype=torch.float64)
-    points = (index @ m[:3, :3].T + m[:3, 3])[None]
+    points = fixed_grid.physical_from_index(index)[None]
     mapped = initial(points.to(device)).cpu()[0]
-    continuous = moving_grid.continuous_index(mapped)
-    size = torch.as_tensor(moving_grid.size, dtype=torch.float64)
-    inside = ((continuous >= -0.5) & (continuous <= size - 0.5)).all(dim=-1)
-    return float(inside.double().mean())
+    return float(moving_grid.contains(mapped).double().mean())
 
 
 @dataclass
@@ -548,9 +544,7 @@ def _warp_block(moving: np.ndarray, grid: Grid, idx: torch.Tensor, dtype: np.dty
     coords = (idx - torch.as_tensor(low, dtype=idx.dtype, device=idx.device)) * (2.0 / n) - 1.0
     values = torch.nn.functional.grid_sample(torch.from_numpy(block).to(idx.device)[None, None], coords,
                                              mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
-    full = torch.as_tensor(size, dtype=idx.dtype, device=idx.device)
-    inside = ((idx >= -0.5) & (idx <= full - 0.5)).all(dim=-1)[0]
-    values = values.masked_fill(~inside, 0.0)
+    values = values.masked_fill(~grid.contains_index(idx)[0], 0.0)
     if dtype.kind in "iub":
         values = torch.round(values)
         if dtype.kind != "b":
@@ -605,7 +599,7 @@ def _warp_label_codes(codes: torch.Tensor, count: int, grid: Grid, index: torch.
     shape = index.shape[:-1]
     idx = index.reshape(-1, 3)
     size = torch.as_tensor(grid.size, dtype=idx.dtype, device=idx.device)
-    inside = ((idx >= -0.5) & (idx <= size - 0.5)).all(dim=-1)
+    inside = grid.contains_index(idx)
     depth, height, width = codes.shape
     flat = codes.reshape(-1)
     top = (size - 1).to(torch.int64)

@@ -287,7 +287,7 @@ def resample_parallel(values: torch.Tensor, source: Grid, grid: Grid, k0: int = 
         m = _interpolation_matrix(a * float(to_source[d, d]) + float(to_source[d, 3]), source.size[d])
         if to_extent is not None:
             index = a * float(to_extent[d, d]) + float(to_extent[d, 3])
-            m[(index < -0.5) | (index > extent.size[d] - 0.5)] = 0.0  # type: ignore[union-attr]
+            m[~extent.contains_index(index, axis=d)] = 0.0  # type: ignore[union-attr]
         mats.append(m.to(device=values.device, dtype=torch.float32))
     mi, mj, mk = mats
     u = values.float()
