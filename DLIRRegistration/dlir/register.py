@@ -292,7 +292,7 @@ def _register(
         log.warning(warnings[-1])
 
     with torch.no_grad():
-        transforms, raws = run_stages(stack, fixed_p, moving_p, initial, step=steps.step, check_finite=True, skip_worse=True)
+        transforms = run_stages(stack, fixed_p, moving_p, initial, step=steps.step, check_finite=True, skip_worse=True)
 
     mask = None
     if fixed_mask is not None:
