@@ -47,8 +47,7 @@ from .memory import check_memory
 from .pipeline import PreparedImage, alignment, check_stage_output, run_stages, stage_grid
 from .refine import Refinement, check_refinement, refine
 from .stack import Stack
-from .transforms import (AffineTransform, Composite, SpatialTransform, evaluate_on_slab, is_finite, jacobian_of_map,
-                         merge_fields, slab_points, split_leading_affine)
+from .transforms import AffineTransform, Composite, SpatialTransform, evaluate_on_slab, is_finite, jacobian_of_map, slab_points
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +313,7 @@ def _register(
 
     # the stages' fields as one at the finest stage spacing (not finer than MERGED_SPACING_MM), parallel to the
     # fixed grid: evaluated separably per voxel, and the transform that is exported
-    transform = Composite(merge_fields(transforms, along=fixed_grid, min_spacing=MERGED_SPACING_MM))
+    transform = Composite(transforms).merged_fields(along=fixed_grid, min_spacing=MERGED_SPACING_MM)
     with torch.no_grad():
         with steps.step("warp"):
             result = full_resolution(
@@ -457,7 +456,7 @@ def full_resolution(
         raise StackError(f"the transform composed from the stages of the stack '{stack_name}' has NaN or "
                          "infinite values; the stack is unusable for these images")
     # T = L o R: R evaluated per voxel (q = R(x)), L folded into the moving image's index and det J = det L * det dR/dx
-    leading, rest = split_leading_affine(transform)
+    leading, rest = Composite.of(transform).split_leading_affine()
     to_index, det_leading = _index_map(leading, moving_grid, device)
     carried: torch.Tensor | None = None  # q of slices k0 - 1 and k0 (the halo of the central differences)
     for k0 in range(0, depth, slab):
