@@ -42,7 +42,7 @@ PER_FIXED_OUTPUT = 6
 #: per fixed-grid voxel, when the full-resolution displacement is kept (for a displacement-field transform
 #: file): the field as array and image (6), its float64 copy and the ITK transform's (12)
 PER_FIXED_DISPLACEMENT = 18
-#: the slabs of the full-resolution step (``dlir.register._CHUNK_VOXELS`` voxels: points, mapped points,
+#: the slabs of the full-resolution step (``dlir.fullres._CHUNK_VOXELS`` voxels: points, mapped points,
 #: displacement, the Jacobian's derivatives and the sampling temporaries)
 SLAB_BYTES = 1_000_000 * 250
 #: per network-grid voxel of a stage: fixed and moving resampled, sampling points and their image
