@@ -4,7 +4,7 @@ Slicer loads, whatever the size of the images.
 The engine's transform is ``T = T0 o T1 o ... o Tn`` (fixed point -> moving point, LPS mm; ``Tn``
 acts first): affine transforms (initial alignment, affine stages) and one dense displacement field
 on the finest B-spline stage's coarse network grid (a few mm; the stages' fields merged into it by
-:func:`dlir.transforms.merge_fields`), trilinear between voxel centres and extended by its border
+:meth:`dlir.transforms.Composite.merged_fields`), trilinear between voxel centres and extended by its border
 values outside.  ITK represents exactly that: an ``AffineTransform`` per affine part and a
 ``DisplacementFieldTransform`` (linear interpolation) per field on the field's own grid,
 padded by :data:`MARGIN_MM` of border values so that points up to that far outside a stage's grid
@@ -31,14 +31,6 @@ from .transforms import AffineTransform, Composite, DisplacementField, SpatialTr
 MARGIN_MM = 24.0
 
 
-def flatten(transforms: Sequence[SpatialTransform]) -> list[SpatialTransform]:
-    """The stage transforms in composition order (``T0`` first, applied last), composites unpacked."""
-    flat: list[SpatialTransform] = []
-    for transform in transforms:
-        flat += flatten(transform.transforms) if isinstance(transform, Composite) else [transform]
-    return flat
-
-
 def itk_transform(transforms: Sequence[SpatialTransform], offset: Sequence[float] = (0.0, 0.0, 0.0)) -> sitk.CompositeTransform:
     """``T0 o ... o Tn`` as a new ITK composite transform (fixed -> moving, LPS mm, ITK's resampling direction).
 
@@ -48,7 +40,7 @@ def itk_transform(transforms: Sequence[SpatialTransform], offset: Sequence[float
     """
     o = np.asarray(offset, dtype=np.float64)
     composite = sitk.CompositeTransform(3)
-    for transform in flatten(transforms):  # ITK applies the transform added last first: Tn, as the engine does
+    for transform in Composite(transforms).flattened().transforms:  # ITK applies the transform added last first: Tn, as the engine does
         if isinstance(transform, AffineTransform):
             composite.AddTransform(_affine(transform, o))
         elif isinstance(transform, DisplacementField):

@@ -191,14 +191,32 @@ class Grid:
         m = torch.as_tensor(self.physical_to_index(), dtype=points.dtype, device=points.device)
         return torch.addmm(m[:3, 3], points.reshape(-1, 3), m[:3, :3].T).reshape(points.shape)
 
+    def physical_from_index(self, index: torch.Tensor) -> torch.Tensor:
+        """Map continuous voxel indices (i, j, k) ``[..., 3]`` to LPS points (mm), in the indices' dtype."""
+        m = torch.as_tensor(self.index_to_physical(), dtype=index.dtype, device=index.device)
+        return index @ m[:3, :3].T + m[:3, 3]
+
+    def contains_index(self, index: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+        """True where a continuous voxel index lies in the image's buffer: ``[-0.5, size - 0.5]`` (ITK's inside test).
+
+        ``index`` ``[..., 3]`` (i, j, k) gives ``[...]`` (inside along every axis); with ``axis`` (0, 1, 2 for i, j, k)
+        ``index`` holds indices along that axis only and the test is elementwise.
+        """
+        if axis is not None:
+            return (index >= -0.5) & (index <= self.size[axis] - 0.5)
+        size = torch.as_tensor(self.size, dtype=index.dtype, device=index.device)
+        return ((index >= -0.5) & (index <= size - 0.5)).all(dim=-1)
+
+    def contains(self, points: torch.Tensor) -> torch.Tensor:
+        """True where LPS points (mm) ``[..., 3]`` fall inside the image (:meth:`contains_index`), ``[...]``."""
+        return self.contains_index(self.continuous_index(points))
+
 
 @functools.lru_cache(maxsize=8)
 def _physical_points(grid: Grid, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    m = torch.as_tensor(grid.index_to_physical(), dtype=torch.float64)
     axes = [torch.arange(n, dtype=torch.float64) for n in grid.size]
     k, j, i = torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
-    pts = torch.stack([i, j, k], dim=-1) @ m[:3, :3].T + m[:3, 3]
-    return pts.to(device=device, dtype=dtype)
+    return grid.physical_from_index(torch.stack([i, j, k], dim=-1)).to(device=device, dtype=dtype)
 
 
 def sample(
@@ -224,10 +242,7 @@ def sample(
     size = torch.as_tensor(grid.size, dtype=idx.dtype, device=idx.device)
     coords = (idx * (2.0 / (size - 1).clamp(min=1)) - 1.0).to(image.dtype)
     out = F.grid_sample(image, coords, mode=mode, padding_mode="border", align_corners=True)
-    if outside is not None:
-        inside = ((idx >= -0.5) & (idx <= size - 0.5)).all(dim=-1)
-        out = out.masked_fill(~inside.unsqueeze(1), outside)
-    return out
+    return out.masked_fill(~grid.contains_index(idx).unsqueeze(1), outside)
 
 
 def _normalised_coordinates(grid: Grid, points: torch.Tensor, shift: np.ndarray | None = None,

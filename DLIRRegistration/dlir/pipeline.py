@@ -154,11 +154,10 @@ def run_stages(
     step: StepHook | None = None,
     check_finite: bool = False,
     skip_worse: bool = False,
-) -> tuple[list[SpatialTransform], list[torch.Tensor]]:
+) -> list[SpatialTransform]:
     """Run stages ``0 .. upto-1`` (all by default): THE stage loop of inference and training.
 
-    Returns the transforms ``[T0, T1, ..., Tn]`` (``T0`` = ``initial``) and each stage's raw
-    network output.  Each stage runs inside ``step("stage k/n (kind)")`` when given: the hook
+    Returns the transforms ``[T0, T1, ..., Tn]`` (``T0`` = ``initial``).  Each stage runs inside ``step("stage k/n (kind)")`` when given: the hook
     through which inference reports progress, polls cancel and times the stage.  With
     ``check_finite`` (inference), a NaN or infinite value in a stage's network output or
     transform stops the run with a :class:`~dlir.errors.StackError` naming the stage.  With
@@ -170,14 +169,12 @@ def run_stages(
     their coarse grids a lower global NCC is no reliable sign of a worse field.
     """
     transforms: list[SpatialTransform] = [initial]
-    raws: list[torch.Tensor] = []
     stages = list(stack.stages)[: upto if upto is not None else len(stack.stages)]
     for k, stage in enumerate(stages):
         name = f"stage {k + 1}/{len(stack.stages)} ({stage.spec.kind})"
         with step(name) if step is not None else nullcontext():
             grid, f, m = stage_inputs(stage.spec, fixed, moving, Composite(transforms))
             raw = stage.predict(f, m)
-            raws.append(raw)
             transforms.append(stage.transform(raw, grid))
             if check_finite:
                 check_stage_output(name, stack.name, raw, transforms[-1])
@@ -185,7 +182,7 @@ def run_stages(
                     and not _improves(stage.spec, f, m, moving.resampled(stage.spec.spacing_mm, Composite(transforms), grid)):
                 log.info("%s of the stack '%s' made the images less similar; skipped for this pair", name, stack.name)
                 transforms[-1] = _identity_like(transforms[-1])
-    return transforms, raws
+    return transforms
 
 
 def _improves(spec: StageSpec, fixed: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> bool:

@@ -183,10 +183,7 @@ def sample_source(image: torch.Tensor, image_grid: Grid, extent: Grid, points: t
     if image_grid == extent:
         return sample(image, image_grid, points)
     out = sample(image, image_grid, points, outside=None)
-    idx = extent.continuous_index(points)
-    size = torch.as_tensor(extent.size, dtype=idx.dtype, device=idx.device)
-    inside = ((idx >= -0.5) & (idx <= size - 0.5)).all(dim=-1)
-    return out.masked_fill(~inside.unsqueeze(1), 0.0)
+    return out.masked_fill(~extent.contains(points).unsqueeze(1), 0.0)
 
 
 def _smooth(image: torch.Tensor, sigmas: list[float]) -> torch.Tensor:

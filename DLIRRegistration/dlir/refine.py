@@ -36,6 +36,7 @@ the random draws on the CPU).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
@@ -120,16 +121,6 @@ def displacement_grid(fixed_grid: Grid, spacing: float) -> Grid:
     return Grid.axis_aligned_box(lower - spacing, upper + spacing, (spacing,) * 3)
 
 
-def split(transforms: Sequence[SpatialTransform]) -> tuple[list[SpatialTransform], list[SpatialTransform]]:
-    """(leading affine transforms, the rest) of the networks' transforms ``[T0, T1, ..., Tn]``."""
-    leading: list[SpatialTransform] = []
-    for k, transform in enumerate(transforms):
-        if not isinstance(transform, AffineTransform):
-            return leading, list(transforms[k:])
-        leading.append(transform)
-    return leading, []
-
-
 class _Level:
     """One pyramid level: a pool of random fixed voxels with everything about them that does not change while the
     level is optimised, and the moving image's anti-aliased copy.
@@ -150,8 +141,7 @@ class _Level:
         self.moving, self.moving_grid = moving.source_for(spacings)
         self.extent = moving.grid
         index, weight = _draw_indices(fixed.grid, mask, spacing, count, generator)
-        to_physical = torch.as_tensor(fixed.grid.index_to_physical(), dtype=torch.float32)
-        points = (index @ to_physical[:3, :3].T + to_physical[:3, 3]).to(fixed.device).reshape(1, -1, 1, 1, 3)
+        points = fixed.grid.physical_from_index(index).to(fixed.device).reshape(1, -1, 1, 1, 3)
         image, image_grid = fixed.source_for(spacings)
         self.fixed = sample_source(image, image_grid, fixed.grid, points).reshape(-1)
         self.weights = weight.to(device=fixed.device, dtype=self.fixed.dtype)
@@ -178,9 +168,7 @@ class _Level:
         """
         values = sample(self.moving, self.moving_grid, points, outside=None)
         with torch.no_grad():
-            idx = self.extent.continuous_index(points)
-            size = torch.as_tensor(self.extent.size, dtype=idx.dtype, device=idx.device)
-            inside = ((idx >= -0.5) & (idx <= size - 0.5)).all(dim=-1).unsqueeze(1).to(values.dtype)
+            inside = self.extent.contains(points).unsqueeze(1).to(values.dtype)
         return values, inside
 
 def _draw_indices(grid: Grid, mask: np.ndarray | None, spacing: float, count: int,
@@ -267,13 +255,11 @@ def refine(
 
 def _refine(transforms: Sequence[SpatialTransform], fixed: PreparedImage, moving: PreparedImage, refinement: Refinement,
             mask: np.ndarray | None, report: Report | None, settings: RefineSettings) -> RefineResult:
-    device = fixed.device
-    leading, rest = split(transforms)
+    leading, rest = Composite(transforms).split_leading_affine()
     field_grid = displacement_grid(fixed.grid, settings.grid_spacings_mm[-1])
     with torch.no_grad():
-        displacement = displacement_on_grid(Composite(rest), field_grid, 1, device) if rest else torch.zeros((1, 3, *field_grid.shape), device=device)
-    params = torch.zeros(12, device=device, requires_grad=True)
-    prefix = Composite(leading)
+        displacement = displacement_on_grid(rest, field_grid, 1, fixed.device)
+    params = torch.zeros(12, device=fixed.device, requires_grad=True)
     base = base_spacing(fixed.grid, settings)
     levels = list(range(len(settings.level_spacings_mm)))
     if refinement != "auto":
@@ -286,52 +272,67 @@ def _refine(transforms: Sequence[SpatialTransform], fixed: PreparedImage, moving
         with torch.no_grad():
             level = _Level(base * settings.level_spacings_mm[k], fixed, moving, mask, displacement, field_grid, grid,
                            settings.pool * settings.samples[k], generator)
-            so_far = _resample_field(displacement, field_grid, grid)  # the displacement so far on this level's grid
-        residual = torch.zeros_like(so_far, requires_grad=True)
-        start_params = params.detach().clone()
-
-        def objective(step: int, penalise: bool) -> torch.Tensor:
-            pick = level.batch(step, settings.samples[k])
-            moved = (level.moved[pick] + level.residual_at(residual, pick)).reshape(1, -1, 1, 1, 3)
-            return _objective(so_far + residual if penalise else None, grid, _compose(prefix, _correction(params))(moved),
-                              level.fixed[pick].reshape(1, 1, -1, 1, 1), level.weights[pick].reshape(1, 1, -1, 1, 1), level,
-                              settings)
-
-        def baseline() -> float:  # the mean objective of the first window's batches, as the steps weigh them
-            with torch.no_grad():
-                return sum(float(objective(b, b % settings.penalty_every == 0)) for b in range(settings.window)) / settings.window
-
-        before = baseline()
-        optimiser = torch.optim.Adam([
-            {"params": [residual], "lr": settings.learning_rate_mm[k]},
-            {"params": [params], "lr": settings.affine_learning_rate},
-        ])
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda n: min(1.0, (n + 1) / settings.warmup) * settings.decay**n)
         limit = settings.max_steps[k] if refinement == "auto" else int(refinement)
-        history: list[float] = []
-        for step in range(limit):
-            loss = objective(step, step % settings.penalty_every == 0)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            history.append(float(loss.detach()))
-            if report is not None:
-                report(number + 1, len(levels), step + 1, limit, history[-1])
-            if refinement == "auto" and _converged(history, before, settings):
-                break
-        if refinement == "auto" and baseline() >= before:  # the level found nothing better: undo it
-            with torch.no_grad():
-                residual.zero_()
-                params.copy_(start_params)
+        step_report = None if report is None else functools.partial(report, number + 1, len(levels))
+        residual, history = _optimise_level(level, k, _resample_field(displacement, field_grid, grid), grid, leading,
+                                            params, limit, refinement == "auto", step_report, settings)
         with torch.no_grad():
-            displacement = displacement + _resample_field(residual.detach(), grid, field_grid)
+            displacement = displacement + _resample_field(residual, grid, field_grid)
         result.steps.append(len(history))
         result.losses.append(history[-1] if history else float("nan"))
         result.seconds.append(time.perf_counter() - start)
         result.level_spacings.append(level.spacing)
-    result.transforms = [_compose(prefix, _correction(params.detach())), DisplacementField(displacement, field_grid)]
+    result.transforms = [_aligned(leading, _correction(params.detach())), DisplacementField(displacement, field_grid)]
     return result
+
+
+def _optimise_level(level: _Level, k: int, so_far: torch.Tensor, grid: Grid, leading: AffineTransform | None,
+                    params: torch.Tensor, limit: int, auto: bool, report: Callable[[int, int, float], None] | None,
+                    settings: RefineSettings) -> tuple[torch.Tensor, list[float]]:
+    """Optimise level ``k``: a residual displacement on its ``grid`` (mm, added to the displacement ``so_far`` there)
+    and the affine correction ``params`` (updated in place), at most ``limit`` steps, to convergence when ``auto``.
+
+    Returns (the residual, detached; the loss of every step).  With ``auto``, a level whose result is no better
+    than its start (the mean objective of the first window's batches) is undone: residual 0, ``params`` as before.
+    ``report(step, limit, loss)`` after every step.
+    """
+    residual = torch.zeros_like(so_far, requires_grad=True)
+    start_params = params.detach().clone()
+
+    def objective(step: int, penalise: bool) -> torch.Tensor:
+        pick = level.batch(step, settings.samples[k])
+        moved = (level.moved[pick] + level.residual_at(residual, pick)).reshape(1, -1, 1, 1, 3)
+        return _objective(so_far + residual if penalise else None, grid, _aligned(leading, _correction(params))(moved),
+                          level.fixed[pick].reshape(1, 1, -1, 1, 1), level.weights[pick].reshape(1, 1, -1, 1, 1), level,
+                          settings)
+
+    def baseline() -> float:  # the mean objective of the first window's batches, as the steps weigh them
+        with torch.no_grad():
+            return sum(float(objective(b, b % settings.penalty_every == 0)) for b in range(settings.window)) / settings.window
+
+    before = baseline()
+    optimiser = torch.optim.Adam([
+        {"params": [residual], "lr": settings.learning_rate_mm[k]},
+        {"params": [params], "lr": settings.affine_learning_rate},
+    ])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda n: min(1.0, (n + 1) / settings.warmup) * settings.decay**n)
+    history: list[float] = []
+    for step in range(limit):
+        loss = objective(step, step % settings.penalty_every == 0)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        history.append(float(loss.detach()))
+        if report is not None:
+            report(step + 1, limit, history[-1])
+        if auto and _converged(history, before, settings):
+            break
+    if auto and baseline() >= before:  # the level found nothing better: undo it
+        with torch.no_grad():
+            residual.zero_()
+            params.copy_(start_params)
+    return residual.detach(), history
 
 
 def _field_at(field: torch.Tensor, grid: Grid, points: torch.Tensor) -> torch.Tensor:
@@ -362,14 +363,11 @@ def _objective(field: torch.Tensor | None, grid: Grid, moved: torch.Tensor, fixe
     return -similarity + settings.penalty_every * (settings.alpha * bending + settings.fold_weight * folding)
 
 
-def _compose(prefix: Composite, correction: AffineTransform) -> AffineTransform:
-    """``prefix o correction`` as one affine transform (``prefix`` holds affine transforms only)."""
-    matrix, offset = correction.matrix, correction.offset
-    for transform in reversed(list(prefix.transforms)):
-        assert isinstance(transform, AffineTransform)
-        a = transform.matrix.to(matrix.dtype)
-        matrix, offset = a @ matrix, (a @ offset[:, :, None])[:, :, 0] + transform.offset.to(offset.dtype)
-    return AffineTransform(matrix, offset)
+def _aligned(leading: AffineTransform | None, correction: AffineTransform) -> AffineTransform:
+    """``P o C``: the networks' leading affine ``P`` (None: the identity) after the correction ``C``, as one affine."""
+    return correction if leading is None else leading @ correction
+
+
 def corner_jacobians(field: torch.Tensor, spacing: tuple[float, float, float]) -> tuple[torch.Tensor, torch.Tensor]:
     """det J of ``x + u`` at two opposite corners of every cell of an axis-aligned grid (identity direction), from the
     cell's edges: forward differences at its lower corner, backward at its upper one.

@@ -34,8 +34,7 @@ class AffineStage(nn.Module):
         """Parameters: rotation, shear and scale act about the grid's centre; translation in units of half its extent.
         Keypoints: the least-squares affine between the fixed and moving keypoints, in LPS mm on ``grid``."""
         if self.spec.keypoints:
-            m = torch.as_tensor(grid.index_to_physical(), dtype=raw.dtype, device=raw.device)
-            points = raw @ m[:3, :3].T + m[:3, 3]
+            points = grid.physical_from_index(raw)
             return affine_from_keypoints(points[:, 0], points[:, 1])
         centre = torch.as_tensor(grid.centre(), dtype=raw.dtype, device=raw.device).expand(raw.shape[0], 3)
         lower, upper = grid.bounding_box()

@@ -45,6 +45,16 @@ class AffineTransform:
         eye = torch.eye(3, dtype=offset.dtype, device=offset.device).expand(offset.shape[0], 3, 3)
         return cls(eye.clone(), offset)
 
+    def compose(self, other: "AffineTransform") -> "AffineTransform":
+        """``self o other`` (``other`` applied first) as one affine transform: computed in float64, returned in this
+        transform's dtypes (differentiable in both)."""
+        a, b = self.matrix.double(), self.offset.double()
+        matrix = a @ other.matrix.double()
+        offset = (a @ other.offset.double()[:, :, None])[:, :, 0] + b
+        return AffineTransform(matrix.to(self.matrix.dtype), offset.to(self.offset.dtype))
+
+    __matmul__ = compose
+
 
 @dataclass(frozen=True)
 class AffineBounds:
@@ -123,7 +133,8 @@ class DisplacementField:
 
 @dataclass
 class Composite:
-    """``T = T1 o T2 o ... o Tn`` for ``transforms = [T1, ..., Tn]`` (Tn is applied first)."""
+    """``T = T1 o T2 o ... o Tn`` for ``transforms = [T1, ..., Tn]`` (Tn is applied first), and the algebra of such
+    compositions: every method returns the same map ``T`` (fixed -> moving, LPS mm) in another form."""
 
     transforms: Sequence[SpatialTransform]
 
@@ -131,6 +142,91 @@ class Composite:
         for transform in reversed(self.transforms):
             points = transform(points)
         return points
+
+    @classmethod
+    def of(cls, transform: SpatialTransform) -> "Composite":
+        """``transform`` as a composite: itself when it is one, else the composite of it alone."""
+        return transform if isinstance(transform, Composite) else cls([transform])
+
+    def flattened(self) -> "Composite":
+        """The same composition with nested composites unpacked: its parts are affine transforms and fields only."""
+        parts: list[SpatialTransform] = []
+        for transform in self.transforms:
+            parts += transform.flattened().transforms if isinstance(transform, Composite) else [transform]
+        return Composite(parts)
+
+    def with_affines_folded(self) -> "Composite":
+        """The flattened composition with every run of consecutive :class:`AffineTransform` composed into one
+        (:meth:`AffineTransform.compose`): one pass over the points per run."""
+        folded: list[SpatialTransform] = []
+        for part in self.flattened().transforms:
+            previous = folded[-1] if folded else None
+            if isinstance(part, AffineTransform) and isinstance(previous, AffineTransform):
+                folded[-1] = previous @ part
+            else:
+                folded.append(part)
+        return Composite(folded)
+
+    def split_leading_affine(self) -> tuple[AffineTransform | None, "Composite"]:
+        """``(L, R)`` with ``T = L o R``: ``L`` the affine transforms applied last, folded into one (None when there is
+        none), ``R`` the rest, its affine runs folded too (the identity as an empty composite when nothing is left).
+
+        Full-resolution work evaluates ``R`` per voxel and folds ``L`` into what comes next (the moving image's
+        index, the Jacobian's constant factor ``det L``); accurate mode refines an affine correction behind ``L``.
+        """
+        parts = list(self.with_affines_folded().transforms)
+        if parts and isinstance(parts[0], AffineTransform):
+            return parts[0], Composite(parts[1:])
+        return None, Composite(parts)
+
+    def merged_fields(self, along: Grid | None = None, min_spacing: float = 0.0) -> "Composite":
+        """The flattened composition with every run of consecutive :class:`DisplacementField` replaced by one field:
+        ``u(x) = T_run(x) - x`` at the voxel centres of the grid of the run's field applied first (its last one),
+        trilinear between them as every field.
+
+        One field instead of several halves the full-resolution work: every field but the first-applied
+        one is evaluated point by point at moved positions, while a field on a grid parallel to the
+        image is separable.  So with ``along`` (the fixed image's grid) oblique to that field's grid,
+        the merged field is put on a grid of ``along``'s direction instead, with the field's finest
+        spacing, covering the field's box.  Exact at the new grid's voxel centres; between them the
+        trilinear interpolation of the composed map stands for the composition of trilinear maps
+        (hundredths of a mm on average on the fast path's 4 mm grids, see ``Testing/engine/test_export.py``).
+        ``min_spacing`` (mm): the merged grid is never finer than this (a coarser grid of ``along``'s or the
+        field's direction covering the same box), so that the merged field, which is also what
+        ``transform.h5`` and Slicer's transform node hold, stays compact when the last stage's grid is fine.
+        A run of one field is kept as it is (exact).
+        """
+        merged: list[SpatialTransform] = []
+        run: list[DisplacementField] = []
+
+        def close() -> None:
+            merged.extend([_merged_field(run, along, min_spacing)] if len(run) > 1 else run)
+            run.clear()
+
+        for part in self.flattened().transforms:
+            if isinstance(part, DisplacementField):
+                run.append(part)
+            else:
+                close()
+                merged.append(part)
+        close()
+        return Composite(merged)
+
+
+def _merged_field(run: Sequence[DisplacementField], along: Grid | None, min_spacing: float) -> DisplacementField:
+    """The fields ``run`` (composition order, at least two) as one field (:meth:`Composite.merged_fields`)."""
+    first = run[-1]
+    spacing = max(float(min(first.grid.spacing)), min_spacing)
+    if spacing == min(first.grid.spacing) and (along is None or _parallel(along, first.grid)):
+        grid = first.grid
+    else:
+        grid = _covering(first.grid, along if along is not None else first.grid, spacing)
+    pts = grid_points(grid, first.field.shape[0], first.field.device)
+    if grid is first.grid:  # at its own voxel centres its values need no interpolation
+        mapped = Composite(run[:-1])(pts + first.field.movedim(1, -1).to(pts.dtype))
+    else:
+        mapped = Composite(run)(pts)
+    return DisplacementField((mapped - pts).movedim(-1, 1).contiguous(), grid)
 
 
 def is_finite(transform: SpatialTransform) -> bool:
@@ -287,7 +383,7 @@ def resample_parallel(values: torch.Tensor, source: Grid, grid: Grid, k0: int = 
         m = _interpolation_matrix(a * float(to_source[d, d]) + float(to_source[d, 3]), source.size[d])
         if to_extent is not None:
             index = a * float(to_extent[d, d]) + float(to_extent[d, 3])
-            m[(index < -0.5) | (index > extent.size[d] - 0.5)] = 0.0  # type: ignore[union-attr]
+            m[~extent.contains_index(index, axis=d)] = 0.0  # type: ignore[union-attr]
         mats.append(m.to(device=values.device, dtype=torch.float32))
     mi, mj, mk = mats
     u = values.float()
@@ -312,25 +408,23 @@ def evaluate_on_slab(transform: SpatialTransform, grid: Grid, k0: int, k1: int, 
 
     The transform applied first (the last of a :class:`Composite`), when a displacement field on a
     grid parallel to ``grid``, is evaluated separably (:func:`field_on_grid`); the rest pointwise,
-    consecutive affine transforms as one (:func:`fold_affines`).
+    consecutive affine transforms as one (:meth:`Composite.with_affines_folded`).
     """
     points = slab_points(grid, k0, k1, device)
-    parts = list(transform.transforms) if isinstance(transform, Composite) else [transform]
+    parts = list(Composite.of(transform).flattened().transforms)
     mapped = points
     if parts and isinstance(parts[-1], DisplacementField):
         u = field_on_grid(parts[-1], grid, k0, k1)
         if u is not None:
             mapped = points + u.to(points.dtype)
             parts = parts[:-1]
-    for part in reversed(fold_affines(parts)):
-        mapped = part(mapped)
-    return mapped
+    return Composite(parts).with_affines_folded()(mapped)
 
 
 def map_grid(transform: SpatialTransform, grid: Grid, batch: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
     """T(x) at the voxel centres x of ``grid``, float32 ``[batch, D, H, W, 3]`` (LPS mm): where a stage's inputs are sampled.
 
-    Runs of displacement fields are merged first (:func:`merge_fields`: one field on the grid of the field applied
+    Runs of displacement fields are merged first (:meth:`Composite.merged_fields`: one field on the grid of the field applied
     first, exact at its voxel centres, trilinear between), so a point meets one field instead of one per earlier
     stage; with one pair (``batch`` 1) that field, when parallel to ``grid``, is evaluated separably
     (:func:`evaluate_on_slab`).  For a four-stage stack's 2 mm stage this halves the cost of its inputs.  The
@@ -338,74 +432,10 @@ def map_grid(transform: SpatialTransform, grid: Grid, batch: int = 1, device: to
     0.012-0.028 mm on average, above 0.5 mm only in the outermost slices (0.3 % of the grid) where a large
     deformation leaves a field's box; one-shot Dice and TRE unchanged on all eight evaluation pairs.
     """
-    merged = Composite(merge_fields(list(transform.transforms) if isinstance(transform, Composite) else [transform]))
+    merged = Composite.of(transform).merged_fields()
     if batch == 1:
         return evaluate_on_slab(merged, grid, 0, grid.shape[0], device)
     return merged(grid_points(grid, batch, device))
-
-
-def fold_affines(parts: Sequence[SpatialTransform]) -> list[SpatialTransform]:
-    """``parts`` (composition order, ``T1 o T2 o ...``) with every run of consecutive :class:`AffineTransform` composed
-    into one (in float64, then the first one's dtype): the same map with one pass over the points per run."""
-    folded: list[SpatialTransform] = []
-    for part in parts:
-        previous = folded[-1] if folded else None
-        if isinstance(part, AffineTransform) and isinstance(previous, AffineTransform):
-            a, b = previous.matrix.double(), previous.offset.double()
-            matrix = a @ part.matrix.double()
-            offset = (a @ part.offset.double()[:, :, None])[:, :, 0] + b
-            folded[-1] = AffineTransform(matrix.to(previous.matrix.dtype), offset.to(previous.offset.dtype))
-        else:
-            folded.append(part)
-    return folded
-
-
-def merge_fields(parts: Sequence[SpatialTransform], along: Grid | None = None, min_spacing: float = 0.0) -> list[SpatialTransform]:
-    """``parts`` (composition order, ``T1 o T2 o ...``) with every run of consecutive :class:`DisplacementField` replaced by
-    one field: ``u(x) = T_run(x) - x`` at the voxel centres of the grid of the run's field applied first (its last
-    one), trilinear between them as every field.
-
-    One field instead of several halves the full-resolution work: every field but the first-applied
-    one is evaluated point by point at moved positions, while a field on a grid parallel to the
-    image is separable.  So with ``along`` (the fixed image's grid) oblique to that field's grid,
-    the merged field is put on a grid of ``along``'s direction instead, with the field's finest
-    spacing, covering the field's box.  Exact at the new grid's voxel centres; between them the
-    trilinear interpolation of the composed map stands for the composition of trilinear maps (on
-    the fast path's 4 mm grids: hundredths of a mm on average, measured in
-    ``Testing/engine/test_export.py``).  ``min_spacing`` (mm): the merged grid is never finer than this
-    (a coarser grid of ``along``'s or the field's direction covering the same box), so that the merged
-    field, which is also what ``transform.h5`` and Slicer's transform node hold, stays compact when the
-    last stage's grid is fine.  A run of one field is kept as it is (exact).
-    """
-    merged: list[SpatialTransform] = []
-    run: list[DisplacementField] = []
-
-    def close() -> None:
-        if len(run) > 1:
-            first = run[-1]
-            spacing = max(float(min(first.grid.spacing)), min_spacing)
-            if spacing == min(first.grid.spacing) and (along is None or _parallel(along, first.grid)):
-                grid = first.grid
-            else:
-                grid = _covering(first.grid, along if along is not None else first.grid, spacing)
-            pts = grid_points(grid, first.field.shape[0], first.field.device)
-            if grid is first.grid:  # at its own voxel centres its values need no interpolation
-                mapped = Composite(run[:-1])(pts + first.field.movedim(1, -1).to(pts.dtype))
-            else:
-                mapped = Composite(run)(pts)
-            merged.append(DisplacementField((mapped - pts).movedim(-1, 1).contiguous(), grid))
-        else:
-            merged.extend(run)
-        run.clear()
-
-    for part in parts:
-        if isinstance(part, DisplacementField):
-            run.append(part)
-        else:
-            close()
-            merged.append(part)
-    close()
-    return merged
 
 
 def _parallel(a: Grid, b: Grid) -> bool:
@@ -422,16 +452,3 @@ def _covering(grid: Grid, along: Grid, spacing: float) -> Grid:
     size = tuple(int(math.ceil((h - lo) / spacing)) + 1 for lo, h in zip(low, high))
     origin = axes @ low
     return Grid(size, (spacing,) * 3, tuple(float(v) for v in origin), along.direction)
-
-
-def split_leading_affine(transform: SpatialTransform) -> tuple[AffineTransform | None, SpatialTransform]:
-    """``(L, R)`` with ``transform = L o R``: ``L`` the affine transforms applied last, folded into one (None when there
-    is none), ``R`` the rest (the identity as an empty :class:`Composite` when nothing is left).
-
-    Full-resolution work evaluates ``R`` per voxel and folds ``L`` into what comes next (the moving
-    image's index, the Jacobian's constant factor ``det L``), saving a pass over every point.
-    """
-    parts = fold_affines(list(transform.transforms) if isinstance(transform, Composite) else [transform])
-    if parts and isinstance(parts[0], AffineTransform):
-        return parts[0], Composite(parts[1:])
-    return None, Composite(parts)

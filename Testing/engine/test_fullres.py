@@ -4,7 +4,7 @@
   (:func:`dlir.preprocess.antialiased_source`), not from a full-resolution Gaussian per stage: equal to
   the full-resolution path where no block averaging applies (every development pair), and within
   the stated bounds on a fine-grained image.
-* The outputs are made in one slab pass over the fixed grid (:func:`dlir.register.full_resolution`):
+* The outputs are made in one slab pass over the fixed grid (:func:`dlir.fullres.full_resolution`):
   a run in one-slice slabs equals a run in one slab; outputs equal the pointwise evaluation of the
   composed transform (the engine before this change) within the stated tolerances.
 * ``--outputs`` subsets write exactly those files; int16 in gives int16 out.
@@ -31,7 +31,8 @@ from dlir.geometry import Grid, image_to_tensor, sample
 from dlir.pipeline import PreparedImage, stage_inputs
 from dlir.preprocess import coarse_factors, network_grid, smooth_for_spacing, to_grid
 from dlir.recipe import IntensitySpec
-from dlir.register import full_resolution, register
+from dlir.fullres import full_resolution
+from dlir.register import register
 from dlir.stack import load_stack, resolve_stack
 from dlir.transforms import (
     AffineTransform,

@@ -93,6 +93,19 @@ def test_voxel_physical_round_trip_and_direction() -> None:
     pts = grid.physical_points(dtype=torch.float64)
     assert np.allclose(pts[idx[2], idx[1], idx[0]].numpy(), expected)
     assert np.allclose(grid.centre(), image.TransformContinuousIndexToPhysicalPoint((2.0, 2.5, 3.0)))
+    index = torch.tensor([[3.0, 1.0, 5.0], [0.25, 4.5, -0.5]], dtype=torch.float64)
+    assert np.allclose(grid.physical_from_index(index)[0].numpy(), expected)
+    assert torch.allclose(grid.continuous_index(grid.physical_from_index(index)), index)
+
+
+def test_contains_is_itks_inside_test_on_an_oblique_grid() -> None:
+    grid = Grid((4, 5, 6), (0.5, 1.5, 3.0), (10.0, -4.0, 2.0), oblique_direction((20, 10, -30)))
+    index = torch.tensor([[-0.5, 0.0, 0.0], [-0.51, 0.0, 0.0], [3.5, 4.5, 5.5], [3.5, 4.5, 5.51], [1.0, 2.0, 3.0]],
+                         dtype=torch.float64)
+    assert grid.contains_index(index).tolist() == [True, False, True, False, True]
+    near = torch.tensor([[-0.49, 0.0, 0.0], [-0.51, 0.0, 0.0], [3.49, 4.49, 5.49], [3.5, 4.5, 5.51]], dtype=torch.float64)
+    assert grid.contains(grid.physical_from_index(near)).tolist() == [True, False, True, False]  # LPS points, mm
+    assert grid.contains_index(torch.tensor([-0.5, 5.5, 5.6], dtype=torch.float64), axis=2).tolist() == [True, True, False]
 
 
 def test_outside_points_take_the_default_value() -> None:

@@ -397,7 +397,7 @@ def test_one_hot_linear_agrees_with_per_label_linear_interpolation(active_stack)
 
 
 def test_one_hot_linear_with_27000_labels_is_fast_exact_and_reports_progress(stack, monkeypatch) -> None:
-    import dlir.register as engine
+    import dlir.fullres as engine
 
     monkeypatch.setattr(engine, "_CHUNK_VOXELS", 30 * 30 * 5)  # several slabs, so the warp reports progress inside
     moving = volume(1, shape=(30, 30, 30), spacing=(1.0, 1.0, 1.0))

@@ -43,8 +43,8 @@ def test_a_stage_that_lowers_the_similarity_is_skipped_and_a_useful_one_kept() -
     start = AffineTransform.translation(torch.zeros(1, 3))
     stack = stack_moving_by(12.0)
     with torch.no_grad():
-        plain, _ = run_stages(stack, image, image, start)
-        guarded, _ = run_stages(stack, image, image, start, skip_worse=True)
+        plain = run_stages(stack, image, image, start)
+        guarded = run_stages(stack, image, image, start, skip_worse=True)
     assert float(plain[1].offset[0, 0]) > 5.0  # identical images: the 12 mm shift only makes them less similar
     assert isinstance(guarded[1], AffineTransform) and torch.equal(guarded[1].offset, torch.zeros(1, 3))
     assert torch.equal(guarded[1].matrix, torch.eye(3)[None])
@@ -52,5 +52,5 @@ def test_a_stage_that_lowers_the_similarity_is_skipped_and_a_useful_one_kept() -
     # a moving image shifted by the same 12 mm: the stage is right, and kept
     shifted = PreparedImage.from_array(np.roll(blobs(0), 6, axis=2), grid, intensity)  # moving(x + 12 mm) = fixed(x)
     with torch.no_grad():
-        kept, _ = run_stages(stack, image, shifted, start, skip_worse=True)
+        kept = run_stages(stack, image, shifted, start, skip_worse=True)
     assert torch.allclose(kept[1].offset, plain[1].offset)

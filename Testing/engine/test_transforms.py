@@ -182,6 +182,32 @@ def test_composition_order_matters_and_is_documented() -> None:
     p = torch.tensor([[[1.0, 1.0, 1.0]]])
     assert Composite([shift, scale])(p).tolist() == [[[12.0, 2.0, 2.0]]]  # scale first, then shift
     assert Composite([scale, shift])(p).tolist() == [[[22.0, 2.0, 2.0]]]
+    assert (shift @ scale)(p).tolist() == [[[12.0, 2.0, 2.0]]] and shift.compose(scale).matrix.dtype == torch.float32
+
+
+def test_the_composite_algebra_keeps_the_map() -> None:
+    """Flattening, folding affines, splitting the leading affine and merging fields: the same T (fields merged: exact
+    at the first-applied field's voxel centres)."""
+    grid = Grid((9, 8, 7), (4.0, 4.0, 4.0), (-16.0, -14.0, -12.0), IDENTITY)
+    rng = torch.Generator().manual_seed(0)
+    fields = [DisplacementField(torch.randn((1, 3, 7, 8, 9), generator=rng, dtype=torch.float64), grid) for _ in range(2)]
+    shift = AffineTransform.translation(torch.tensor([[3.0, -2.0, 1.0]], dtype=torch.float64))
+    rotate = AffineTransform(torch.as_tensor(rotation_matrix(torch.tensor([[0.1, -0.2, 0.3]], dtype=torch.float64))),
+                             torch.tensor([[1.0, 0.0, -1.0]], dtype=torch.float64))
+    t = Composite([Composite([shift, rotate]), fields[0], rotate, Composite([fields[1]])])
+    pts = grid.physical_points(dtype=torch.float64)[None]
+    expected = t(pts)
+    assert [type(p) for p in t.flattened().transforms] == [AffineTransform, AffineTransform, DisplacementField,
+                                                             AffineTransform, DisplacementField]
+    assert len(t.with_affines_folded().transforms) == 4
+    assert torch.allclose(t.with_affines_folded()(pts), expected, atol=1e-9)
+    leading, rest = t.split_leading_affine()
+    assert leading is not None and torch.allclose(leading(rest(pts)), expected, atol=1e-9)
+    assert Composite([fields[0]]).split_leading_affine()[0] is None
+    merged = Composite([shift, fields[0], fields[1]]).merged_fields()
+    assert len(merged.transforms) == 2 and merged.transforms[1].grid == grid
+    # the merged field is computed at float32 voxel centres (as every network grid's points)
+    assert torch.allclose(merged(pts), Composite([shift, fields[0], fields[1]])(pts), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------- Jacobian

@@ -287,7 +287,7 @@ class Trainer:
         """``[T0, T1, ..., Tk]``: the initial alignment and the trained stages before stage ``k``."""
         with torch.no_grad():
             initial = alignment(self.stack, pair.fixed, pair.moving)
-            transforms, _ = run_stages(self.stack, pair.fixed, pair.moving, initial, upto=k)
+            transforms = run_stages(self.stack, pair.fixed, pair.moving, initial, upto=k)
         return transforms
 
     # ------------------------------------------------------------------------------- loss
@@ -349,7 +349,7 @@ class Trainer:
         for pair in self.validation:
             pair = TrainingPair(PreparedImage(pair.fixed.tensor.to(self.device), pair.fixed.grid),
                         PreparedImage(pair.moving.tensor.to(self.device), pair.moving.grid), pair.fixed_labels, pair.moving_labels)
-            transforms, _ = run_stages(self.stack, pair.fixed, pair.moving, alignment(self.stack, pair.fixed, pair.moving), upto=k + 1)
+            transforms = run_stages(self.stack, pair.fixed, pair.moving, alignment(self.stack, pair.fixed, pair.moving), upto=k + 1)
             similarity, pair_folding, pair_dice = validation_scores(pair, Composite(transforms))
             sims.append(similarity)
             folding.append(pair_folding)
@@ -562,7 +562,7 @@ class Trainer:
         pair = self.validation[0]
         fixed = PreparedImage(pair.fixed.tensor.to(self.device), pair.fixed.grid)
         moving = PreparedImage(pair.moving.tensor.to(self.device), pair.moving.grid)
-        transforms, _ = run_stages(self.stack, fixed, moving, alignment(self.stack, fixed, moving), upto=k + 1)
+        transforms = run_stages(self.stack, fixed, moving, alignment(self.stack, fixed, moving), upto=k + 1)
         warped = sample(moving.tensor, moving.grid, Composite(transforms)(grid_points(fixed.grid, 1, self.device)))
         middle = fixed.tensor.shape[2] // 2
         return torch.cat([fixed.tensor[0, 0, middle], moving.tensor[0, 0, middle], warped[0, 0, middle]], dim=1).cpu()
