@@ -129,23 +129,22 @@ class _AlignmentChoice(enum.Enum):
     def label(self) -> str:
         """The text in the initial-alignment chooser (the engine's name for a mode this list does not know)."""
         return {
-            "stack": _("Stack default"),
+            "search": _("Automatic (search: any position, two subjects)"),
             "centre": _("Image centres"),
             "com": _("Centres of mass"),
             "moments": _("Centres of mass and principal axes"),
             "none": _("None (as placed)"),
         }.get(self.value, self.value)
 
-    def engineValue(self) -> Optional[str]:
-        """None for the stack's own recipe, else the engine's name of the alignment."""
-        return None if self.value == "stack" else self.value
+    def engineValue(self) -> str:
+        """The engine's name of the alignment."""
+        return self.value
 
 
-#: How the moving volume is placed before the networks: STACK (the stack's recipe) or one member per
-#: ``dlir.choices.ALIGNMENT_MODES`` (CENTRE, COM, MOMENTS, NONE); ``engineValue`` is ``registerVolumes``'
-#: ``initialAlignment``.
+#: How the moving volume is placed before the networks: one member per ``dlir.choices.ALIGNMENT_MODES`` (SEARCH,
+#: CENTRE, COM, MOMENTS, NONE); ``engineValue`` is ``registerVolumes``' ``initialAlignment``.
 InitialAlignment = _AlignmentChoice(
-    "InitialAlignment", [("STACK", "stack")] + [(mode.upper(), mode) for mode in ALIGNMENT_MODES], module=__name__)
+    "InitialAlignment", [(mode.upper(), mode) for mode in ALIGNMENT_MODES], module=__name__)
 
 
 @parameterNodeWrapper
@@ -164,7 +163,7 @@ class DLIRRegistrationParameterNode:
     fixedMaskSegmentId: str = ""
     stackPath: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
-    initialAlignment: InitialAlignment = InitialAlignment.STACK
+    initialAlignment: InitialAlignment = InitialAlignment.SEARCH
     refineSteps: Annotated[int, WithinRange(0, 1000)] = 0
     createTransform: bool = True
     createWarpedVolume: bool = True

@@ -115,8 +115,8 @@ def registerVolumes(
     ``fixedMaskNode``: optional segmentation (``fixedMaskSegmentId`` = its segment, None = the
     union of all its segments) or label-map volume (non-zero = inside), on any grid, in world
     coordinates; see :func:`fixedMaskImage`.
-    ``initialAlignment`` (``centre``, ``com``, ``moments`` or ``none``; None = the stack's recipe) overrides the
-    stack's initial alignment.  ``progress(step, fraction)`` is called between steps, and in
+    ``initialAlignment``: one of ``dlir.choices.ALIGNMENT_MODES`` (None = the engine's default, ``search``: the
+    capture search of ``dlir.alignment``).  ``progress(step, fraction)`` is called between steps, and in
     accurate mode after every optimiser step with a step like ``refine (accurate): level 2/3,
     step 14, loss -0.9981``; ``cancel()`` is polled there (True -> :class:`dlir.errors.CancelledError`).
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-AlignmentMode = Literal["centre", "com", "moments", "none"]
-#: the initial alignments (fixed -> moving, before the stages): the centres of the image grids put on each
+AlignmentMode = Literal["search", "centre", "com", "moments", "none"]
+#: the initial alignments (fixed -> moving, before the stages): an affine search from several starts on a coarse
+#: pyramid inside the images' foregrounds (two subjects, any starting position), the centres of the image grids put on each
 #: other, the centres of mass of the normalised intensities, the centres of mass and the principal axes
 #: (for images rotated against each other), or none (the images as placed in physical space)
 ALIGNMENT_MODES: tuple[AlignmentMode, ...] = get_args(AlignmentMode)

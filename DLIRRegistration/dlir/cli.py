@@ -57,8 +57,9 @@ def _add_register(p: argparse.ArgumentParser) -> None:
                    help="auto = accurate mode: the networks' transform optimised on the pair, coarse to fine, to convergence, "
                         "never folding; N = N optimiser steps at the finest level only (for experiments); default 0 = one shot")
     p.add_argument("--initial-alignment", choices=ALIGNMENT_MODES,
-                   help="override the stack's initial alignment: image centres, centres of mass, centres of mass and "
-                        "principal axes (moments: for images rotated against each other), or none")
+                   help="how the moving image is placed before the networks: search (default: an affine search from "
+                        "several starts, for two subjects and any starting position), image centres, centres of mass, "
+                        "centres of mass and principal axes (moments), or none (as placed)")
     p.add_argument("--label-interpolation", choices=LABEL_INTERPOLATIONS, default="nearest")
     p.add_argument("--outputs", default=",".join(FILE_OUTPUTS), metavar="LIST",
                    help=f"comma-separated outputs to compute and write, from {', '.join(FILE_OUTPUTS)} "

@@ -20,12 +20,10 @@ from .geometry import Grid
 from .preprocess import (
     antialiased_source,
     apply_window,
-    initial_alignment,
     intensity_moments,
     intensity_window,
     network_grid,
     normalise_intensity,
-    principal_axes_alignment,
     sample_source,
     smooth_for_spacing,
 )
@@ -131,18 +129,6 @@ def stage_inputs(
     f = fixed.resampled(spec.spacing_mm, None, grid)
     m = moving.resampled(spec.spacing_mm, transform, grid)
     return grid, f, m
-
-
-def alignment(stack: Stack, fixed: PreparedImage, moving: PreparedImage, mode: str | None = None) -> SpatialTransform:
-    """The initial alignment ``T0`` (``mode`` overrides the stack's recipe)."""
-    mode = mode or stack.manifest.recipe.initial_alignment
-    if mode == "moments":
-        return principal_axes_alignment(*fixed.moments(), *moving.moments(), device=fixed.device)
-    if mode == "com":
-        shift = moving.centre_of_mass() - fixed.centre_of_mass()
-        return AffineTransform.translation(torch.as_tensor(shift, dtype=torch.float32, device=fixed.device)[None])
-    placeholder = torch.empty(0, device=fixed.device)  # centre / none use the grids only
-    return initial_alignment(mode, placeholder, fixed.grid, placeholder, moving.grid)
 
 
 def run_stages(

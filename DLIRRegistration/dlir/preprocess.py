@@ -1,5 +1,5 @@
 """Preprocessing shared by inference and training: intensity normalisation, anti-aliasing,
-the stages' network grids and the initial (centre) alignment.
+the stages' network grids and the intensity moments.
 
 Everything here works on tensors ``[N, 1, D, H, W]`` with their :class:`~dlir.geometry.Grid`,
 in LPS mm, and is deterministic, so training and inference see identical inputs.
@@ -7,7 +7,6 @@ in LPS mm, and is deterministic, so training and inference see identical inputs.
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Callable
 
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from .errors import InputError
 from .geometry import Grid, sample
 from .recipe import IntensitySpec
-from .transforms import AffineTransform, SpatialTransform, grid_points
+from .transforms import SpatialTransform, grid_points
 
 #: at most this many voxels are used to estimate percentiles (a strided subset beyond it)
 _PERCENTILE_SAMPLES = 2_000_000
@@ -294,65 +293,3 @@ def intensity_moments(slab: Callable[[int, int], torch.Tensor], grid: Grid) -> t
     to_physical = grid.index_to_physical()
     linear = to_physical[:3, :3]
     return linear @ mean + to_physical[:3, 3], linear @ covariance @ linear.T
-
-
-#: principal axes whose variances differ by less than this share are taken as undetermined (a near-spherical
-#: distribution): the moments alignment then keeps the centres of mass only
-AXES_DEGENERATE_BELOW = 0.05
-
-
-def principal_axes_alignment(fixed_centre: np.ndarray, fixed_covariance: np.ndarray, moving_centre: np.ndarray,
-                             moving_covariance: np.ndarray, device: torch.device | str = "cpu") -> AffineTransform:
-    """The rigid transform (fixed -> moving, LPS mm) that puts the fixed image's centre of mass and principal axes on
-    the moving image's: ``T(x) = R (x - c_f) + c_m``.
-
-    ``R`` maps each fixed principal axis (eigenvectors of the intensity covariance, largest variance first) onto the
-    moving one of the same rank; of the axis sign choices that make ``R`` a rotation, the one closest to the identity
-    (largest trace) is taken, so images that are already nearly aligned stay so.  When two variances of either
-    image are within :data:`AXES_DEGENERATE_BELOW` of each other the axes are undetermined and ``R`` is the identity
-    (centres of mass only).
-    """
-    rotation = np.eye(3)
-    values_f, axes_f = np.linalg.eigh(fixed_covariance)
-    values_m, axes_m = np.linalg.eigh(moving_covariance)
-    if _distinct(values_f) and _distinct(values_m):
-        best = -np.inf
-        for signs in itertools.product((1, -1), repeat=3):
-            candidate = axes_m @ np.diag(signs) @ axes_f.T
-            if np.linalg.det(candidate) > 0 and np.trace(candidate) > best:
-                best, rotation = float(np.trace(candidate)), candidate
-    offset = moving_centre - rotation @ fixed_centre
-    return AffineTransform(torch.as_tensor(rotation, dtype=torch.float32, device=device)[None],
-                           torch.as_tensor(offset, dtype=torch.float32, device=device)[None])
-
-
-def _distinct(variances: np.ndarray) -> bool:
-    """True when the three (ascending) variances differ pairwise by at least AXES_DEGENERATE_BELOW of the larger."""
-    v = np.sort(np.abs(variances))
-    return bool(v[0] > 0 and all(v[i + 1] - v[i] >= AXES_DEGENERATE_BELOW * v[i + 1] for i in range(2)))
-
-
-def initial_alignment(
-    mode: str, fixed: torch.Tensor, fixed_grid: Grid, moving: torch.Tensor, moving_grid: Grid
-) -> AffineTransform:
-    """The initial alignment (fixed -> moving): a translation that puts the moving image's centre on the fixed
-    image's, or for ``"moments"`` the rigid transform of :func:`principal_axes_alignment`.
-
-    ``mode``: ``"centre"`` (centres of the image grids), ``"com"`` (centres of mass of the
-    normalised intensities), ``"moments"`` (centres of mass and principal axes) or ``"none"``
-    (identity).  Images ``[1, 1, D, H, W]`` in [0, 1].
-    """
-    def moments(image: torch.Tensor, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-        return intensity_moments(lambda k0, k1: image[:, :, k0:k1], grid)
-
-    if mode == "moments":
-        return principal_axes_alignment(*moments(fixed, fixed_grid), *moments(moving, moving_grid), device=fixed.device)
-    if mode == "none":
-        shift = np.zeros(3)
-    elif mode == "centre":
-        shift = moving_grid.centre() - fixed_grid.centre()
-    elif mode == "com":
-        shift = moments(moving, moving_grid)[0] - moments(fixed, fixed_grid)[0]
-    else:
-        raise InputError(f"unknown initial alignment {mode!r}: use centre, com, moments or none")
-    return AffineTransform.translation(torch.as_tensor(shift, dtype=torch.float32, device=fixed.device)[None])

@@ -1,6 +1,6 @@
 """``register(fixed, moving, stack)``: the one entry point for inference.
 
-Flow: check inputs -> normalise intensities -> initial alignment (centres by default) -> stage
+Flow: check inputs -> normalise intensities -> initial alignment (the capture search by default) -> stage
 1..n on their network grids -> optional test-time refinement -> the composed transform
 ``T = T0 o T1 o ... o Tn`` evaluated once per voxel of the FULL-resolution fixed grid, slab by slab
 (:func:`dlir.fullres.full_resolution`) -> warped moving image (linear, in the moving image's pixel type),
@@ -46,7 +46,8 @@ from .fullres import FullResolution, full_resolution
 from .geometry import Grid
 from .io import check_image, check_label_map
 from .memory import check_memory
-from .pipeline import PreparedImage, alignment, check_stage_output, run_stages, stage_grid
+from . import alignment
+from .pipeline import PreparedImage, check_stage_output, run_stages, stage_grid
 from .refine import Refinement, RefineResult, check_refinement, refine
 from .stack import Stack
 from .transforms import Composite, SpatialTransform
@@ -165,7 +166,7 @@ def register(
     quality numbers.  ``float_warped``: the warped image as float32 instead of the moving image's
     pixel type (integer types are rounded to the nearest value and clipped to the type's range).
 
-    ``initial_alignment`` (``centre``, ``com``, ``moments`` or ``none``) overrides the stack's recipe.
+    ``initial_alignment``: one of :data:`dlir.choices.ALIGNMENT_MODES` (default ``search``: :mod:`dlir.alignment`).
     ``refine``: ``"auto"`` is accurate mode (instance optimisation of the whole transform, coarse to
     fine, to convergence, never folding: :mod:`dlir.refine`); a number N > 0 runs N optimiser
     steps at the finest level only (for experiments); 0 is the networks' one-shot result.  ``progress(step, fraction)`` is called between steps (and between chunks
@@ -272,7 +273,7 @@ def _register(request: _Request, device: torch.device) -> Registration:
     with steps.step("preprocess"):
         fixed_p = PreparedImage.from_array(sitk.GetArrayViewFromImage(request.fixed), fixed_grid, intensity, device)
         moving_p = PreparedImage.from_array(moving_voxels, moving_grid, intensity, device)
-        initial = alignment(stack, fixed_p, moving_p, request.initial_mode)
+        initial = alignment.initial_alignment(request.initial_mode or alignment.DEFAULT_ALIGNMENT, fixed_p, moving_p)
         overlap = overlap_fraction(initial, fixed_grid, moving_grid, device)
     warnings = _overlap_warnings(overlap)
     with torch.no_grad():

@@ -55,6 +55,10 @@ class AffineTransform:
 
     __matmul__ = compose
 
+    def to(self, device: torch.device | str) -> "AffineTransform":
+        """The same transform with its tensors on ``device``."""
+        return AffineTransform(self.matrix.to(device), self.offset.to(device))
+
 
 @dataclass(frozen=True)
 class AffineBounds:

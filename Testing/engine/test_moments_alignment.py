@@ -15,7 +15,8 @@ import torch
 
 from dlir.geometry import Grid, image_to_tensor, rotation_matrix
 from dlir.pipeline import PreparedImage
-from dlir.preprocess import intensity_moments, principal_axes_alignment
+from dlir.alignment import principal_axes_alignment
+from dlir.preprocess import intensity_moments
 from dlir.recipe import IntensitySpec
 from dlir.transforms import grid_points
 

@@ -43,7 +43,8 @@ from ..errors import CancelledError, DLIRError, InputError
 from ..geometry import Grid, sample
 from ..losses import ncc, one_hot, stage_loss
 from ..metrics import dice, folding_fraction
-from ..pipeline import PreparedImage, alignment, run_stages, stage_inputs
+from ..alignment import initial_alignment
+from ..pipeline import PreparedImage, run_stages, stage_inputs
 from ..stack import Manifest, Stack, build_stack, save_stack
 from ..transforms import Composite, DisplacementField, SpatialTransform, displacement_on_grid, grid_points, jacobian_determinant
 from .config import TrainConfig
@@ -286,7 +287,7 @@ class Trainer:
     def frozen_transforms(self, k: int, pair: TrainingPair) -> list[SpatialTransform]:
         """``[T0, T1, ..., Tk]``: the initial alignment and the trained stages before stage ``k``."""
         with torch.no_grad():
-            initial = alignment(self.stack, pair.fixed, pair.moving)
+            initial = initial_alignment(self.stack.manifest.recipe.initial_alignment, pair.fixed, pair.moving)
             transforms = run_stages(self.stack, pair.fixed, pair.moving, initial, upto=k)
         return transforms
 
@@ -349,7 +350,7 @@ class Trainer:
         for pair in self.validation:
             pair = TrainingPair(PreparedImage(pair.fixed.tensor.to(self.device), pair.fixed.grid),
                         PreparedImage(pair.moving.tensor.to(self.device), pair.moving.grid), pair.fixed_labels, pair.moving_labels)
-            transforms = run_stages(self.stack, pair.fixed, pair.moving, alignment(self.stack, pair.fixed, pair.moving), upto=k + 1)
+            transforms = run_stages(self.stack, pair.fixed, pair.moving, initial_alignment(self.stack.manifest.recipe.initial_alignment, pair.fixed, pair.moving), upto=k + 1)
             similarity, pair_folding, pair_dice = validation_scores(pair, Composite(transforms))
             sims.append(similarity)
             folding.append(pair_folding)
@@ -562,7 +563,7 @@ class Trainer:
         pair = self.validation[0]
         fixed = PreparedImage(pair.fixed.tensor.to(self.device), pair.fixed.grid)
         moving = PreparedImage(pair.moving.tensor.to(self.device), pair.moving.grid)
-        transforms = run_stages(self.stack, fixed, moving, alignment(self.stack, fixed, moving), upto=k + 1)
+        transforms = run_stages(self.stack, fixed, moving, initial_alignment(self.stack.manifest.recipe.initial_alignment, fixed, moving), upto=k + 1)
         warped = sample(moving.tensor, moving.grid, Composite(transforms)(grid_points(fixed.grid, 1, self.device)))
         middle = fixed.tensor.shape[2] // 2
         return torch.cat([fixed.tensor[0, 0, middle], moving.tensor[0, 0, middle], warped[0, 0, middle]], dim=1).cpu()
