@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .errors import DLIRError, StackError
 from .recipe import Recipe
+from .stackname import name_problem
 from .stages import build_stage
 
 FORMAT = "dlir-stack"
@@ -34,8 +35,6 @@ SUFFIX = ".safetensors"
 #: the manifest's JSON is refused above this size (bytes) or nesting depth, before it is parsed
 MAX_MANIFEST_BYTES = 1_000_000
 MAX_JSON_DEPTH = 32
-#: the longest stack name (it becomes a file name when the stack is installed)
-MAX_NAME_LENGTH = 100
 #: the tensor types a stack's weights may have (safetensors' names -> PyTorch's)
 FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 #: the names of the other safetensors types, for messages
@@ -111,17 +110,6 @@ class Manifest:
             validation=dict(data.get("validation", {})),
             engine_version=data.get("engine_version", ""),
         )
-
-
-def name_problem(name: object) -> str | None:
-    """Why ``name`` cannot be a stack's name (it becomes ``NAME.safetensors``), or None when it can."""
-    if not isinstance(name, str) or not name.strip():
-        return "the name must be a non-empty string"
-    if len(name) > MAX_NAME_LENGTH:
-        return f"the name is longer than {MAX_NAME_LENGTH} characters"
-    if name.startswith(".") or any(c in name for c in "/\\:") or not name.isprintable():
-        return f"{name!r} cannot be a file name (no '/', '\\', ':', leading '.' or control characters)"
-    return None
 
 
 class Stack(nn.Module):
