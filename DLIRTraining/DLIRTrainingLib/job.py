@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from dlir.training.jobfolder import CHECKPOINTS_DIR, EVENTS_FILE, LOG_FILE
+from dlir.training.jobfolder import EVENTS_FILE, LOG_FILE, has_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +113,6 @@ def describeReturnCode(code: int | None) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
-
-
-def checkpointFiles(folder: Path) -> list[Path]:
-    """The job's checkpoint files, oldest first."""
-    directory = folder / CHECKPOINTS_DIR
-    if not directory.is_dir():
-        return []
-    return sorted((p for p in directory.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
 
 
 def enginePythonPath() -> str | None:
@@ -254,7 +246,8 @@ class TrainingJob:
         return self.folder / REQUEST_FILE
 
     def hasCheckpoint(self) -> bool:
-        return bool(checkpointFiles(self.folder))
+        """Whether ``dlir train --resume`` can continue this job (:func:`dlir.training.jobfolder.has_checkpoint`)."""
+        return has_checkpoint(self.folder)
 
     @property
     def resumable(self) -> bool:

@@ -21,3 +21,12 @@ CHECKPOINT = Path(CHECKPOINTS_DIR) / "last.pt"
 def stack_file(job_dir: str | Path, name: str) -> Path:
     """The finished stack of the job ``name`` in ``job_dir``."""
     return Path(job_dir) / f"{name}.safetensors"
+
+
+def has_checkpoint(job_dir: str | Path) -> bool:
+    """Whether the job in ``job_dir`` can resume: its checkpoint ``checkpoints/last.pt`` is a file.
+
+    The one rule of the trainer (``dlir train --resume``) and the DLIR Training module; any other
+    file in ``checkpoints/`` (e.g. the temporary file of a write that was killed) is no checkpoint.
+    """
+    return (Path(job_dir) / CHECKPOINT).is_file()

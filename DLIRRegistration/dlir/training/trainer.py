@@ -49,7 +49,7 @@ from ..transforms import Composite, DisplacementField, SpatialTransform, displac
 from .config import TrainConfig
 from .data import TrainingImage, find_images, load_image, pair_groups
 from .events import EventLog
-from .jobfolder import CHECKPOINT, CONFIG_FILE, EVENTS_FILE, LOG_FILE, stack_file
+from .jobfolder import CHECKPOINT, CONFIG_FILE, EVENTS_FILE, LOG_FILE, has_checkpoint, stack_file
 from .shapes import shape_pair
 from .synthetic import synthetic_pair
 
@@ -394,7 +394,7 @@ class Trainer:
 
     def load_checkpoint(self) -> None:
         path = self.job_dir / CHECKPOINT
-        if not path.is_file():
+        if not has_checkpoint(self.job_dir):
             raise InputError(f"the job {self.job_dir} has no checkpoint ({CHECKPOINT}) to resume from; start it again")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -638,7 +638,7 @@ def train(config: TrainConfig, job_dir: str | Path, resume: bool = False, progre
         if rank == 0:
             job.mkdir(parents=True, exist_ok=True)
             if not resume:
-                if (job / CHECKPOINT).exists() or stack_file(job, config.name).exists():
+                if has_checkpoint(job) or stack_file(job, config.name).exists():
                     raise InputError(f"the job folder {job} already holds a job; resume it with --resume or choose another --out")
                 (job / CONFIG_FILE).write_text(config.to_toml(), encoding="utf-8")
             handler = logging.FileHandler(job / LOG_FILE, encoding="utf-8")
