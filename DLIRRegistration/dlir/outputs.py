@@ -26,7 +26,6 @@ import re
 import secrets
 import shutil
 import signal
-import struct
 import tempfile
 import threading
 import time
@@ -39,8 +38,9 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from .errors import DLIRError, InputError
-from .io import _captured_stderr, write_image, write_transform
+from .io import captured_stderr, write_image, write_transform
 from .metrics import dice
+from .nifti import NIFTI1_HEADER_BYTES, gzip_trailer_matches, parse_header
 from .prefetch import STDERR_CAPTURE_LOCK, PairImages, read_pair_images
 from .refine import Refinement
 from .register import Registration, register
@@ -241,7 +241,7 @@ def _write_checked(path: Path, shown: Path, write: Callable[[Path], object]) -> 
     flushed to disk (``fsync``), which also reports errors a file system only finds then.
     """
     failure: BaseException | None = None
-    with STDERR_CAPTURE_LOCK, _captured_stderr() as said:  # never while a cohort's reader thread captures
+    with STDERR_CAPTURE_LOCK, captured_stderr() as said:  # never while a cohort's reader thread captures
         try:
             write(path)
         except (OSError, RuntimeError) as exc:
@@ -298,40 +298,28 @@ def _incomplete(path: Path) -> str | None:
     name = path.name.lower()
     try:
         if name.endswith(".nii.gz"):
-            return _incomplete_nifti_gz(path, size)
+            return _incomplete_nifti_gz(path)
         if name.endswith(".h5"):
             with path.open("rb") as f:
                 return None if f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE else "the file has no HDF5 header"
-    except (OSError, EOFError, gzip.BadGzipFile, struct.error) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
         return f"the file cannot be read back: {exc}"
     return None
 
 
-def _incomplete_nifti_gz(path: Path, size: int) -> str | None:
-    """A gzip-compressed NIfTI-1 file is whole when the gzip trailer's length equals its header's data length.
+def _incomplete_nifti_gz(path: Path) -> str | None:
+    """A gzip-compressed NIfTI-1 file (as ITK writes them) is whole when its gzip trailer records its header's data length.
 
-    Reads the header (348 bytes uncompressed) and the last 4 bytes only: cheap for any image size.
+    Reads (inflates) the 348-byte header and the last 4 bytes only: cheap for any image size.
     """
     with gzip.open(path, "rb") as f:
-        header = f.read(348)
-    if len(header) < 348:
+        head = f.read(NIFTI1_HEADER_BYTES)
+    if len(head) < NIFTI1_HEADER_BYTES:
         return "the file ends inside its header"
-    for order in "<>":
-        if struct.unpack(order + "i", header[:4])[0] == 348:
-            break
-    else:
-        return None  # not NIfTI-1 (ITK writes NIfTI-1): nothing more to check cheaply
-    dims = struct.unpack(order + "8h", header[40:56])
-    bitpix = struct.unpack(order + "h", header[72:74])[0]
-    offset = int(struct.unpack(order + "f", header[108:112])[0])
-    voxels = 1
-    for d in dims[1 : max(1, min(7, dims[0])) + 1]:
-        voxels *= max(1, d)
-    expected = offset + voxels * max(bitpix, 0) // 8
-    with path.open("rb") as f:
-        f.seek(size - 4)
-        stored = struct.unpack("<I", f.read(4))[0]
-    if stored != expected % (1 << 32):
+    header = parse_header(head)
+    if header is None:
+        return None  # not NIfTI-1: nothing more to check cheaply
+    if not gzip_trailer_matches(path, header):
         return "the file is shorter than its header says"
     return None
 
