@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
+from .atomic import atomic_write
 from .errors import DLIRError, StackError
 from .recipe import Recipe
 from .stackname import name_problem
@@ -187,7 +188,7 @@ def build_stack(manifest: Manifest, seed: int | None = None) -> Stack:
 
 
 def save_stack(stack: Stack, path: str | Path) -> Path:
-    """Write ``stack`` to ``path`` (``.safetensors``), atomically (a temporary file, then rename)."""
+    """Write ``stack`` to ``path`` (``.safetensors``) atomically (:func:`dlir.atomic.atomic_write`); creates the folder."""
     path = Path(path)
     if path.suffix != SUFFIX:
         raise StackError(f"a stack file must end in {SUFFIX}, got {path.name}")
@@ -196,12 +197,8 @@ def save_stack(stack: Stack, path: str | Path) -> Path:
         raise StackError(f"the stack cannot be saved under its name: {problem}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in stack.weights().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"dlir": json.dumps(stack.manifest.to_dict())})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # an ordinary data file (the writer makes it private)
-    os.replace(tmp, path)
+    with atomic_write(path) as temp:
+        save_file(tensors, str(temp), metadata={"dlir": json.dumps(stack.manifest.to_dict())})
     return path
 
 
@@ -457,9 +454,8 @@ def install_stack(source: str | Path, folder: str | Path | None = None, overwrit
     if target.exists() and not overwrite:
         raise StackError(f"a stack named {manifest.name} already exists in {folder} ({target.name}); rename or remove it first")
     folder.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(target.name + ".tmp")
-    shutil.copyfile(source, temporary)
-    os.replace(temporary, target)
+    with atomic_write(target) as temp:
+        shutil.copyfile(source, temp)
     return StackInfo(manifest.name, target, manifest)
 
 

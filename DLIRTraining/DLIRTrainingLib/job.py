@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from dlir.atomic import write_text_atomically
 from dlir.training.jobfolder import EVENTS_FILE, LOG_FILE, has_checkpoint
 
 log = logging.getLogger(__name__)
@@ -268,9 +269,7 @@ class TrainingJob:
             "stack": str(self.stackPath) if self.stackPath else None,
         }
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / (METADATA_FILE + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.folder / METADATA_FILE)
+        write_text_atomically(self.folder / METADATA_FILE, json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path, **kwargs: Any) -> "TrainingJob":

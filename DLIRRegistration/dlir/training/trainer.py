@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from .. import __version__
+from ..atomic import atomic_write
 from ..device import resolve_device
 from ..errors import CancelledError, DLIRError, InputError
 from ..geometry import Grid, sample
@@ -384,9 +385,8 @@ class Trainer:
                          "best_weights": {n: t.detach().cpu() for n, t in r.best_weights.items()} if r.best_weights else {}}
                         for r in self.records],
         }
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as temp:
+            torch.save(state, temp)
         if reason == "stage_done":  # report the stage just finished, at its last iteration
             self._emit("checkpoint", stage=k, iteration=self.config.recipe.stages[k - 1].iterations, path=str(path), reason=reason)
         else:
