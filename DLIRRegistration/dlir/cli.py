@@ -67,7 +67,8 @@ def _add_register(p: argparse.ArgumentParser) -> None:
 def _run_register(args: argparse.Namespace) -> int:
     if not args.out.strip():
         raise InputError("--out is empty; give a folder for the results")
-    from .outputs import OutputFolder, check_output_folder, register_into
+    from .outputs import register_into
+    from .resultfolder import OutputFolder, check_output_folder
     from .stack import load_stack, resolve_stack
 
     out = Path(args.out)
@@ -127,10 +128,12 @@ def _register_cohort(stack_path: Path, source: Path, out: Path, options: dict, o
 
     from tqdm import tqdm
 
-    from .outputs import (SUMMARY_FILE, ComputedPair, OutputError, OutputFolder, compute_pair, staged_folder, write_pair,
-                          write_text_atomically)
+    from .atomic import write_text_atomically
+    from .errors import OutputError
+    from .outputs import ComputedPair, compute_pair, write_pair
     from .pairs import read_pairs
     from .prefetch import PairReader
+    from .resultfolder import SUMMARY_FILE, OutputFolder, staged_folder
     from .stack import load_stack
 
     pairs = read_pairs(source)
