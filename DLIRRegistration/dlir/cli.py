@@ -69,7 +69,8 @@ def _add_register(p: argparse.ArgumentParser) -> None:
 def _run_register(args: argparse.Namespace) -> int:
     if not args.out.strip():
         raise InputError("--out is empty; give a folder for the results")
-    from .outputs import OutputFolder, check_output_folder, register_into
+    from .outputs import register_into
+    from .resultfolder import OutputFolder, check_output_folder
     from .stack import load_stack, resolve_stack
 
     out = Path(args.out)
@@ -111,7 +112,7 @@ def _register_cohort(stack_path: Path, source: Path, out: Path, options: dict, o
     from tqdm import tqdm
 
     from .cohort import register_cohort
-    from .outputs import SUMMARY_FILE
+    from .resultfolder import SUMMARY_FILE
     from .pairs import read_pairs
 
     pairs = read_pairs(source)

@@ -18,11 +18,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from . import outputs as pair_files  # compute_pair and write_pair are looked up when called (tests replace them)
-from .errors import DLIRError
-from .outputs import SUMMARY_FILE, ComputedPair, OutputError, OutputFolder, staged_folder, write_text_atomically
+from .atomic import write_text_atomically
+from .errors import DLIRError, OutputError
+from .outputs import ComputedPair
 from .pairs import Pair
 from .prefetch import PairReader
 from .refine import Refinement
+from .resultfolder import SUMMARY_FILE, OutputFolder, staged_folder
 from .stack import load_stack
 
 log = logging.getLogger(__name__)

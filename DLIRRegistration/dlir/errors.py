@@ -13,6 +13,10 @@ class StackError(DLIRError):
     """A stage-stack file or recipe is missing, corrupt or not meant for this task."""
 
 
+class OutputError(DLIRError):
+    """An output folder cannot be used, or its files cannot be written."""
+
+
 class DeviceError(DLIRError):
     """The requested compute device is unavailable or ran out of memory."""
 

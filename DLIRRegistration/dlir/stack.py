@@ -23,10 +23,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
+from .atomic import atomic_write
 from .choices import STACK_SUFFIX as SUFFIX
 from .choices import stack_file_name
 from .errors import DLIRError, StackError
 from .recipe import Recipe
+from .stackname import name_problem
 from .stages import build_stage
 
 FORMAT = "dlir-stack"
@@ -35,8 +37,6 @@ FORMAT_VERSION = 1
 #: the manifest's JSON is refused above this size (bytes) or nesting depth, before it is parsed
 MAX_MANIFEST_BYTES = 1_000_000
 MAX_JSON_DEPTH = 32
-#: the longest stack name (it becomes a file name when the stack is installed)
-MAX_NAME_LENGTH = 100
 #: the tensor types a stack's weights may have (safetensors' names -> PyTorch's)
 FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 #: the names of the other safetensors types, for messages
@@ -114,17 +114,6 @@ class Manifest:
         )
 
 
-def name_problem(name: object) -> str | None:
-    """Why ``name`` cannot be a stack's name (it becomes ``NAME.safetensors``), or None when it can."""
-    if not isinstance(name, str) or not name.strip():
-        return "the name must be a non-empty string"
-    if len(name) > MAX_NAME_LENGTH:
-        return f"the name is longer than {MAX_NAME_LENGTH} characters"
-    if name.startswith(".") or any(c in name for c in "/\\:") or not name.isprintable():
-        return f"{name!r} cannot be a file name (no '/', '\\', ':', leading '.' or control characters)"
-    return None
-
-
 class Stack(nn.Module):
     """A trained (or freshly initialised) stage stack: manifest plus one module per stage."""
 
@@ -200,7 +189,7 @@ def build_stack(manifest: Manifest, seed: int | None = None) -> Stack:
 
 
 def save_stack(stack: Stack, path: str | Path) -> Path:
-    """Write ``stack`` to ``path`` (``.safetensors``), atomically (a temporary file, then rename)."""
+    """Write ``stack`` to ``path`` (``.safetensors``) atomically (:func:`dlir.atomic.atomic_write`); creates the folder."""
     path = Path(path)
     if path.suffix != SUFFIX:
         raise StackError(f"a stack file must end in {SUFFIX}, got {path.name}")
@@ -209,12 +198,8 @@ def save_stack(stack: Stack, path: str | Path) -> Path:
         raise StackError(f"the stack cannot be saved under its name: {problem}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in stack.weights().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"dlir": json.dumps(stack.manifest.to_dict())})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # an ordinary data file (the writer makes it private)
-    os.replace(tmp, path)
+    with atomic_write(path) as temp:
+        save_file(tensors, str(temp), metadata={"dlir": json.dumps(stack.manifest.to_dict())})
     return path
 
 
@@ -470,9 +455,8 @@ def install_stack(source: str | Path, folder: str | Path | None = None, overwrit
     if target.exists() and not overwrite:
         raise StackError(f"a stack named {manifest.name} already exists in {folder} ({target.name}); rename or remove it first")
     folder.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(target.name + ".tmp")
-    shutil.copyfile(source, temporary)
-    os.replace(temporary, target)
+    with atomic_write(target) as temp:
+        shutil.copyfile(source, temp)
     return StackInfo(manifest.name, target, manifest)
 
 

@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from dlir.training.jobfolder import CHECKPOINTS_DIR, EVENTS_FILE, LOG_FILE
+from dlir.atomic import write_text_atomically
+from dlir.training.jobfolder import EVENTS_FILE, LOG_FILE, has_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +114,6 @@ def describeReturnCode(code: int | None) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
-
-
-def checkpointFiles(folder: Path) -> list[Path]:
-    """The job's checkpoint files, oldest first."""
-    directory = folder / CHECKPOINTS_DIR
-    if not directory.is_dir():
-        return []
-    return sorted((p for p in directory.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
 
 
 def enginePythonPath() -> str | None:
@@ -254,7 +247,8 @@ class TrainingJob:
         return self.folder / REQUEST_FILE
 
     def hasCheckpoint(self) -> bool:
-        return bool(checkpointFiles(self.folder))
+        """Whether ``dlir train --resume`` can continue this job (:func:`dlir.training.jobfolder.has_checkpoint`)."""
+        return has_checkpoint(self.folder)
 
     @property
     def resumable(self) -> bool:
@@ -275,9 +269,7 @@ class TrainingJob:
             "stack": str(self.stackPath) if self.stackPath else None,
         }
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / (METADATA_FILE + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.folder / METADATA_FILE)
+        write_text_atomically(self.folder / METADATA_FILE, json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path, **kwargs: Any) -> "TrainingJob":

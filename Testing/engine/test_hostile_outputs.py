@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -33,8 +34,9 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 import dlir.outputs
+from dlir.atomic import TEMP_TAG
 from dlir.cli import main
-from dlir.outputs import LOCK_SUFFIX, TEMP_TAG, OutputFolder
+from dlir.resultfolder import LOCK_SUFFIX, OutputFolder
 
 RunDlir = Callable[..., subprocess.CompletedProcess]
 OUTPUTS = ("warped.nii.gz", "jacobian.nii.gz", "transform.h5", "result.json")
@@ -332,7 +334,7 @@ def test_an_output_folder_where_nobody_may_write_is_refused(inputs, tmp_path, ru
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
-    monkeypatch.setattr(dlir.outputs.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
     code, err, _ = run_main(*register_args(inputs, tmp_path / "new" / "out"))
     assert_refused(code, err, "permission denied", str(tmp_path / "new"))
     assert list(tmp_path.iterdir()) == []  # the parent made for it is gone too
@@ -578,7 +580,8 @@ def test_a_killed_run_leaves_nothing_that_stops_or_mixes_into_the_next(inputs, t
 
 def test_register_pair_for_engine_callers_swaps_only_the_output_files(inputs, tmp_path, fresh_stack_file, untouched) -> None:
     """``dlir bench`` keeps its own spec.json in the run folder and registers into it repeatedly."""
-    from dlir.outputs import OutputError, register_pair
+    from dlir.errors import OutputError
+    from dlir.outputs import register_pair
     from dlir.stack import load_stack
 
     stack = load_stack(fresh_stack_file)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import dlir.io
 from dlir.errors import InputError
 from dlir.geometry import Grid
 from dlir.io import check_image, read_image
@@ -98,7 +98,7 @@ def test_an_integer_nifti_gz_cut_short_is_refused_though_it_is_not_inflated_to_b
     voxels (ITK inflates them once, to read them); any cut fails that test and the full check, which reads on into
     the voxels, names the truncation (cut by 1, 4 or 5 bytes the trailer itself is damaged)."""
     reads: list[int] = []  # the sizes asked of the check's gzip stream
-    real_open = dlir.io.gzip.open
+    real_open = gzip.open
 
     class Counting:
         def __init__(self, *args, **kwargs) -> None:
@@ -114,7 +114,7 @@ def test_an_integer_nifti_gz_cut_short_is_refused_though_it_is_not_inflated_to_b
         def __exit__(self, *exc: object) -> None:
             self.file.close()
 
-    monkeypatch.setattr(dlir.io.gzip, "open", Counting)
+    monkeypatch.setattr(gzip, "open", Counting)
     image = sitk.GetImageFromArray(np.random.default_rng(0).integers(-1000, 1000, (20, 30, 40)).astype(np.int16))
     whole = tmp_path / "ct.nii.gz"
     sitk.WriteImage(image, str(whole), useCompression=True)

@@ -21,8 +21,10 @@ from safetensors.torch import load_file
 
 from dlir.geometry import Grid, image_to_tensor, sample
 from dlir.register import register
-from dlir.stack import load_stack
-from dlir.training.config import SyntheticSpec, TrainConfig
+from dlir.errors import InputError, StackError
+from dlir.stack import Manifest, build_stack, load_stack, save_stack
+from dlir.stackname import MAX_NAME_LENGTH, name_problem
+from dlir.training.config import DataSpec, SyntheticSpec, TrainConfig
 from dlir.training.events import EVENT_TYPES
 from dlir.training.synthetic import synthetic_pair
 from dlir.transforms import grid_points
@@ -319,6 +321,18 @@ def test_a_stage_appended_to_a_finished_job_trains_as_in_a_job_with_it_from_the_
     job_config.write_text(text[:cut], encoding="utf-8")  # the second stage removed again: refused
     shrunk = dlir_train("--resume", job, "--progress", "none", timeout=60)
     assert shrunk.returncode != 0 and "not removed" in shrunk.stderr and "Traceback" not in shrunk.stderr
+
+
+@pytest.mark.parametrize("name", ["a" * (MAX_NAME_LENGTH + 1), "tab\there", "new\nline", " ", ".hidden", "a/b"],
+                         ids=["too long", "tab", "newline", "blank", "leading dot", "slash"])
+def test_a_name_the_stack_file_refuses_is_refused_before_training(tmp_path: Path, name: str) -> None:
+    """The configuration check applies the stack's own name rule, so a job is never refused only when it saves its stack."""
+    config = TrainConfig(name=name, data=DataSpec(images=str(SAMPLE)))
+    with pytest.raises(InputError, match="give the stack a name usable as a file name") as refused:
+        config.check()
+    assert name_problem(name) in str(refused.value)
+    with pytest.raises(StackError, match="cannot be saved under its name"):  # the rule the saved stack is held to
+        save_stack(build_stack(Manifest(name=name, recipe=config.recipe)), tmp_path / "stack.safetensors")
 
 
 def test_resume_without_a_job_is_one_sentence(tmp_path: Path) -> None:

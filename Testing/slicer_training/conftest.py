@@ -54,7 +54,7 @@ else:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-state_file = out / CHECKPOINTS_DIR / "last.json"
+state_file = out / CHECKPOINT
 stage, it = 1, 0
 if resume:
     saved = json.loads(state_file.read_text(encoding="utf-8"))
@@ -99,9 +99,9 @@ emit("done", stack=str(out / "fake.safetensors"))
 def fake_trainer(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """The launcher command of the fake trainer (stands for ``python -m dlir``)."""
     path = tmp_path_factory.mktemp("fake-trainer") / "fake_dlir.py"
-    from dlir.training.jobfolder import CHECKPOINTS_DIR, EVENTS_FILE
+    from dlir.training.jobfolder import CHECKPOINT, EVENTS_FILE
 
-    names = f"EVENTS_FILE, CHECKPOINTS_DIR = {EVENTS_FILE!r}, {CHECKPOINTS_DIR!r}  # dlir.training.jobfolder\n"
+    names = f"EVENTS_FILE, CHECKPOINT = {EVENTS_FILE!r}, {CHECKPOINT.as_posix()!r}  # dlir.training.jobfolder\n"
     path.write_text(names + textwrap.dedent(FAKE_TRAINER), encoding="utf-8")
     return [sys.executable, str(path)]
 

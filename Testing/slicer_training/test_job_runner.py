@@ -23,6 +23,7 @@ from DLIRTrainingLib.job import (
     readEvents,
 )
 from DLIRTrainingLib.jobs import JobManager, deviceKey, safeName
+from dlir.training.jobfolder import CHECKPOINT, has_checkpoint
 
 
 def make_job(tmp_path: Path, fake_trainer: list[str], mode: str = "ok", name: str = "job", delay: float = 0.0,
@@ -220,8 +221,8 @@ def test_jobs_are_listed_again_after_a_restart(tmp_path: Path, fake_trainer: lis
     # a job whose Slicer died while it ran: no end event, no live process, checkpoints on disk
     orphan = root / "orphan"
     orphan.mkdir()
-    (orphan / "checkpoints").mkdir()
-    (orphan / "checkpoints" / "last.json").write_text("{}")
+    (orphan / CHECKPOINT).parent.mkdir()
+    (orphan / CHECKPOINT).write_text("{}")
     (orphan / "events.jsonl").write_text(json.dumps({"type": "start", "stages": [{"kind": "affine", "iterations": 5}]}) + "\n"
                                          + json.dumps({"type": "iteration", "stage": 1, "iteration": 3}) + "\n")
     (orphan / METADATA_FILE).write_text(json.dumps({"name": "orphan", "state": "running", "pid": 2**22 + 12345}))
@@ -237,6 +238,25 @@ def test_jobs_are_listed_again_after_a_restart(tmp_path: Path, fake_trainer: lis
     # the fresh manager resumes the stopped job to the end
     fresh.submit(jobs["stopped"], resume=True)
     assert jobs["stopped"].wait(60) == JobState.FINISHED
+
+
+@pytest.mark.parametrize("leftover", ["last.pt.tmp", ".last.pt.dlir-1a2b3c4d.tmp", "other.pt"])
+def test_only_the_trainers_checkpoint_makes_a_job_resumable(tmp_path: Path, leftover: str) -> None:
+    """A stopped job offers a resume only when ``dlir train --resume`` finds its checkpoint: another file in
+    ``checkpoints/`` (a temporary file left by a killed write) is none, for the module as for the trainer."""
+    folder = tmp_path / "job"
+    (folder / CHECKPOINT).parent.mkdir(parents=True)
+    (folder / CHECKPOINT).with_name(leftover).write_bytes(b"half a checkpoint")
+    (folder / "events.jsonl").write_text(json.dumps({"type": "start", "stages": [{"kind": "affine", "iterations": 5}]}) + "\n"
+                                         + json.dumps({"type": "iteration", "stage": 1, "iteration": 3}) + "\n")
+    job = TrainingJob.load(folder)
+    assert not has_checkpoint(folder)
+    assert not job.hasCheckpoint() and not job.resumable and job.state == JobState.FAILED
+    with pytest.raises(JobError, match="no checkpoint"):
+        job.resume()
+    (folder / CHECKPOINT).write_bytes(b"a checkpoint")
+    job = TrainingJob.load(folder)
+    assert has_checkpoint(folder) and job.state == JobState.STOPPED and job.resumable
 
 
 def test_a_job_running_elsewhere_is_shown_running(tmp_path: Path) -> None:

@@ -61,6 +61,7 @@ from typing import Any
 
 from ..errors import InputError, StackError
 from ..recipe import DEFAULT_BENDING_WEIGHT, INTENSITY_PRESETS, Recipe, StageSpec
+from ..stackname import name_problem
 from .toml_writer import dumps
 
 #: stage settings that can be given per stage on the command line (one value, or a comma list)
@@ -255,8 +256,9 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise :class:`InputError` naming the first unusable setting."""
-        if not self.name or any(c in self.name for c in "/\\:") or self.name.startswith("."):
-            raise InputError("give the stack a name usable as a file name (no '/', '\\' or ':', not starting with '.')")
+        problem = name_problem(self.name)
+        if problem:
+            raise InputError(f"give the stack a name usable as a file name: {problem}")
         if not self.data.images and self.data.shapes_fraction < 1:
             raise InputError("no training images: choose a folder, a glob or a CSV of images (or train on synthetic shapes only)")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

@@ -23,3 +23,13 @@ CHECKPOINT = Path(CHECKPOINTS_DIR) / "last.pt"
 def stack_file(job_dir: str | Path, name: str) -> Path:
     """The finished stack of the job ``name`` in ``job_dir``."""
     return Path(job_dir) / stack_file_name(name)
+
+
+
+def has_checkpoint(job_dir: str | Path) -> bool:
+    """Whether the job in ``job_dir`` can resume: its checkpoint ``checkpoints/last.pt`` is a file.
+
+    The one rule of the trainer (``dlir train --resume``) and the DLIR Training module; any other
+    file in ``checkpoints/`` (e.g. the temporary file of a write that was killed) is no checkpoint.
+    """
+    return (Path(job_dir) / CHECKPOINT).is_file()

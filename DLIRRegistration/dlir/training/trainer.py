@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from .. import __version__
+from ..atomic import atomic_write
 from ..device import resolve_device
 from ..errors import CancelledError, DLIRError, InputError
 from ..geometry import Grid, sample
@@ -50,7 +51,7 @@ from ..transforms import Composite, DisplacementField, SpatialTransform, displac
 from .config import TrainConfig
 from .data import TrainingImage, find_images, load_image, pair_groups
 from .events import EventLog
-from .jobfolder import CHECKPOINT, CONFIG_FILE, EVENTS_FILE, LOG_FILE, stack_file
+from .jobfolder import CHECKPOINT, CONFIG_FILE, EVENTS_FILE, LOG_FILE, has_checkpoint, stack_file
 from .shapes import shape_pair
 from .synthetic import synthetic_pair
 
@@ -385,9 +386,8 @@ class Trainer:
                          "best_weights": {n: t.detach().cpu() for n, t in r.best_weights.items()} if r.best_weights else {}}
                         for r in self.records],
         }
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as temp:
+            torch.save(state, temp)
         if reason == "stage_done":  # report the stage just finished, at its last iteration
             self._emit("checkpoint", stage=k, iteration=self.config.recipe.stages[k - 1].iterations, path=str(path), reason=reason)
         else:
@@ -395,7 +395,7 @@ class Trainer:
 
     def load_checkpoint(self) -> None:
         path = self.job_dir / CHECKPOINT
-        if not path.is_file():
+        if not has_checkpoint(self.job_dir):
             raise InputError(f"the job {self.job_dir} has no checkpoint ({CHECKPOINT}) to resume from; start it again")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -639,7 +639,7 @@ def train(config: TrainConfig, job_dir: str | Path, resume: bool = False, progre
         if rank == 0:
             job.mkdir(parents=True, exist_ok=True)
             if not resume:
-                if (job / CHECKPOINT).exists() or stack_file(job, config.name).exists():
+                if has_checkpoint(job) or stack_file(job, config.name).exists():
                     raise InputError(f"the job folder {job} already holds a job; resume it with --resume or choose another --out")
                 (job / CONFIG_FILE).write_text(config.to_toml(), encoding="utf-8")
             handler = logging.FileHandler(job / LOG_FILE, encoding="utf-8")
