@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 import dlir.memory
 import dlir.stack
+import testdata
 from dlir.cli import main
 from dlir.device import resolve_device
 from dlir.errors import DeviceError, StackError
@@ -67,7 +68,7 @@ SETTINGS = settings(derandomize=True, database=None, deadline=None, suppress_hea
 @pytest.fixture(scope="module")
 def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A valid small stack (affine + B-spline) that the hostile files are forged from; read only."""
-    stack = small_stack("hostile-base", description="the base of the hostile stacks")
+    stack = testdata.small_stack("hostile-base", description="the base of the hostile stacks")
     return save_stack(stack, tmp_path_factory.mktemp("good") / "hostile-base.safetensors")
 
 
