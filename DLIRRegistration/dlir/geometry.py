@@ -278,3 +278,13 @@ def rotation_matrix(angles: torch.Tensor, order: str = "zyx") -> torch.Tensor:
     factors = {"x": rx, "y": ry, "z": rz}
     return factors[order[0]] @ factors[order[1]] @ factors[order[2]]
 
+
+def flip_ras_lps(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    """RAS <-> LPS (mm): ``values`` with their x and y components negated along ``axis`` (components in the
+    order x, y, z), the flip ``diag(-1, -1, 1)``.  Its own inverse and exact in floating point (sign
+    changes only).  Points ``[..., 3]`` flip along the last axis; a direction matrix (columns = axis
+    directions) flips its rows, ``axis=0``.  The engine works in LPS; only Slicer data (volume nodes,
+    RAS landmark files) needs this."""
+    shape = [1] * np.ndim(values)
+    shape[axis] = 3
+    return np.asarray(values) * np.array([-1.0, -1.0, 1.0]).reshape(shape)
