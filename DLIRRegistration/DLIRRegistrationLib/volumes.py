@@ -1,7 +1,7 @@
 """Volume nodes <-> SimpleITK images, with the exact RAS <-> LPS conversion of the geometry.
 
 Slicer works in RAS millimetres, the engine (``dlir``) in ITK's LPS millimetres; the two differ by
-the flip ``F = diag(-1, -1, 1)``.  A volume node's geometry (origin = RAS position of the centre of
+the flip ``F = diag(-1, -1, 1)`` (:func:`dlir.geometry.flip_ras_lps`).  A volume node's geometry (origin = RAS position of the centre of
 voxel (0, 0, 0), spacing in mm, direction columns = RAS directions of the i, j, k axes) becomes
 the image's ``origin_LPS = F @ origin_RAS``, same spacing, ``direction_LPS = F @ direction_RAS``.
 Sign flips are exact in floating point, so node -> image -> node reproduces the geometry bit for bit.
@@ -23,10 +23,7 @@ import SimpleITK as sitk
 import vtk
 
 from dlir.errors import InputError
-from dlir.geometry import header_problem
-
-#: RAS <-> LPS flip (its own inverse)
-FLIP = np.diag([-1.0, -1.0, 1.0])
+from dlir.geometry import flip_ras_lps, header_problem
 
 
 @dataclass(frozen=True)
@@ -162,18 +159,18 @@ def maskOnGrid(volumeNode, reference: sitk.Image, what: str) -> np.ndarray:
 
 def setImageGeometry(image: sitk.Image, geometry: VolumeGeometry) -> None:
     """Put a world RAS geometry on a SimpleITK image as ITK LPS origin, spacing and direction."""
-    image.SetOrigin(tuple(float(v) for v in FLIP @ geometry.origin))
+    image.SetOrigin(tuple(float(v) for v in flip_ras_lps(geometry.origin)))
     image.SetSpacing(tuple(float(v) for v in geometry.spacing))
-    image.SetDirection(tuple(float(v) for v in (FLIP @ geometry.directions).ravel()))
+    image.SetDirection(tuple(float(v) for v in flip_ras_lps(geometry.directions, axis=0).ravel()))
 
 
 def imageGeometry(image: sitk.Image) -> VolumeGeometry:
     """The world RAS geometry of a SimpleITK image (LPS -> RAS)."""
     return VolumeGeometry(
         dimensions=tuple(int(s) for s in image.GetSize()),
-        origin=FLIP @ np.array(image.GetOrigin(), dtype=np.float64),
+        origin=flip_ras_lps(np.array(image.GetOrigin(), dtype=np.float64)),
         spacing=np.array(image.GetSpacing(), dtype=np.float64),
-        directions=FLIP @ np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3),
+        directions=flip_ras_lps(np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3), axis=0),
     )
 
 

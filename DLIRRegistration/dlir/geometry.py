@@ -277,12 +277,29 @@ def tensor_to_image(tensor: torch.Tensor, grid: Grid, pixel_type: int | None = N
     return grid.apply_to(image)
 
 
-def rotation_matrix(angles: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices ``[N, 3, 3]`` from angles ``[N, 3]`` (radians) about x, then y, then z."""
+def rotation_matrix(angles: torch.Tensor, order: str = "zyx") -> torch.Tensor:
+    """Rotation matrices ``[N, 3, 3]`` from angles ``[N, 3]`` (radians) about the x, y and z axes.
+
+    Each elementary rotation is right-handed (counter-clockwise seen from the axis' positive end);
+    ``order`` names the factors from left to right: ``"zyx"`` gives ``Rz @ Ry @ Rx`` (a point is
+    rotated about x first, then y, then z), ``"xyz"`` gives ``Rx @ Ry @ Rz``.
+    """
     cx, cy, cz = torch.cos(angles).unbind(-1)
     sx, sy, sz = torch.sin(angles).unbind(-1)
     one, zero = torch.ones_like(cx), torch.zeros_like(cx)
     rx = torch.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], -1).reshape(-1, 3, 3)
     ry = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], -1).reshape(-1, 3, 3)
     rz = torch.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], -1).reshape(-1, 3, 3)
-    return rz @ ry @ rx
+    factors = {"x": rx, "y": ry, "z": rz}
+    return factors[order[0]] @ factors[order[1]] @ factors[order[2]]
+
+
+def flip_ras_lps(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    """RAS <-> LPS (mm): ``values`` with their x and y components negated along ``axis`` (components in the
+    order x, y, z), the flip ``diag(-1, -1, 1)``.  Its own inverse and exact in floating point (sign
+    changes only).  Points ``[..., 3]`` flip along the last axis; a direction matrix (columns = axis
+    directions) flips its rows, ``axis=0``.  The engine works in LPS; only Slicer data (volume nodes,
+    RAS landmark files) needs this."""
+    shape = [1] * np.ndim(values)
+    shape[axis] = 3
+    return np.asarray(values) * np.array([-1.0, -1.0, 1.0]).reshape(shape)

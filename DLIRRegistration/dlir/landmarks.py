@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .geometry import flip_ras_lps
 
-_RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])  # the same flip maps LPS to RAS
 _FCSV_SYSTEMS = {"0": "RAS", "RAS": "RAS", "1": "LPS", "LPS": "LPS"}
 _JSON_UNITS_MM = {"mm": 1.0, "um": 1e-3}
 _MARKUPS_SCHEMA = (
@@ -128,7 +128,7 @@ def _read_fcsv(path: Path) -> np.ndarray:
     if system is None:
         raise InputError(f"{path.name} does not say its coordinate system: add a line '# CoordinateSystem = LPS' (or RAS)")
     points = _as_points(rows, path)
-    return points * _RAS_TO_LPS if system == "RAS" else points
+    return flip_ras_lps(points) if system == "RAS" else points
 
 
 def _markup(path: Path) -> dict[str, Any]:
@@ -159,7 +159,7 @@ def _read_markups_json(path: Path) -> np.ndarray:
             raise InputError(f"{path.name}: control point {n} needs a position with 3 coordinates")
         rows.append(_coordinates([str(v) for v in position], path, f"control point {n}"))
     points = _as_points(rows, path) * _JSON_UNITS_MM[units]
-    return points * _RAS_TO_LPS if system == "RAS" else points
+    return flip_ras_lps(points) if system == "RAS" else points
 
 
 # ------------------------------------------------------------------------------------- writing

@@ -143,9 +143,8 @@ def soft_dice(fixed: torch.Tensor, warped: torch.Tensor, eps: float = 1e-6) -> t
     a perfect overlap.  For one-hot maps this is the usual Dice.  The squares matter for soft maps:
     with ``sum(f) + sum(w)`` below, a map blurred by trilinear warping scores lower than a sharp one
     even where it is aligned, so a label loss would prefer displacements by whole voxels (the identity)
-    to the right sub-voxel ones; with squares, ``f == w`` is the unique maximum.  Measured on synthetic
-    deformations of the MNI labels on an 8 mm grid: identity 0.874, true field 0.806 with linear
-    denominators; 0.874 and 0.889 with squares.
+    to the right sub-voxel ones; with squares, ``f == w`` is the unique maximum (the numbers are in
+    Testing/benchmarks/RESULTS.md).
     """
     dims = tuple(range(2, fixed.dim()))
     overlap = (fixed * warped).sum(dims)

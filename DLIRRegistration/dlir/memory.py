@@ -31,7 +31,7 @@ from .stack import Stack
 
 FLOAT = 4  # bytes of a float32 value
 
-# float32 values held per voxel (measured on the CPU with VmHWM: see Testing/engine/test_fullres.py)
+# float32 values held per voxel (checked against the CPU's peak RSS, VmHWM, in Testing/engine/test_fullres.py)
 #: per fixed-grid voxel, all along: nothing beyond the caller's image (read slab by slab in its own type), plus
 #: one anti-aliased copy per stage spacing (counted at full size: block averaging shrinks it on fine grids)
 PER_FIXED_INPUT = 0
@@ -40,8 +40,10 @@ PER_MOVING_INPUT = 0
 #: per fixed-grid voxel at the full-resolution step: warped image, labels and Jacobian, each as an array
 #: and as the image made of it (at most 4 bytes each)
 PER_FIXED_OUTPUT = 6
-#: per fixed-grid voxel, when the full-resolution displacement is kept (for a displacement-field transform
-#: file): the field as array and image (6), its float64 copy and the ITK transform's (12)
+#: per fixed-grid voxel, when the full-resolution displacement is kept (``register(outputs=(..., "displacement"))``,
+#: ``Registration.displacement``): the field as a float32 array and the image made of it (6), and room (12) for a
+#: caller's float64 ITK displacement-field transform of it; ``transform.h5`` never needs it (it holds the compact
+#: field of :mod:`dlir.export`)
 PER_FIXED_DISPLACEMENT = 18
 #: the slabs of the full-resolution step (:data:`dlir.choices.CHUNK_VOXELS` voxels: points, mapped points,
 #: displacement, the Jacobian's derivatives and the sampling temporaries)

@@ -143,9 +143,9 @@ class BSplineNet(nn.Module):
 def _first_block_by_slices(conv: nn.Conv3d, pool: nn.AvgPool3d, x: torch.Tensor) -> torch.Tensor:
     """``pool(relu(conv(x)))`` for a 3x3x3 convolution (padding 1) and 2x2x2 pooling, two slices (along D) at a time.
 
-    The same numbers as the layers applied to the whole input; on a CPU about 1.5-2x faster for the first block of a
-    network on a fine grid: its 2-channel convolution is bound by memory traffic, and a 32-channel output two slices
-    thick stays in cache for the ReLU and the pooling (measured: 0.49 -> 0.31 s on a 120 x 148 x 148 grid, 2 cores).
+    The same numbers as the layers applied to the whole input, faster on a CPU for the first block of a network on a
+    fine grid: its 2-channel convolution is bound by memory traffic, and a 32-channel output two slices thick stays in
+    cache for the ReLU and the pooling (timings in Testing/benchmarks/RESULTS.md).
     """
     padded = F.pad(x, (0, 0, 0, 0, 1, 1))
     depth = x.shape[2]

@@ -21,6 +21,7 @@ import SimpleITK as sitk
 from .errors import InputError
 from .io import read_image
 from .landmarks import read_landmark_pairs
+from .prefetch import read_pair_images
 
 
 @dataclass(frozen=True)
@@ -194,21 +195,24 @@ def _read_csv_rows(path: Path) -> list[dict[str, str]]:
 
 
 def load_pair(pair: Pair) -> PairData:
-    """Read every file of ``pair`` (images as stored, landmarks as LPS mm)."""
-    def optional(p: Path | None, what: str) -> sitk.Image | None:
-        return None if p is None else read_image(p, what)
+    """Read every file of ``pair`` (images as stored, landmarks as LPS mm).
 
+    The images are read as ``dlir register`` reads them (:func:`dlir.prefetch.read_pair_images`: the
+    same sentences, fixed labels checked against the fixed grid); then the landmarks and the
+    ground-truth displacement.
+    """
+    images = read_pair_images(pair.fixed, pair.moving, pair.moving_labels, pair.fixed_mask, pair.fixed_labels)
     points = read_landmark_pairs(pair.landmarks) if pair.landmarks is not None else (None, None)
     return PairData(
         pair=pair,
-        fixed=read_image(pair.fixed, "fixed image"),
-        moving=read_image(pair.moving, "moving image"),
-        fixed_labels=optional(pair.fixed_labels, "fixed label map"),
-        moving_labels=optional(pair.moving_labels, "moving label map"),
-        fixed_mask=optional(pair.fixed_mask, "fixed mask"),
+        fixed=images.fixed,
+        moving=images.moving,
+        fixed_labels=images.fixed_labels,
+        moving_labels=images.moving_labels,
+        fixed_mask=images.fixed_mask,
         fixed_points=points[0],
         moving_points=points[1],
-        gt_displacement=optional(pair.gt_displacement, "ground-truth displacement"),
+        gt_displacement=None if pair.gt_displacement is None else read_image(pair.gt_displacement, "ground-truth displacement"),
     )
 
 

@@ -112,7 +112,7 @@ def smooth_for_spacing(image: torch.Tensor, grid: Grid, target_spacing: tuple[fl
     the axis is averaged either way).
     """
     target = min(target_spacing)
-    return _smooth(image, [(target / grid.spacing[axis] - 1) / 2 for axis in range(3)])
+    return gaussian_smooth(image, [(target / grid.spacing[axis] - 1) / 2 for axis in range(3)])
 
 
 def coarse_factors(grid: Grid, target_spacing: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -161,7 +161,7 @@ def antialiased_source(
             part = F.pad(part, pad, mode="replicate")
         if factors != (1, 1, 1):
             part = F.avg_pool3d(part, (fk, fj, fi))
-        parts.append(_smooth(part, [sigmas[0], sigmas[1], 0.0]))  # within slices: slab by slab
+        parts.append(gaussian_smooth(part, [sigmas[0], sigmas[1], 0.0]))  # within slices: slab by slab
     coarse = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     del parts
     m = grid.index_to_physical()
@@ -169,7 +169,7 @@ def antialiased_source(
     coarse_grid = Grid(size=(coarse.shape[4], coarse.shape[3], coarse.shape[2]),
                        spacing=tuple(s * f for s, f in zip(grid.spacing, factors)),  # type: ignore[arg-type]
                        origin=tuple(float(o) for o in origin), direction=grid.direction)  # type: ignore[arg-type]
-    return _smooth(coarse, [0.0, 0.0, sigmas[2]]), coarse_grid
+    return gaussian_smooth(coarse, [0.0, 0.0, sigmas[2]]), coarse_grid
 
 
 def sample_source(image: torch.Tensor, image_grid: Grid, extent: Grid, points: torch.Tensor) -> torch.Tensor:
@@ -185,7 +185,7 @@ def sample_source(image: torch.Tensor, image_grid: Grid, extent: Grid, points: t
     return out.masked_fill(~extent.contains(points).unsqueeze(1), 0.0)
 
 
-def _smooth(image: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
+def gaussian_smooth(image: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
     """Separable Gaussian of ``image`` ``[N, C, D, H, W]`` with ``sigmas`` (voxels) along (i, j, k); replicated borders."""
     out = image
     for axis, dim in ((0, 4), (1, 3), (2, 2)):

@@ -1,5 +1,6 @@
-"""Fixtures shared by the engine tests: the shared development data, a small freshly initialised
-stage stack and a runner for the ``dlir`` command as a user runs it (a subprocess)."""
+"""Fixtures shared by the engine tests: small freshly initialised stage stacks saved to files and a
+runner for the ``dlir`` command as a user runs it (a subprocess).  The shared development data and the
+4 mm template come from ``Testing/conftest.py``."""
 
 from __future__ import annotations
 
@@ -11,35 +12,20 @@ from typing import Callable
 
 import pytest
 
-from dlir.recipe import Recipe, StageSpec
-from dlir.stack import Manifest, build_stack, save_stack
-
-#: ../shared/data seen from the repository root (real images and synthetic pairs with ground truth)
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-def small_recipe() -> Recipe:
-    """Affine at 8 mm + one B-spline stage at 4 mm (control points every 16 mm): fast on 2 CPU cores."""
-    return Recipe(stages=(
-        StageSpec("affine", spacing_mm=(8.0, 8.0, 8.0), depth=2, channels=8),
-        StageSpec("bspline", spacing_mm=(4.0, 4.0, 4.0), control_point_spacing=4, depth=2, channels=8, alpha=0.05),
-    ))
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """../shared/data, or a skip when this checkout has no shared data next to it."""
-    if not (SHARED_DATA / "pairs").is_dir():
-        pytest.skip(f"the shared development data is not present at {SHARED_DATA}")
-    return SHARED_DATA
+from dlir.stack import save_stack
+from testdata import coarse_stack, small_stack
 
 
 @pytest.fixture(scope="session")
 def fresh_stack_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A freshly initialised (seeded) small stack saved once; tests must only read it."""
-    folder = tmp_path_factory.mktemp("fresh-stack")
-    stack = build_stack(Manifest("fresh-small", small_recipe(), description="freshly initialised test stack"), seed=0)
-    return save_stack(stack, folder / "fresh-small.safetensors")
+    """:func:`testdata.small_stack` saved once as ``fresh-small.safetensors``; tests must only read it."""
+    return save_stack(small_stack(), tmp_path_factory.mktemp("fresh-stack") / "fresh-small.safetensors")
+
+
+@pytest.fixture(scope="session")
+def coarse_stack_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`testdata.coarse_stack` (identity stages at 8 mm) saved once as ``tiny.safetensors``; read only."""
+    return save_stack(coarse_stack(), tmp_path_factory.mktemp("coarse-stack") / "tiny.safetensors")
 
 
 @pytest.fixture(scope="session")

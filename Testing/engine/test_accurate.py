@@ -23,31 +23,16 @@ import torch
 
 from dlir.errors import InputError
 from dlir.geometry import Grid, image_to_tensor
-from dlir.recipe import Recipe, StageSpec
 from dlir.refine import RefineSettings
 from dlir.register import register
-from dlir.stack import Manifest, build_stack
 from dlir.transforms import DisplacementField, jacobian_determinant, warp
+from testdata import identity_bspline_stack
 
 PAIR = "pairs/brain1_aniso_oblique"
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)))
-
-
-@pytest.fixture(scope="module")
-def template_4mm(shared_data: Path) -> sitk.Image:
-    """The MNI152 T1 template at 4 mm (small: each registration takes about a second)."""
-    image = sitk.ReadImage(str(shared_data / "mni152_2009a_sym" / "t1.nii.gz"), sitk.sitkFloat32)
-    return sitk.Resample(image, [50, 58, 48], sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [4.0] * 3, image.GetDirection())
-
-
-def identity_stack():
-    """A freshly initialised one-stage stack: its untrained B-spline stage is exactly the identity."""
-    recipe = Recipe(stages=(StageSpec("bspline", spacing_mm=(4.0, 4.0, 4.0), control_point_spacing=4, channels=8, alpha=1.0),),
-                    initial_alignment="none")
-    return build_stack(Manifest("identity", recipe), seed=0)
 
 
 def test_accurate_mode_beats_one_shot_without_folding_and_itk_reproduces_it(shared_data: Path, run_dlir, tmp_path: Path) -> None:
@@ -100,7 +85,7 @@ def test_a_folding_prone_deformation_stays_invertible(template_4mm: sitk.Image) 
     fixed.CopyInformation(template_4mm)
     mask = sitk.Cast(fixed > 40, sitk.sitkUInt8)
 
-    result = register(fixed, template_4mm, identity_stack(), fixed_mask=mask, refine="auto", device="cpu")
+    result = register(fixed, template_4mm, identity_bspline_stack(), fixed_mask=mask, refine="auto", device="cpu")
     jacobian = sitk.GetArrayFromImage(result.jacobian)[sitk.GetArrayFromImage(mask) > 0]
     assert result.folding_fraction == 0.0
     assert jacobian.min() > 0.0, jacobian.min()
@@ -109,7 +94,7 @@ def test_a_folding_prone_deformation_stays_invertible(template_4mm: sitk.Image) 
 
 def test_an_aligned_pair_stops_early_and_refine_n_runs_n_steps(template_4mm: sitk.Image) -> None:
     settings = RefineSettings()
-    aligned = register(template_4mm, template_4mm, identity_stack(), refine="auto", device="cpu")
+    aligned = register(template_4mm, template_4mm, identity_bspline_stack(), refine="auto", device="cpu")
     steps = aligned.refinement["steps"]
     assert len(steps) == len(settings.level_spacings_mm)
     assert all(n < settings.max_steps[k] for k, n in enumerate(steps)), steps  # converged, not capped
@@ -117,7 +102,7 @@ def test_an_aligned_pair_stops_early_and_refine_n_runs_n_steps(template_4mm: sit
     displacement = sitk.GetArrayFromImage(aligned.displacement)
     assert np.abs(displacement).max() < 0.5  # mm: it stayed where it started
 
-    exact = register(template_4mm, template_4mm, identity_stack(), refine=7, device="cpu")
+    exact = register(template_4mm, template_4mm, identity_bspline_stack(), refine=7, device="cpu")
     assert exact.refinement["steps"] == [7.0]
     assert "refine (7 steps)" in exact.timings
 
@@ -125,4 +110,4 @@ def test_an_aligned_pair_stops_early_and_refine_n_runs_n_steps(template_4mm: sit
 @pytest.mark.parametrize("value", [-1, 2.5, "fast", True])
 def test_a_bad_refinement_value_is_one_sentence(template_4mm: sitk.Image, value) -> None:
     with pytest.raises(InputError, match="refinement must be 'auto'"):
-        register(template_4mm, template_4mm, identity_stack(), refine=value, device="cpu")
+        register(template_4mm, template_4mm, identity_bspline_stack(), refine=value, device="cpu")

@@ -15,34 +15,24 @@ from dlir.evaluation.bench import ELASTIX, ScalingRow, comparison_table, resampl
 from dlir.evaluation.elastix import ElastixMissingError, elastix_available, require_elastix
 from dlir.evaluation.measure import Measurement
 from dlir.evaluation.scores import IDENTITY, Score
-from dlir.recipe import Recipe, StageSpec
-from dlir.stack import Manifest, build_stack, save_stack
-
-
-@pytest.fixture(scope="module")
-def stack_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    stages = (StageSpec("affine", spacing_mm=(8.0, 8.0, 8.0), depth=3, channels=8),
-              StageSpec("bspline", spacing_mm=(8.0, 8.0, 8.0), control_point_spacing=4, channels=8, alpha=0.05))
-    stack = build_stack(Manifest("test-tiny", Recipe(stages=stages)), seed=0)
-    return save_stack(stack, tmp_path_factory.mktemp("stack") / "tiny.safetensors")
 
 
 def test_bench_says_how_to_install_elastix(
-    stack_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    coarse_stack_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setitem(sys.modules, "itk", None)  # as if itk-elastix were not installed
     assert not elastix_available()
     with pytest.raises(ElastixMissingError):
         require_elastix()
-    assert main(["bench", "--quick", "--stack", str(stack_file), "--no-plots"]) == 2
+    assert main(["bench", "--quick", "--stack", str(coarse_stack_file), "--no-plots"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "pip install itk-elastix==0.25.4" in err
 
 
 @pytest.mark.skipif(not elastix_available(), reason="itk-elastix is not installed (pip install itk-elastix==0.25.4)")
-def test_bench_quick_runs_end_to_end(stack_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_quick_runs_end_to_end(coarse_stack_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench"
-    assert main(["bench", "--quick", "--stack", str(stack_file), "--sizes", "24", "32", "--out", str(out)]) == 0
+    assert main(["bench", "--quick", "--stack", str(coarse_stack_file), "--sizes", "24", "32", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     for row in ("| sample | Before registration |", "| sample | DLIR |", "| sample | elastix |", "| 24³", "| 32³"):
         assert row in printed, row

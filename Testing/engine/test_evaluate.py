@@ -13,27 +13,16 @@ import SimpleITK as sitk
 from dlir.cli import main
 from dlir.evaluation.evaluate import stack_chooser
 from dlir.pairs import Pair, read_pairs
-from dlir.recipe import Recipe, StageSpec
-from dlir.stack import Manifest, build_stack, save_stack
+from testdata import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-PAIR = DATA / "pairs" / "brain1_aniso_oblique"
+PAIR = SHARED_DATA / "pairs" / "brain1_aniso_oblique"
 pytestmark = pytest.mark.skipif(not PAIR.is_dir(), reason="../shared/data (development data) is absent")
 
 
 @pytest.fixture(scope="module")
-def stack_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small freshly initialised stack (its untrained stages are the identity; refinement moves it)."""
-    stages = (StageSpec("affine", spacing_mm=(8.0, 8.0, 8.0), depth=3, channels=8),
-              StageSpec("bspline", spacing_mm=(8.0, 8.0, 8.0), control_point_spacing=4, channels=8, alpha=0.05))
-    stack = build_stack(Manifest("test-tiny", Recipe(stages=stages)), seed=0)
-    return save_stack(stack, tmp_path_factory.mktemp("stack") / "tiny.safetensors")
-
-
-@pytest.fixture(scope="module")
-def report(stack_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def report(coarse_stack_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("evaluate")
-    args = ["evaluate", "--pairs", str(PAIR), "--stack", str(stack_file), "--refine", "5", "--device", "cpu", "--out", str(out)]
+    args = ["evaluate", "--pairs", str(PAIR), "--stack", str(coarse_stack_file), "--refine", "5", "--device", "cpu", "--out", str(out)]
     assert main(args) == 0
     return out
 
@@ -103,8 +92,8 @@ def test_pairs_from_a_csv_equal_the_pair_folder(tmp_path: Path) -> None:
     assert read_pairs(PAIR)[0] == expected
 
 
-def test_stacks_are_chosen_by_pair_id(stack_file: Path, tmp_path: Path) -> None:
+def test_stacks_are_chosen_by_pair_id(coarse_stack_file: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.safetensors"
-    other.write_bytes(stack_file.read_bytes())
-    choose = stack_chooser([f"lung*={other}", str(stack_file)])
-    assert choose("lung1_aniso") == other and choose("mni_iso2mm") == stack_file
+    other.write_bytes(coarse_stack_file.read_bytes())
+    choose = stack_chooser([f"lung*={other}", str(coarse_stack_file)])
+    assert choose("lung1_aniso") == other and choose("mni_iso2mm") == coarse_stack_file

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 import dlir.memory
 import dlir.stack
+import testdata
 from dlir.cli import main
 from dlir.device import resolve_device
 from dlir.errors import DeviceError, StackError
@@ -48,7 +49,6 @@ from dlir.stack import (
     MAX_JSON_DEPTH,
     MAX_MANIFEST_BYTES,
     Manifest,
-    build_stack,
     inspect_stack,
     json_depth,
     list_stacks,
@@ -68,9 +68,7 @@ SETTINGS = settings(derandomize=True, database=None, deadline=None, suppress_hea
 @pytest.fixture(scope="module")
 def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A valid small stack (affine + B-spline) that the hostile files are forged from; read only."""
-    recipe = Recipe(stages=(StageSpec("affine", spacing_mm=(8.0, 8.0, 8.0), depth=2, channels=8),
-                            StageSpec("bspline", spacing_mm=(4.0, 4.0, 4.0), control_point_spacing=4, depth=2, channels=8, alpha=0.05)))
-    stack = build_stack(Manifest("hostile-base", recipe, description="the base of the hostile stacks"), seed=0)
+    stack = testdata.small_stack("hostile-base", description="the base of the hostile stacks")
     return save_stack(stack, tmp_path_factory.mktemp("good") / "hostile-base.safetensors")
 
 

@@ -13,7 +13,6 @@ from dlir.errors import InputError
 from dlir.landmarks import read_landmark_pairs, read_points, write_points
 from dlir.metrics import target_registration_error
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 POINTS_LPS = np.array([[1.5, -2.0, 3.25], [-10.0, 20.0, 0.125], [0.1, 1e-7, -123.456789012345]])
 FCSV_COLUMNS = "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n"
 
@@ -129,8 +128,7 @@ def test_files_written_and_read_by_slicer(tmp_path: Path) -> None:
     assert np.allclose(positions, ras, atol=1e-9)
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="the development data folder ../shared/data is not present")
-def test_development_pair_landmarks_match_the_data_readme() -> None:
-    fixed, moving = read_landmark_pairs(DATA / "pairs" / "lung1_aniso" / "landmarks.csv")
+def test_development_pair_landmarks_match_the_data_readme(shared_data: Path) -> None:
+    fixed, moving = read_landmark_pairs(shared_data / "pairs" / "lung1_aniso" / "landmarks.csv")
     assert fixed.shape == moving.shape == (100, 3)
     assert target_registration_error(fixed, moving).mean() == pytest.approx(8.60, abs=0.005)

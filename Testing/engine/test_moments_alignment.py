@@ -6,10 +6,7 @@ tens of mm: the centres alone leave it far off, the moments alignment finds the 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pytest
 import SimpleITK as sitk
 import torch
 
@@ -19,12 +16,6 @@ from dlir.alignment import principal_axes_alignment
 from dlir.preprocess import intensity_moments
 from dlir.recipe import IntensitySpec
 from dlir.transforms import grid_points
-
-
-@pytest.fixture(scope="module")
-def template_4mm(shared_data: Path) -> sitk.Image:
-    image = sitk.ReadImage(str(shared_data / "mni152_2009a_sym" / "t1.nii.gz"), sitk.sitkFloat32)
-    return sitk.Resample(image, [50, 58, 48], sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [4.0] * 3, image.GetDirection())
 
 
 def rotated(image: sitk.Image, angles: tuple[float, float, float], shift: tuple[float, float, float]) -> tuple[sitk.Image, np.ndarray, np.ndarray]:

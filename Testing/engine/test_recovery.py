@@ -3,31 +3,18 @@ alone, a smooth field by accurate mode (instance optimisation from an untrained 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pytest
 import SimpleITK as sitk
 import torch
 
 from dlir.geometry import Grid, image_to_tensor, rotation_matrix
 from dlir.losses import ncc
 from dlir.pipeline import PreparedImage, stage_inputs
-from dlir.recipe import IntensitySpec, Recipe, StageSpec
+from dlir.recipe import IntensitySpec, StageSpec
 from dlir.register import register
-from dlir.stack import Manifest, build_stack
 from dlir.stages import AffineStage
 from dlir.transforms import AffineTransform, Composite, DisplacementField, warp
-
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data (development images) is not present")
-
-
-@pytest.fixture(scope="module")
-def template_4mm() -> sitk.Image:
-    """The MNI152 T1 template at 4 mm (a real image, small enough for a unit test)."""
-    image = sitk.ReadImage(str(DATA / "mni152_2009a_sym" / "t1.nii.gz"), sitk.sitkFloat32)
-    return sitk.Resample(image, [50, 58, 48], sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [4.0] * 3, image.GetDirection())
+from testdata import identity_bspline_stack
 
 
 def test_affine_stage_recovers_a_known_affine(template_4mm: sitk.Image) -> None:
@@ -72,10 +59,7 @@ def test_bspline_stage_recovers_a_known_smooth_field(template_4mm: sitk.Image) -
     fixed = sitk.GetImageFromArray(fixed_t[0, 0].numpy())
     fixed.CopyInformation(template_4mm)
 
-    recipe = Recipe(stages=(StageSpec("bspline", spacing_mm=(4.0, 4.0, 4.0), control_point_spacing=4, channels=8, alpha=1.0),),
-                    initial_alignment="none")
-    stack = build_stack(Manifest("one-bspline", recipe), seed=0)
-    result = register(fixed, template_4mm, stack, refine="auto", device="cpu")
+    result = register(fixed, template_4mm, identity_bspline_stack("one-bspline"), refine="auto", device="cpu")
     found = torch.from_numpy(sitk.GetArrayFromImage(result.displacement)).movedim(-1, 0)[None]
     brain = fixed_t[0, 0] > 40
     error = (found - truth).norm(dim=1)[0][brain]

@@ -1,4 +1,8 @@
-"""Synthetic-shape pairs (SynthMorph-style) and the soft-Dice loss."""
+"""Synthetic-shape pairs (SynthMorph-style, :mod:`dlir.training.shapes`) and the soft-Dice loss.
+
+The generator's own properties are tested here (grid, label maps, images, the pair's transform, seeding);
+whether the bundled ``universal`` stack, trained on shapes alone, transfers to real images is in
+``test_bundled_stacks.py``."""
 
 from __future__ import annotations
 
@@ -8,17 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
 from dlir.errors import InputError
 from dlir.geometry import Grid, sample
 from dlir.losses import one_hot, soft_dice, soft_dice_loss
-from dlir.metrics import dice
 from dlir.pairs import sample_pair
-from dlir.register import register
-from dlir.stack import load_stack, resolve_stack
+from dlir.stack import load_stack
 from dlir.training.config import ShapeSpec, SyntheticSpec, TrainConfig
 from dlir.training.jobfolder import EVENTS_FILE
 from dlir.training.shapes import draw_image, label_map, shape_grid, shape_pair
@@ -40,7 +41,7 @@ def test_the_requested_number_of_labels_appears_in_smooth_maps() -> None:
         core = padded[1:-1, 1:-1, 1:-1]
         same = sum((padded[1 + dz:49 + dz, 1 + dy:49 + dy, 1 + dx:49 + dx] == core).int()
                    for dz, dy, dx in ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)))
-        assert (same == 0).float().mean() < 5e-3  # measured: at most 0.15 % at 32 labels
+        assert (same == 0).float().mean() < 5e-3  # a few isolated voxels where three blobs meet
 
 
 def test_the_number_of_labels_is_drawn_within_the_range() -> None:
@@ -67,6 +68,61 @@ def test_the_fixed_labels_are_the_moving_labels_carried_by_the_transform() -> No
     carried = sample(moving_labels.float(), grid, transform(grid_points(grid)), mode="nearest").long()
     assert torch.equal(carried, fixed_labels)
     assert not torch.equal(fixed_labels, moving_labels)
+
+
+def test_the_shape_grid_is_isotropic_axis_aligned_and_centred_on_the_origin() -> None:
+    grid = shape_grid(ShapeSpec(size=33, spacing_mm=3.0))
+    assert grid.size == (33, 33, 33) and grid.spacing == (3.0, 3.0, 3.0)
+    assert grid.direction == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    assert grid.origin == (-48.0, -48.0, -48.0) and np.allclose(grid.centre(), 0.0)
+
+
+def test_an_image_of_a_label_map_gives_each_label_one_intensity_when_nothing_else_is_drawn() -> None:
+    """No spread, blur, bias, gamma, noise or thick slices: the image is each label's mean, rescaled to fill [0, 1]."""
+    plain = ShapeSpec(size=32, spacing_mm=4.0, spread=0.0, blur_mm=0.0, bias=0.0, gamma=0.0, noise=0.0, thick_slice_probability=0.0)
+    labels = label_map(plain, torch.Generator().manual_seed(4))
+    image = draw_image(labels, plain, torch.Generator().manual_seed(5))
+    assert float(image.min()) == 0.0 and float(image.max()) == pytest.approx(1.0, abs=1e-6)
+    for value in torch.unique(labels).tolist():
+        inside = image[labels == value]
+        assert float(inside.max() - inside.min()) < 1e-6, value
+    assert len({round(float(image[labels == v][0]), 5) for v in torch.unique(labels).tolist()}) > 1
+
+
+def test_the_fixed_image_is_the_moving_label_map_imaged_through_the_transform() -> None:
+    """One shared, plain contrast: inside each fixed label (away from its edges) the fixed image has the moving
+    image's intensity of that label, so the images, not only the label maps, are carried by ``T`` (all but a few
+    voxels: linear interpolation of the image and nearest-neighbour labels may disagree next to an edge)."""
+    plain = ShapeSpec(size=48, spacing_mm=2.0, labels_min=6, labels_max=6, spread=0.0, blur_mm=0.0, bias=0.0, gamma=0.0,
+                      noise=0.0, thick_slice_probability=0.0, same_contrast=1.0)
+    fixed, moving, transform, fixed_labels, moving_labels, grid = shape_pair(plain, DEFORMATION, torch.Generator().manual_seed(8))
+    interior = F.max_pool3d(fixed_labels.float(), 3, 1, 1) == -F.max_pool3d(-fixed_labels.float(), 3, 1, 1)
+    interior &= fixed_labels > 0
+    for value in torch.unique(fixed_labels[interior]).tolist():
+        expected = float(moving[moving_labels == value][0])
+        agree = (fixed[interior & (fixed_labels == value)] - expected).abs() < 1e-4
+        assert float(agree.float().mean()) > 0.99, value
+    assert not torch.equal(fixed, moving)
+
+
+def test_independent_contrasts_give_a_label_different_intensities_in_fixed_and_moving() -> None:
+    plain = ShapeSpec(size=32, spacing_mm=4.0, labels_min=6, labels_max=6, spread=0.0, blur_mm=0.0, bias=0.0, gamma=0.0,
+                      noise=0.0, thick_slice_probability=0.0, same_contrast=0.0)
+    no_motion = SyntheticSpec(rotation_deg=0, scale=0, shear=0, translation_mm=0, displacement_mm=0.0)
+    fixed, moving, _, fixed_labels, moving_labels, _ = shape_pair(plain, no_motion, torch.Generator().manual_seed(9))
+    assert torch.equal(fixed_labels, moving_labels)
+    differences = [abs(float(fixed[moving_labels == v].median() - moving[moving_labels == v].median()))
+                   for v in torch.unique(moving_labels).tolist()]
+    assert max(differences) > 0.1
+
+
+def test_the_seed_alone_decides_the_pair() -> None:
+    pairs = [shape_pair(SMALL, DEFORMATION, torch.Generator().manual_seed(seed)) for seed in (5, 5, 6)]
+    for a, b in zip(pairs[0][:2] + pairs[0][3:5], pairs[1][:2] + pairs[1][3:5]):
+        assert torch.equal(a, b)
+    points = grid_points(pairs[0][5], 1)
+    assert torch.equal(pairs[0][2](points), pairs[1][2](points))
+    assert not torch.equal(pairs[0][4], pairs[2][4]) and not torch.equal(pairs[0][2](points), pairs[2][2](points))
 
 
 @pytest.mark.parametrize("key, value", [("labels_min", 0), ("labels_max", 1), ("blob_mm_min", -1.0), ("noise", float("nan")),
@@ -178,26 +234,6 @@ def test_a_stack_trains_on_synthetic_shapes_alone(tmp_path: Path) -> None:
     assert validations and all(0 < e["dice_mean"] <= 1 for e in validations)  # shape pairs carry labels
     stack = load_stack(path)
     assert [s.dice_weight for s in stack.manifest.recipe.stages] == [1.0, 0.5]
-
-
-def test_the_stack_trained_on_shapes_alone_improves_a_real_pair() -> None:
-    """The bundled ``universal`` stack saw synthetic shapes only, no real image: it registers the bundled MNI pair better
-    than its initial alignment, every label (measured: mean Dice 0.661 -> 0.683).
-
-    (A tiny keypoint affine trained here for 400 iterations was tried first: over seeds 0-3 its change on this pair was
-    +0.012 / +0.004 / +0.004 / 0 and, after a float-rounding-level change of the stage inputs, +0.002 / 0 / +0.001 / 0,
-    so it tested luck; transfer from shapes to real images takes the hour of training that ``universal`` had.)"""
-    pair = sample_pair()
-    fixed_labels, moving_labels = (sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in (pair.fixed_labels, pair.moving_labels))
-    stack = load_stack(resolve_stack("universal"))
-    assert not stack.manifest.training.get("images")  # trained on shapes alone
-    result = register(sitk.ReadImage(str(pair.fixed)), sitk.ReadImage(str(pair.moving)), stack,
-                      moving_labels=sitk.ReadImage(str(pair.moving_labels)), device="cpu")
-    labels = [int(v) for v in np.unique(fixed_labels) if v]
-    before = dice(fixed_labels, moving_labels, labels)
-    after = dice(fixed_labels, sitk.GetArrayFromImage(result.warped_labels), labels)
-    assert all(after[k] > before[k] for k in labels), (before, after)
-    assert np.mean(list(after.values())) > np.mean(list(before.values())) + 0.015, (before, after)
 
 
 def test_held_out_images_are_never_drawn_for_training(tmp_path: Path) -> None:

@@ -16,25 +16,13 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO / "DLIRRegistration") not in sys.path:
     sys.path.insert(0, str(REPO / "DLIRRegistration"))
 
-#: ../shared/data seen from the repository root
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-def small_stack(name: str = "fresh-small", modality: str = ""):
-    """Affine at 8 mm + one B-spline stage at 4 mm (control points every 16 mm), seeded weights."""
-    from dlir.recipe import Recipe, StageSpec
-    from dlir.stack import Manifest, build_stack
-
-    recipe = Recipe(stages=(
-        StageSpec("affine", spacing_mm=(8.0, 8.0, 8.0), depth=2, channels=8),
-        StageSpec("bspline", spacing_mm=(4.0, 4.0, 4.0), control_point_spacing=4, depth=2, channels=8, alpha=0.05),
-    ))
-    return build_stack(Manifest(name, recipe, description="freshly initialised test stack", modality=modality), seed=0)
 
 
 @pytest.fixture(scope="session")
 def stack():
-    """A small freshly initialised stack (in memory; tests must not modify it)."""
+    """:func:`testdata.small_stack`, a small freshly initialised stack (in memory; tests must not modify it)."""
+    from testdata import small_stack
+
     return small_stack()
 
 
@@ -53,10 +41,3 @@ def user_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("DLIR_MODELS_DIR", str(folder))
     return folder
 
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """../shared/data, or a skip when this checkout has none beside it."""
-    if not (SHARED_DATA / "pairs").is_dir():
-        pytest.skip(f"the shared development data is not present at {SHARED_DATA}")
-    return SHARED_DATA

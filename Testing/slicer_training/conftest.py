@@ -19,9 +19,6 @@ sys.path.insert(0, str(REPO / "DLIRTraining"))
 if str(REPO / "DLIRRegistration") not in sys.path:
     sys.path.insert(0, str(REPO / "DLIRRegistration"))
 
-#: ../shared/data seen from the repository root
-SHARED_DATA = REPO.parent / "shared" / "data"
-
 
 FAKE_TRAINER = r'''
 """A stand-in for `dlir train`: JSON-lines events on stdout and in the job's events file; FAKE_MODE picks the behaviour."""
@@ -105,10 +102,3 @@ def fake_trainer(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     path.write_text(names + textwrap.dedent(FAKE_TRAINER), encoding="utf-8")
     return [sys.executable, str(path)]
 
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """../shared/data, or a skip when this checkout has none beside it."""
-    if not (SHARED_DATA / "mni152_2009a_sym" / "t1.nii.gz").is_file():
-        pytest.skip(f"the shared development data is not present at {SHARED_DATA}")
-    return SHARED_DATA

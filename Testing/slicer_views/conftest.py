@@ -23,8 +23,6 @@ for folder in (REPO / "DLIRRegistration", HERE):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-SHARED_DATA = REPO.parent / "shared" / "data"
-
 
 @pytest.fixture(scope="session")
 def offscreen() -> None:
@@ -54,9 +52,10 @@ class Run:
 def register_with_views(scene, fixed, moving, segmentation) -> Run:
     """``registerVolumes`` with the folding-prone stack in a scene whose views exist already (as in Slicer)."""
     import slicer
-    from DLIRRegistrationLib.registration import registerVolumes
     from slicerviews import SlicerViews
     from views_checks import VIEW_SIZE, folding_stack, label_segments
+
+    from DLIRRegistrationLib.registration import registerVolumes
 
     slicer.mrmlScene = scene
     views = SlicerViews(scene, VIEW_SIZE)
@@ -73,9 +72,9 @@ def register_with_views(scene, fixed, moving, segmentation) -> Run:
 def sample_run(offscreen):
     """The bundled sample pair (MNI152, 2 mm, axis-aligned), registered; views fitted to the fixed volume."""
     import slicer
-    from DLIRRegistrationLib.samplepair import loadSamplePair
-
     from slicerviews import prepareScene
+
+    from DLIRRegistrationLib.samplepair import loadSamplePair
 
     scene = slicer.vtkMRMLScene()
     prepareScene(scene)  # before loading: new volumes take the application's default colour nodes
@@ -87,16 +86,14 @@ def sample_run(offscreen):
 
 
 @pytest.fixture(scope="module")
-def oblique_run(offscreen, tmp_path_factory):
+def oblique_run(offscreen, shared_data: Path, tmp_path_factory):
     """``mni_oblique_aniso`` (oblique, anisotropic, fixed and moving on different grids) shrunk 2x, registered."""
-    if not (SHARED_DATA / "pairs" / "mni_oblique_aniso").is_dir():
-        pytest.skip(f"the shared development data is not present at {SHARED_DATA}")
     import SimpleITK as sitk
     import slicer
     from slicerviews import prepareScene
     from views_checks import read_volume, segmentation_from_labels
 
-    source = SHARED_DATA / "pairs" / "mni_oblique_aniso"
+    source = shared_data / "pairs" / "mni_oblique_aniso"
     folder = tmp_path_factory.mktemp("oblique")
     files = {}
     for name, shrink in (("fixed", sitk.BinShrink), ("moving", sitk.BinShrink), ("moving_labels", sitk.Shrink)):

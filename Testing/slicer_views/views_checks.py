@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import vtk
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slicer_registration"))
+for folder in ("", "slicer_registration"):  # Testing/ (testdata) and the registration test helpers
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / folder))
 from dlir_registration_helpers import read_volume, segmentation_from_labels, voxels  # noqa: E402,F401
 
 #: view size of the checks (pixels); a voxel of the 2 mm sample is about 1.4 pixels
@@ -28,14 +29,10 @@ def folding_stack():
     mm between neighbours 16 mm apart, a deformation that compresses, expands past det J = 2 and
     folds (det J <= 0) in places.  Deterministic (seed 0)."""
     import torch
-    from dlir.recipe import Recipe, StageSpec
-    from dlir.stack import Manifest, build_stack
 
-    recipe = Recipe(stages=(
-        StageSpec("affine", spacing_mm=(8.0, 8.0, 8.0), depth=2, channels=8),
-        StageSpec("bspline", spacing_mm=(4.0, 4.0, 4.0), control_point_spacing=4, depth=2, channels=8, alpha=0.05),
-    ))
-    stack = build_stack(Manifest("folding-prone", recipe, description="test stack that folds on purpose"), seed=0)
+    from testdata import small_stack
+
+    stack = small_stack("folding-prone", description="test stack that folds on purpose")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         output = stack.stages[-1].net.output

@@ -1,6 +1,7 @@
 """Image augmentation primitives shared by the synthetic pairs of real images (:mod:`.synthetic`)
-and the synthetic shapes (:mod:`.shapes`): smooth random noise, Gaussian blur, a smooth
-multiplicative bias field and thick-slice partial volume.  Images are ``[1, C, D, H, W]``; lengths
+and the synthetic shapes (:mod:`.shapes`): smooth random noise, a smooth multiplicative bias field
+and thick-slice partial volume (Gaussian blur is :func:`dlir.preprocess.gaussian_smooth`, the one
+inference uses).  Images are ``[1, C, D, H, W]``; lengths
 in voxels; all randomness from the given ``torch.Generator``.
 """
 
@@ -10,6 +11,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from ..preprocess import gaussian_smooth
 
 
 def uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -26,26 +29,8 @@ def smooth_noise(channels: int, shape: tuple[int, int, int], cells: int, generat
     """
     lattice = torch.randn((1, channels, cells, cells, cells), generator=generator)
     middle = min(max(shape), 4 * cells)
-    smooth = blur(F.interpolate(lattice, size=(middle,) * 3, mode="trilinear", align_corners=True), 0.5 * middle / cells)
+    smooth = gaussian_smooth(F.interpolate(lattice, size=(middle,) * 3, mode="trilinear", align_corners=True), [0.5 * middle / cells] * 3)
     return F.interpolate(smooth, size=tuple(shape), mode="trilinear", align_corners=True)
-
-
-def blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``[1, C, D, H, W]`` (each channel alone) with ``sigma`` voxels (replicated borders)."""
-    if sigma < 0.3:
-        return image
-    radius = max(1, math.ceil(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    channels = image.shape[1]
-    for dim in (2, 3, 4):
-        shape = [1, 1, 1, 1, 1]
-        shape[dim] = kernel.numel()
-        pad = [0] * 6
-        pad[2 * (4 - dim)] = pad[2 * (4 - dim) + 1] = radius
-        image = F.conv3d(F.pad(image, pad, mode="replicate"), kernel.view(shape).expand(channels, 1, *shape[2:]), groups=channels)
-    return image
 
 
 def bias_field(image: torch.Tensor, amplitude: float, generator: torch.Generator) -> torch.Tensor:

@@ -22,8 +22,9 @@ import math
 import torch
 
 from ..geometry import Grid, sample
+from ..preprocess import gaussian_smooth
 from ..transforms import Composite, grid_points
-from .augment import bias_field, blur, smooth_noise, thick_slices, uniform
+from .augment import bias_field, smooth_noise, thick_slices, uniform
 from .config import ShapeSpec, SyntheticSpec
 from .synthetic import random_transform
 
@@ -55,7 +56,7 @@ def draw_image(labels: torch.Tensor, spec: ShapeSpec, generator: torch.Generator
     means, spreads = contrast if contrast is not None else draw_contrast(n, spec, generator)
     index = labels[0, 0]
     image = means[index] + spreads[index] * torch.randn(index.shape, generator=generator)
-    image = blur(image[None, None], uniform(generator, 0.0, spec.blur_mm) / spec.spacing_mm)
+    image = gaussian_smooth(image[None, None], [uniform(generator, 0.0, spec.blur_mm) / spec.spacing_mm] * 3)
     if spec.bias > 0:
         image = bias_field(image, spec.bias, generator)
     low, high = image.amin(), image.amax()

@@ -16,10 +16,11 @@ import math
 
 import torch
 
-from ..geometry import Grid, sample
+from ..geometry import Grid, rotation_matrix, sample
 from ..nets import cubic_bspline
+from ..preprocess import gaussian_smooth
 from ..transforms import AffineTransform, Composite, DisplacementField, grid_points
-from .augment import bias_field, blur, thick_slices, uniform
+from .augment import bias_field, thick_slices, uniform
 from .config import SyntheticSpec
 
 
@@ -32,13 +33,8 @@ def random_affine(spec: SyntheticSpec, grid: Grid, generator: torch.Generator) -
     angles = _uniform(generator, math.radians(spec.rotation_deg))
     scale = 1 + _uniform(generator, spec.scale)
     shear = _uniform(generator, spec.shear)
-    rot = torch.eye(3, dtype=torch.float64)
-    for axis, angle in enumerate(angles):
-        c, s = math.cos(angle), math.sin(angle)
-        i, j = [a for a in range(3) if a != axis]
-        r = torch.eye(3, dtype=torch.float64)
-        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-        rot = rot @ r
+    # Rx(a_x) @ Ry(-a_y) @ Rz(a_z): the drawn y angle turns the other way (a rotation range is symmetric)
+    rot = rotation_matrix((angles * torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64))[None], order="xyz")[0]
     upper = torch.eye(3, dtype=torch.float64)
     upper[0, 1], upper[0, 2], upper[1, 2] = shear
     matrix = rot @ upper @ torch.diag(scale)
@@ -82,7 +78,7 @@ def augment_intensity(image: torch.Tensor, spec: SyntheticSpec, generator: torch
     thick-slice partial volume, Gaussian noise (see :class:`~dlir.training.config.SyntheticSpec`).
     """
     if spec.blur_mm > 0:
-        image = blur(image, uniform(generator, 0.0, spec.blur_mm) / spacing_mm)
+        image = gaussian_smooth(image, [uniform(generator, 0.0, spec.blur_mm) / spacing_mm] * 3)
     if spec.bias > 0:
         image = bias_field(image, spec.bias, generator)
     if spec.intensity > 0:
