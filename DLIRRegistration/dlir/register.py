@@ -45,9 +45,10 @@ from .export import itk_transform
 from .fullres import FullResolution, full_resolution
 from .geometry import Grid
 from .io import check_image, check_label_map
-from .memory import check_memory
 from . import alignment
+from .memory import check_memory
 from .pipeline import PreparedImage, check_stage_output, run_stages, stage_grid
+from .quality import foreground_similarity, result_warnings
 from .refine import Refinement, RefineResult, check_refinement, refine
 from .stack import Stack
 from .transforms import Composite, SpatialTransform
@@ -86,6 +87,8 @@ class Registration:
     stack_name: str
     timings: dict[str, float] = field(default_factory=dict)
     overlap_fraction: float = 1.0  # share of fixed voxels inside the moving image after the initial alignment
+    initial_similarity: float = float("nan")  # NCC in the fixed foreground after the initial alignment (dlir.quality)
+    similarity: float = float("nan")  # the same after registration
     warnings: list[str] = field(default_factory=list)  # sentences also logged as warnings
     transform: SpatialTransform | None = None  # T, fixed -> moving, in the coordinates of ``grid``
     grid: Grid | None = None  # the fixed grid as the computation saw it (translated by minus its centre)
@@ -134,6 +137,7 @@ class Registration:
             "jacobian_std": self.jacobian_std,
             "overlap_fraction": round(self.overlap_fraction, 4),
             "no_overlap": self.overlap_fraction < NO_OVERLAP_BELOW,
+            "similarity": {"initial": round(self.initial_similarity, 4), "registered": round(self.similarity, 4)},
             "warnings": list(self.warnings),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             **({"refinement": self.refinement} if self.refinement is not None else {}),
@@ -283,6 +287,8 @@ def _register(request: _Request, device: torch.device) -> Registration:
     if request.refinement != 0:
         refined = _refine(transforms, fixed_p, moving_p, request.refinement, mask, steps, stack.name)
         transforms = refined.transforms
+    similarity = (foreground_similarity(fixed_p, moving_p, initial),
+                  foreground_similarity(fixed_p, moving_p, Composite(transforms)))
     del fixed_p, moving_p  # their anti-aliased copies
 
     # the stages' fields as one at the finest stage spacing (not finer than MERGED_SPACING_MM), parallel to the
@@ -301,6 +307,9 @@ def _register(request: _Request, device: torch.device) -> Registration:
             )
         steps.timings["warp"] -= result.jacobian_s
         steps.record("jacobian", result.jacobian_s)
+    for warning in result_warnings(request.refinement != 0, result.folding_fraction, *similarity):
+        log.warning(warning)
+        warnings.append(warning)
 
     return Registration(
         warped=result.warped,
@@ -311,6 +320,8 @@ def _register(request: _Request, device: torch.device) -> Registration:
         stack_name=stack.name,
         timings=steps.timings,
         overlap_fraction=overlap,
+        initial_similarity=similarity[0],
+        similarity=similarity[1],
         warnings=warnings,
         transform=transform,
         grid=fixed_grid,

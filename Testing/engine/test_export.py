@@ -14,7 +14,8 @@ from dlir.geometry import Grid
 from dlir.refine import RefineSettings
 from dlir.register import MERGED_SPACING_MM, register
 from dlir.stack import load_stack
-from dlir.pipeline import PreparedImage, alignment, run_stages
+from dlir.alignment import DEFAULT_ALIGNMENT, initial_alignment
+from dlir.pipeline import PreparedImage, run_stages
 from dlir.transforms import Composite, DisplacementField, displacement_on_grid
 
 PAIR = "pairs/mni_oblique_aniso"  # oblique (-12 deg) and anisotropic (1.8 x 2.2 x 3.0 mm) fixed grid
@@ -63,7 +64,7 @@ def test_the_merged_field_stays_close_to_the_stages_composition(oblique) -> None
     moving_grid = Grid.from_image(moving).translated(np.asarray(reg.grid.origin) - np.asarray(reg.output_grid.origin))
     moving_p = PreparedImage.from_array(sitk.GetArrayViewFromImage(moving), moving_grid, stack.manifest.recipe.intensity, "cpu")
     with torch.no_grad():
-        stages = run_stages(stack, fixed_p, moving_p, alignment(stack, fixed_p, moving_p), skip_worse=True)  # as register does
+        stages = run_stages(stack, fixed_p, moving_p, initial_alignment(DEFAULT_ALIGNMENT, fixed_p, moving_p), skip_worse=True)  # as register does
         exact = displacement_on_grid(Composite(stages), reg.grid)
         merged = displacement_on_grid(reg.transform, reg.grid)
     assert sum(isinstance(t, DisplacementField) for t in stages) == sum(s.spec.kind == "bspline" for s in stack.stages) >= 2

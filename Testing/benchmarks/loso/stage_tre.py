@@ -20,7 +20,8 @@ import torch
 
 from dlir.geometry import Grid
 from dlir.landmarks import read_landmark_pairs
-from dlir.pipeline import PreparedImage, alignment, run_stages
+from dlir.alignment import DEFAULT_ALIGNMENT, initial_alignment
+from dlir.pipeline import PreparedImage, run_stages
 from dlir.stack import load_stack
 from dlir.transforms import Composite
 
@@ -42,7 +43,7 @@ def stage_errors(stack, fixed_path: Path, moving_path: Path, fixed_points: np.nd
     fixed_p = PreparedImage.from_array(sitk.GetArrayViewFromImage(fixed), fixed_grid, intensity)
     moving_p = PreparedImage.from_array(sitk.GetArrayViewFromImage(moving), moving_grid, intensity)
     with torch.no_grad():
-        transforms = run_stages(stack, fixed_p, moving_p, alignment(stack, fixed_p, moving_p), skip_worse=True)
+        transforms = run_stages(stack, fixed_p, moving_p, initial_alignment(DEFAULT_ALIGNMENT, fixed_p, moving_p), skip_worse=True)
         points = torch.as_tensor(fixed_points + offset, dtype=torch.float32)[None]
         mapped = [Composite(transforms[:k])(points)[0].numpy() - offset for k in range(1, len(transforms) + 1)]
     return [float(np.linalg.norm(m - moving_points, axis=1).mean()) for m in mapped]

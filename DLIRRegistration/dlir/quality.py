@@ -1,0 +1,57 @@
+"""How far a result can be trusted: the similarity of the registered images inside the fixed image's foreground,
+and the warnings of a run whose result folds or leaves the images less alike than its start.
+
+A network meeting images unlike its training data can be confidently wrong: a fold, or a field that makes the
+images less alike than the initial alignment alone did.  A run then says so (in ``result.json``, on the command
+line and in Slicer) and, in fast mode, suggests accurate mode; nothing fails silently.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .capture import foreground
+from .losses import ncc
+from .preprocess import network_grid
+from .transforms import SpatialTransform, map_grid
+
+if TYPE_CHECKING:
+    from .pipeline import PreparedImage
+
+#: the grid (mm) on which :func:`foreground_similarity` compares the images
+SIMILARITY_SPACING_MM = 4.0
+#: a result folding more than this share of the fixed voxels (inside the mask when given) gets a warning
+FOLDING_WARNING_ABOVE = 0.001
+#: a result whose foreground similarity is below its initial alignment's by more than this gets a warning
+SIMILARITY_LOSS_WARNING_ABOVE = 0.01
+
+
+def foreground_similarity(fixed: PreparedImage, moving: PreparedImage, transform: SpatialTransform) -> float:
+    """NCC of the fixed image and the moving image warped by ``transform`` (fixed -> moving, LPS mm), on an
+    axis-aligned :data:`SIMILARITY_SPACING_MM` grid over the fixed image, over the fixed image's foreground
+    (:func:`dlir.capture.foreground`) where the transform lands inside the moving image."""
+    spacing = (SIMILARITY_SPACING_MM,) * 3
+    grid = network_grid(fixed.grid, spacing)
+    with torch.no_grad():
+        f = fixed.resampled(spacing, None, grid)
+        m = moving.resampled(spacing, transform, grid)
+        inside = moving.grid.contains(map_grid(transform, grid, 1, f.device))[:, None]
+        weights = (foreground(f.cpu()).to(f.device) & inside).to(f.dtype)
+        return float(ncc(f, m, weights)[0])
+
+
+def result_warnings(accurate: bool, folding_fraction: float, initial_similarity: float, similarity: float) -> list[str]:
+    """The sentences of a result that folds (more than :data:`FOLDING_WARNING_ABOVE` of the fixed voxels) or whose
+    foreground similarity fell below the initial alignment's (by more than :data:`SIMILARITY_LOSS_WARNING_ABOVE`)."""
+    advice = ("check the result before use" if accurate else
+              "the stack may not fit these images: use accurate mode (--refine auto; 'Accurate' in Slicer), which never folds")
+    out = []
+    if folding_fraction > FOLDING_WARNING_ABOVE:
+        out.append(f"the transform folds {100 * folding_fraction:.2f} % of the fixed image's voxels (det J <= 0: "
+                   f"tissue turned inside out); {advice}")
+    if similarity < initial_similarity - SIMILARITY_LOSS_WARNING_ABOVE:
+        out.append(f"the registered images are less alike than after the initial alignment alone (NCC {similarity:.3f} "
+                   f"against {initial_similarity:.3f} in the fixed image's foreground); {advice}")
+    return out
