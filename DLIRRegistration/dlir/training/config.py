@@ -19,6 +19,13 @@ Layout of ``CONFIG.toml`` (every key optional except ``data.images``; defaults b
     synthetic_fraction = 0.5          # share of synthetic pairs; the rest are listed pairs when
                                       # the CSV has a pair column, else random inter-image pairs
     validation_pairs_per_image = 2
+    shapes_fraction = 0.0             # share of synthetic-shape pairs ([shapes], dlir.training.shapes)
+    crop_probability = 0.0            # inter-subject augmentation (dlir.training.intersubject), off at 0:
+    crop_min = 0.1                    #   the chance that the fixed or the moving image loses one end along
+    crop_max = 0.35                   #   a random axis (this share of its extent): partial fields of view
+    misalign_rotation_deg = 0.0       #   a random affine (per axis: degrees, relative scale, mm) added to
+    misalign_scale = 0.0              #   the initial alignment of every pair of two images (inter-subject
+    misalign_translation_mm = 0.0     #   and listed pairs), so the affine stage learns to capture offsets
 
     [synthetic]                       # random deformations of one image (see dlir.training.synthetic)
     control_point_spacing_mm = 40.0
@@ -30,8 +37,14 @@ Layout of ``CONFIG.toml`` (every key optional except ``data.images``; defaults b
     intensity = 0.1
     noise = 0.01
 
+    [shapes]                          # synthetic shapes (dlir.training.config.ShapeSpec), e.g.
+    size = 96
+    same_contrast = 0.0
+    two_draws = 0.0                   # share of pairs of two label maps (two subjects) instead of one
+    two_draws_difference = 0.5        # the share of the second map's noise variance drawn anew
+
     [recipe]                          # dlir.recipe.Recipe: saved into the stack's manifest
-    initial_alignment = "centre"
+    initial_alignment = "centre"      # search: inference's capture, cached per pair of training images
     [recipe.intensity]
     kind = "window"                   # CT: HU window; MR: kind = "percentile"
     low = -1000.0
@@ -45,6 +58,8 @@ Layout of ``CONFIG.toml`` (every key optional except ``data.images``; defaults b
     learning_rate = 0.001
     ...
 
+Every key is also a flag of ``dlir train``: ``--KEY`` for the top level and ``[data]`` (``--crop-probability``,
+``--misalign-rotation-deg``), ``--synthetic-KEY`` and ``--shapes-KEY`` (``--shapes-two-draws``) for their sections.
 Relative paths are relative to the configuration file.  The job folder keeps the configuration
 as run (``config.toml``, absolute paths), which ``--resume`` reads back.
 """
@@ -129,6 +144,10 @@ class ShapeSpec:
     #: share of pairs whose two images share one contrast (same-modality pairs, from which a network learns
     #: far faster); 0: the two contrasts are always independent (SynthMorph)
     same_contrast: float = 0.0
+    #: share of pairs drawn from two label maps instead of one (two subjects of one random anatomy): the fixed
+    #: image's map shares all but ``two_draws_difference`` of its noise variance with the moving image's
+    two_draws: float = 0.0
+    two_draws_difference: float = 0.5
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -143,7 +162,7 @@ class ShapeSpec:
             raise InputError(f"shapes.labels_min and shapes.labels_max need 2 <= min <= max, got {self.labels_min} and {self.labels_max}")
         if not 0 < self.blob_mm_min <= self.blob_mm_max:
             raise InputError(f"shapes.blob_mm_min and shapes.blob_mm_max need 0 < min <= max, got {self.blob_mm_min} and {self.blob_mm_max}")
-        for key in ("thick_slice_probability", "same_contrast"):
+        for key in ("thick_slice_probability", "same_contrast", "two_draws", "two_draws_difference"):
             if getattr(self, key) > 1:
                 raise InputError(f"shapes.{key} must lie between 0 and 1, got {getattr(self, key)}")
         if self.thick_slice_max < 1:
@@ -159,11 +178,29 @@ class DataSpec:
     synthetic_fraction: float = 0.5
     validation_pairs_per_image: int = 2
     shapes_fraction: float = 0.0  # share of synthetic-shape pairs; 1: shapes only (no images needed)
+    #: inter-subject augmentation (:mod:`dlir.training.intersubject`), each off at 0 (so a configuration without
+    #: it draws exactly the pairs it drew before): the chance that a training pair's fixed or moving image loses
+    #: one end along a random axis (a partial field of view), ``crop_min``..``crop_max`` of its extent
+    crop_probability: float = 0.0
+    crop_min: float = 0.10
+    crop_max: float = 0.35
+    #: the bounds (uniform, per axis) of a random affine about the fixed image's centre that starts every pair of
+    #: two images (inter-subject and listed) away from its initial alignment: degrees, relative scale, mm
+    misalign_rotation_deg: float = 0.0
+    misalign_scale: float = 0.0
+    misalign_translation_mm: float = 0.0
 
     def __post_init__(self) -> None:
-        for key in ("synthetic_fraction", "shapes_fraction"):
+        for key in ("synthetic_fraction", "shapes_fraction", "crop_probability"):
             if not 0 <= getattr(self, key) <= 1:
                 raise InputError(f"data.{key} must lie between 0 and 1")
+        if not 0 <= self.crop_min <= self.crop_max < 1:
+            raise InputError(f"data.crop_min and data.crop_max need 0 <= min <= max < 1, got {self.crop_min} and {self.crop_max}")
+        for key in ("misalign_rotation_deg", "misalign_scale", "misalign_translation_mm"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
+                raise InputError(f"data.{key} must be a finite number >= 0, got {getattr(self, key)}")
+        if self.misalign_scale >= 1:
+            raise InputError(f"data.misalign_scale must be below 1, got {self.misalign_scale}")
         if self.validation_count < 0 or self.validation_pairs_per_image < 0:
             raise InputError("data.validation_count and data.validation_pairs_per_image must not be negative")
 

@@ -9,11 +9,15 @@ Schema (every event has ``type`` and ``time``, seconds since the epoch; ``stage`
                 baseline (validation metrics before registration: the initial alignment alone; {} without
                 validation pairs)
     iteration   stage, iteration, iterations, loss, ncc, bending, it_per_s, eta_s (this stage),
-                total_eta_s (whole job), lr
+                total_eta_s (whole job), lr, pairs (the training pairs drawn in this stage so far, by kind:
+                {synthetic, inter_subject, listed, shapes, shapes_two_draws: pairs of each kind; cropped,
+                misaligned: how many of them had a partial field of view or a random initial misalignment};
+                dlir.training.trainer.PAIR_KINDS; rank 0's draws under torchrun)
     validation  stage, iteration, dice: {label: mean Dice}, dice_mean, folding (fraction of voxels with
                 det J <= 0), ncc, best (bool: these weights are now the stage's best)
     checkpoint  stage, iteration, path, reason ("interval", "stage_done", "signal")
-    stage_done  stage, kind, iterations, seconds, best: {iteration, dice_mean?, ncc, folding}
+    stage_done  stage, kind, iterations, seconds, best: {iteration, dice_mean?, ncc, folding}, pairs (the
+                stage's counts, as in iteration)
     done        stack (path of NAME.safetensors), seconds, validation (the manifest's scores)
     error       message (one sentence), kind (the exception class)
     stopped     stage, iteration, signal (the run stops after a checkpoint; --resume continues)

@@ -11,7 +11,10 @@ one label map seen twice: ``moving`` = one image of it, ``fixed(x)`` = another, 
 of it sampled at ``T(x)`` (with probability ``same_contrast`` the two images share the labels' means and
 spreads, and differ in blur, bias, gamma, noise and slices only), with ``T`` (fixed point -> moving point, LPS mm) a random smooth
 deformation and affine (:func:`dlir.training.synthetic.random_transform`), so the fixed labels are
-the moving labels carried by ``T``.  The grid is axis-aligned and isotropic (``size`` voxels of
+the moving labels carried by ``T``.  A pair of two draws (two subjects of one random anatomy, the
+trainer's share ``two_draws``) takes the fixed image from a second label map whose noise shares all
+but ``two_draws_difference`` of its variance with the first's (:func:`two_label_maps`): the fixed
+labels are the second map carried by ``T``, and no transform matches the two maps exactly.  The grid is axis-aligned and isotropic (``size`` voxels of
 ``spacing_mm`` per side, centred on the origin).  All randomness comes from one ``torch.Generator``.
 """
 
@@ -35,12 +38,35 @@ def shape_grid(spec: ShapeSpec) -> Grid:
     return Grid((spec.size,) * 3, (spec.spacing_mm,) * 3, (-half,) * 3, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
 
 
-def label_map(spec: ShapeSpec, generator: torch.Generator, n_labels: int | None = None) -> torch.Tensor:
-    """A random label map ``[1, 1, D, H, W]`` (int64, labels 1..n) on :func:`shape_grid`."""
+def _label_noise(spec: ShapeSpec, generator: torch.Generator, n_labels: int | None) -> tuple[torch.Tensor, int]:
+    """(smooth noise ``[1, n, D, H, W]``, lattice cells across): ``n`` labels and a blob size drawn from ``spec``."""
     n = n_labels if n_labels is not None else int(torch.randint(spec.labels_min, spec.labels_max + 1, (1,), generator=generator))
     blob = uniform(generator, spec.blob_mm_min, spec.blob_mm_max)
     cells = max(2, math.ceil(spec.size * spec.spacing_mm / blob) + 1)
-    return (smooth_noise(n, (spec.size,) * 3, cells, generator).argmax(dim=1, keepdim=True) + 1).long()
+    return smooth_noise(n, (spec.size,) * 3, cells, generator), cells
+
+
+def _labels_of(noise: torch.Tensor) -> torch.Tensor:
+    """The label map (int64, labels 1..n) of ``n`` noise channels: the argmax."""
+    return (noise.argmax(dim=1, keepdim=True) + 1).long()
+
+
+def label_map(spec: ShapeSpec, generator: torch.Generator, n_labels: int | None = None) -> torch.Tensor:
+    """A random label map ``[1, 1, D, H, W]`` (int64, labels 1..n) on :func:`shape_grid`."""
+    return _labels_of(_label_noise(spec, generator, n_labels)[0])
+
+
+def two_label_maps(spec: ShapeSpec, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random label maps of one random anatomy (two subjects), like :func:`label_map`'s and on its grid.
+
+    Both have the same labels and blob size; the second's noise is ``sqrt(1 - d) a + sqrt(d) b`` for the first's
+    noise ``a``, an independent draw ``b`` and ``d = spec.two_draws_difference`` (the share of its variance drawn
+    anew), so each label lies roughly where it lies in the first map (``d`` = 0: the same map; 1: unrelated maps).
+    """
+    first, cells = _label_noise(spec, generator, None)
+    other = smooth_noise(first.shape[1], (spec.size,) * 3, cells, generator)
+    d = spec.two_draws_difference
+    return _labels_of(first), _labels_of(math.sqrt(1 - d) * first + math.sqrt(d) * other)
 
 
 def draw_contrast(n: int, spec: ShapeSpec, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,21 +97,22 @@ def draw_image(labels: torch.Tensor, spec: ShapeSpec, generator: torch.Generator
 
 
 def shape_pair(
-    spec: ShapeSpec, deformation: SyntheticSpec, generator: torch.Generator
+    spec: ShapeSpec, deformation: SyntheticSpec, generator: torch.Generator, two_draws: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, Composite, torch.Tensor, torch.Tensor, Grid]:
-    """(fixed, moving, T, fixed labels, moving labels, grid): two independent images of one random label map under ``T``.
+    """(fixed, moving, T, fixed labels, moving labels, grid): two independent images of one random label map under ``T``,
+    or with ``two_draws`` of two label maps of one anatomy (:func:`two_label_maps`: the fixed one's under ``T``).
 
     Images ``[1, 1, D, H, W]`` in [0, 1]; labels int64 of the same shape; ``T`` maps fixed points to
     moving points (LPS mm) and is drawn from ``deformation`` (smooth field and affine ranges).
     """
     grid = shape_grid(spec)
-    moving_labels = label_map(spec, generator)
+    moving_labels, other_labels = two_label_maps(spec, generator) if two_draws else (label_map(spec, generator),) * 2
     transform = random_transform(deformation, grid, generator)
     points = transform(grid_points(grid, 1))
-    fixed_labels = sample(moving_labels.float(), grid, points, mode="nearest").long()
+    fixed_labels = sample(other_labels.float(), grid, points, mode="nearest").long()
     shared = None
     if spec.same_contrast > 0 and float(torch.rand(1, generator=generator)) < spec.same_contrast:
-        shared = draw_contrast(int(moving_labels.max()), spec, generator)
+        shared = draw_contrast(int(max(moving_labels.max(), other_labels.max())), spec, generator)
     moving = draw_image(moving_labels, spec, generator, shared)
-    fixed = sample(draw_image(moving_labels, spec, generator, shared), grid, points)
+    fixed = sample(draw_image(other_labels, spec, generator, shared), grid, points)
     return fixed, moving, transform, fixed_labels, moving_labels, grid

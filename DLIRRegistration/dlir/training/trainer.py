@@ -1,11 +1,14 @@
 """Training a stage stack the DLIR way: one stage at a time, coarse to fine, earlier stages frozen.
 
-Each iteration draws ``batch_size`` pairs (synthetic, listed or random inter-image, see
-:mod:`dlir.training.config`), runs the frozen earlier stages exactly as inference does
-(:mod:`dlir.pipeline`), and minimises ``-similarity(fixed, warped) + alpha * bending energy`` for
+Each iteration draws ``batch_size`` pairs (synthetic, listed, random inter-image or synthetic shapes, see
+:mod:`dlir.training.config`; with the inter-subject augmentation of :mod:`dlir.training.intersubject`:
+partial fields of view and a random initial misalignment), starts each from the recipe's initial
+alignment (the capture search is computed once per pair of training images and kept), runs the frozen
+earlier stages exactly as inference does (:mod:`dlir.pipeline`), and minimises ``-similarity(fixed, warped) + alpha * bending energy`` for
 the current stage with Adam.  B-spline stages train on random patches of the stage grid (cut at
 control-point boundaries, so the control-point lattice is the one inference uses); the affine
-stage sees the whole stage grid.  Gradients are averaged over the batch.
+stage sees the whole stage grid.  Gradients are averaged over the batch.  The pairs drawn are
+counted by kind (:data:`PAIR_KINDS`) in the ``iteration`` and ``stage_done`` events.
 
 Robust jobs: a checkpoint (``checkpoints/last.pt``: weights, optimiser, best weights, position;
 read back with ``torch.load(weights_only=True)``) every ``checkpoint_every`` iterations, at
@@ -47,10 +50,11 @@ from ..metrics import dice, folding_fraction
 from ..alignment import initial_alignment
 from ..pipeline import PreparedImage, run_stages, stage_inputs
 from ..stack import Manifest, Stack, build_stack, save_stack
-from ..transforms import Composite, DisplacementField, SpatialTransform, displacement_on_grid, grid_points, jacobian_determinant
+from ..transforms import AffineTransform, Composite, DisplacementField, SpatialTransform, displacement_on_grid, grid_points, jacobian_determinant
 from .config import TrainConfig
 from .data import TrainingImage, find_images, load_image, pair_groups
 from .events import EventLog
+from .intersubject import misaligns, random_crop, random_misalignment
 from .jobfolder import CHECKPOINT, CONFIG_FILE, EVENTS_FILE, LOG_FILE, has_checkpoint, stack_file
 from .shapes import shape_pair
 from .synthetic import synthetic_pair
@@ -60,16 +64,22 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "dlir-checkpoint"
 #: exit code of a job stopped by a signal after writing its checkpoint (as shells report SIGINT)
 EXIT_STOPPED = 130
+#: the counts of drawn training pairs in the events: one kind per pair (a synthetic deformation of one image, two
+#: different images drawn at random, a listed pair, synthetic shapes of one label map or of two), and how many of
+#: them were cropped (a partial field of view) or misaligned (pairs of two images only)
+PAIR_KINDS = ("synthetic", "inter_subject", "listed", "shapes", "shapes_two_draws", "cropped", "misaligned")
 
 
 @dataclass
 class TrainingPair:
-    """One training or validation pair on training grids; labels ``[1, 1, D, H, W]`` when known."""
+    """One training or validation pair on training grids; labels ``[1, 1, D, H, W]`` when known; ``initial`` the
+    stages' start ``T0`` (fixed -> moving, LPS mm), or None for the recipe's initial alignment of the pair as it is."""
 
     fixed: PreparedImage
     moving: PreparedImage
     fixed_labels: torch.Tensor | None = None
     moving_labels: torch.Tensor | None = None
+    initial: AffineTransform | None = None
 
 
 def _inside_moving(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, grid: Grid,
@@ -125,6 +135,7 @@ class StageRecord:
     best_iteration: int = 0
     best_metrics: dict[str, Any] = field(default_factory=dict)
     best_weights: dict[str, torch.Tensor] | None = None
+    pairs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PAIR_KINDS, 0))  # drawn in the stage, by kind
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -189,6 +200,8 @@ class Trainer:
         self.validation: list[TrainingPair] = []
         self.listed: list[tuple[TrainingImage, TrainingImage]] = []
         self.baseline: dict[str, Any] = {}
+        self.drawn: dict[str, int] = dict.fromkeys(PAIR_KINDS, 0)  # the current stage's counts (its record's)
+        self.searched: dict[tuple[Path, Path], AffineTransform] = {}  # the capture of (fixed, moving) training images
 
     # ------------------------------------------------------------------------------- setup
     def _device(self) -> torch.device:
@@ -252,7 +265,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- pairs
     def draw_pair(self, generator: torch.Generator) -> TrainingPair:
-        """A synthetic, listed or random inter-image pair (see ``data.synthetic_fraction``), with labels where known.
+        """A synthetic, listed, random inter-image or shape pair (see ``data.synthetic_fraction`` and
+        ``data.shapes_fraction``), with labels where known, its initial alignment and the inter-subject
+        augmentation of ``[data]``; counted in :attr:`drawn`.
 
         Labels travel with a synthetic pair of a labelled image (carried to the fixed image by the same
         transform) and with an inter-image pair whose two images both have them; the soft-Dice term of a
@@ -260,35 +275,82 @@ class Trainer:
         """
         c = self.config
         if c.data.shapes_fraction >= 1 or (c.data.shapes_fraction > 0 and float(torch.rand(1, generator=generator)) < c.data.shapes_fraction):
-            return self.shape_pair(generator)
+            two = c.shapes.two_draws > 0 and float(torch.rand(1, generator=generator)) < c.shapes.two_draws
+            kind, pair, images = "shapes_two_draws" if two else "shapes", self.shape_pair(generator, two), None
+        else:
+            synthetic = len(self.train_images) == 1 and not self.listed or float(torch.rand(1, generator=generator)) < c.data.synthetic_fraction
+            kind, pair, images = ("synthetic", self.synthetic_pair(generator), None) if synthetic else self.image_pair(generator)
+        self.drawn[kind] += 1
+        if c.data.crop_probability > 0 and float(torch.rand(1, generator=generator)) < c.data.crop_probability:
+            pair = self.cropped(pair, generator)
+            self.drawn["cropped"] += 1
+        pair.initial = self.start(pair, images)
+        if images is not None and misaligns(c.data):
+            pair.initial = pair.initial @ random_misalignment(c.data, pair.fixed.grid, generator).to(self.device)
+            self.drawn["misaligned"] += 1
+        return pair
+
+    def synthetic_pair(self, generator: torch.Generator) -> TrainingPair:
+        """A random deformation of one random training image (:func:`~dlir.training.synthetic.synthetic_pair`)."""
         images = self.train_images
-        synthetic = len(images) == 1 and not self.listed or float(torch.rand(1, generator=generator)) < c.data.synthetic_fraction
-        if synthetic:
-            im = images[_randint(generator, len(images))]
-            fixed, moving, _, fixed_labels = synthetic_pair(im.prepared.tensor, im.prepared.grid, c.synthetic, generator, im.labels)
-            return TrainingPair(PreparedImage(fixed.to(self.device), im.prepared.grid), PreparedImage(moving.to(self.device), im.prepared.grid),
-                                fixed_labels, im.labels)
+        im = images[_randint(generator, len(images))]
+        fixed, moving, _, fixed_labels = synthetic_pair(im.prepared.tensor, im.prepared.grid, self.config.synthetic, generator, im.labels)
+        return TrainingPair(PreparedImage(fixed.to(self.device), im.prepared.grid), PreparedImage(moving.to(self.device), im.prepared.grid),
+                            fixed_labels, im.labels)
+
+    def image_pair(self, generator: torch.Generator) -> tuple[str, TrainingPair, tuple[TrainingImage, TrainingImage]]:
+        """(kind, pair, (fixed, moving) training images): a random listed pair, or else two different random images."""
+        images = self.train_images
         if self.listed:
-            a, b = self.listed[_randint(generator, len(self.listed))]
+            kind, (a, b) = "listed", self.listed[_randint(generator, len(self.listed))]
         else:
             i = _randint(generator, len(images))
             j = (i + 1 + _randint(generator, len(images) - 1)) % len(images)
-            a, b = images[i], images[j]
+            kind, a, b = "inter_subject", images[i], images[j]
         both = a.labels is not None and b.labels is not None  # label values mean the same in every image of a job
-        return TrainingPair(PreparedImage(a.prepared.tensor.to(self.device), a.prepared.grid),
-                            PreparedImage(b.prepared.tensor.to(self.device), b.prepared.grid),
-                            a.labels if both else None, b.labels if both else None)
+        return kind, TrainingPair(PreparedImage(a.prepared.tensor.to(self.device), a.prepared.grid),
+                                  PreparedImage(b.prepared.tensor.to(self.device), b.prepared.grid),
+                                  a.labels if both else None, b.labels if both else None), (a, b)
 
-    def shape_pair(self, generator: torch.Generator) -> TrainingPair:
+    def shape_pair(self, generator: torch.Generator, two_draws: bool = False) -> TrainingPair:
         """A synthetic-shape pair with its labels (:mod:`dlir.training.shapes`; intensities already in [0, 1])."""
-        fixed, moving, _, fixed_labels, moving_labels, grid = shape_pair(self.config.shapes, self.config.synthetic, generator)
+        fixed, moving, _, fixed_labels, moving_labels, grid = shape_pair(self.config.shapes, self.config.synthetic, generator, two_draws)
         return TrainingPair(PreparedImage(fixed.to(self.device), grid), PreparedImage(moving.to(self.device), grid),
                             fixed_labels.float().to(self.device), moving_labels.float().to(self.device))
+
+    def cropped(self, pair: TrainingPair, generator: torch.Generator) -> TrainingPair:
+        """``pair`` with one end of its fixed or its moving image (even odds) cut away (:func:`~dlir.training.intersubject.random_crop`)."""
+        spec = self.config.data
+        if bool(torch.randint(2, (1,), generator=generator)):
+            image, grid, labels = random_crop(pair.fixed.tensor, pair.fixed.grid, spec, generator, pair.fixed_labels)
+            return replace(pair, fixed=PreparedImage(image, grid), fixed_labels=labels)
+        image, grid, labels = random_crop(pair.moving.tensor, pair.moving.grid, spec, generator, pair.moving_labels)
+        return replace(pair, moving=PreparedImage(image, grid), moving_labels=labels)
+
+    def start(self, pair: TrainingPair, images: tuple[TrainingImage, TrainingImage] | None) -> AffineTransform:
+        """``T0`` of a drawn pair: the recipe's initial alignment of the pair as drawn (crops included).
+
+        Under ``search`` (the capture of :mod:`dlir.capture`, inference's default) it is computed once per (fixed,
+        moving) pair of training ``images`` and kept (a crop moves no anatomy, so the capture of the whole images
+        holds for the cropped pair too); a pair drawn from one image or one label map (``images`` None) starts from
+        the identity, the search's answer for an image and itself, and the stages learn its synthetic affine.
+        """
+        mode = self.stack.manifest.recipe.initial_alignment
+        if mode != "search":
+            return initial_alignment(mode, pair.fixed, pair.moving)
+        if images is None:
+            return AffineTransform.translation(torch.zeros((1, 3), device=self.device))
+        a, b = images
+        key = (a.entry.image, b.entry.image)
+        if key not in self.searched:
+            self.searched[key] = initial_alignment("search", a.prepared, b.prepared)
+        return self.searched[key].to(self.device)
 
     def frozen_transforms(self, k: int, pair: TrainingPair) -> list[SpatialTransform]:
         """``[T0, T1, ..., Tk]``: the initial alignment and the trained stages before stage ``k``."""
         with torch.no_grad():
-            initial = initial_alignment(self.stack.manifest.recipe.initial_alignment, pair.fixed, pair.moving)
+            initial = pair.initial if pair.initial is not None else \
+                initial_alignment(self.stack.manifest.recipe.initial_alignment, pair.fixed, pair.moving)
             transforms = run_stages(self.stack, pair.fixed, pair.moving, initial, upto=k)
         return transforms
 
@@ -382,7 +444,7 @@ class Trainer:
             "weights": {n: t.detach().cpu() for n, t in self.stack.weights().items()},
             "optimiser": optimiser.state_dict() if optimiser is not None else {},
             "records": [{"seconds": r.seconds, "best_score": r.best_score, "best_iteration": r.best_iteration,
-                         "best_metrics": r.best_metrics,
+                         "best_metrics": r.best_metrics, "pairs": r.pairs,
                          "best_weights": {n: t.detach().cpu() for n, t in r.best_weights.items()} if r.best_weights else {}}
                         for r in self.records],
         }
@@ -423,6 +485,7 @@ class Trainer:
             record.best_iteration = int(saved["best_iteration"])
             record.best_metrics = dict(saved["best_metrics"])
             record.best_weights = dict(saved["best_weights"]) or None
+            record.pairs.update(saved.get("pairs", {}))  # a checkpoint of an older engine has no counts
 
     # ------------------------------------------------------------------------------- main loop
     def run(self) -> Path:
@@ -480,6 +543,7 @@ class Trainer:
             optimiser.load_state_dict(self.optimiser_state)
         self.optimiser_state = None
         record = self.records[k]
+        self.drawn = record.pairs
         window_start, window_done = time.monotonic(), done
         stage_start = time.monotonic() - record.seconds
         remaining_after = sum(s.iterations for s in c.recipe.stages[k + 1:])
@@ -508,7 +572,7 @@ class Trainer:
                 eta = (spec.iterations - it) / rate
                 self._emit("iteration", stage=k + 1, iteration=it, iterations=spec.iterations, loss=-sim + spec.alpha * bend,
                            ncc=sim, bending=bend, it_per_s=round(rate, 3), eta_s=round(eta, 1),
-                           total_eta_s=round(eta + remaining_after / rate, 1), lr=spec.learning_rate)
+                           total_eta_s=round(eta + remaining_after / rate, 1), lr=spec.learning_rate, pairs=dict(self.drawn))
                 if self.writer is not None:
                     step = sum(s.iterations for s in c.recipe.stages[:k]) + it
                     self.writer.add_scalar(f"stage{k + 1}/loss", -sim + spec.alpha * bend, step)
@@ -532,7 +596,7 @@ class Trainer:
         self._broadcast_stage(k)
         stage.requires_grad_(False)
         self._emit("stage_done", stage=k + 1, kind=spec.kind, iterations=spec.iterations, seconds=round(record.seconds, 1),
-                   best={"iteration": record.best_iteration, **record.best_metrics})
+                   best={"iteration": record.best_iteration, **record.best_metrics}, pairs=dict(record.pairs))
         self.save_checkpoint(k + 1, 0, None, "stage_done")
 
     def _validate(self, k: int, it: int) -> None:
