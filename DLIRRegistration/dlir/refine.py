@@ -9,7 +9,9 @@ stages' fields).  Refinement makes it
 
 ``C`` an affine correction (12 parameters, starting at the identity) and ``u`` one displacement
 field (LPS mm, trilinear) on an axis-aligned grid of ``grid_spacings_mm[-1]`` (6 mm) over the fixed
-image, starting as ``N`` sampled on that grid, so refinement starts where the networks left off.
+image, starting as ``N`` sampled on that grid, so refinement starts where the networks left off; when that
+field folds (networks meeting images unlike their training data, e.g. two subjects), ``u`` starts at 0 and
+refinement starts from ``P`` alone.
 Levels go coarse to fine: level ``k`` adds a residual displacement on a grid of
 ``grid_spacings_mm[k]`` (24, 12, 6 mm) and measures the similarity on the images anti-aliased for
 ``level_spacings_mm[k]`` times the base spacing (the fixed image's finest spacing, at least
@@ -22,9 +24,8 @@ mask when one is given; samples that land outside the moving image do not count.
 draws a pool of ``pool x samples`` voxels once and the steps take them batch by batch (stochastic
 gradient steps; Adam with step sizes growing over ``warmup`` steps, then shrinking by ``decay`` per step).  Bending energy (per mm^2)
 and the folding penalty ``mean(relu(MIN_JACOBIAN - det J)^2)`` are evaluated on the level's grid
-(det J at two opposite corners of every cell, from its edges, so that no fold hides between nodes)
-every ``penalty_every`` steps: no folding by penalty, also on inter-patient pairs where the
-networks fold.
+(det J at the 8 corners of every cell, from its edges, so that no fold hides between nodes)
+every ``penalty_every`` steps: no folding by penalty.
 
 Stopping: ``"auto"`` runs every level until the mean loss of the last ``window`` steps improves on
 the previous window's by less than ``tolerance`` times the level's gain so far (at least
@@ -37,6 +38,7 @@ the random draws on the CPU).
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
@@ -78,7 +80,7 @@ class RefineSettings:
     decay: float = 0.98  # the step sizes shrink by this factor per step (stochastic steps settle)
     warmup: int = 10  # ... after growing linearly over this many steps (Adam's first steps are full-size in every direction)
     affine_learning_rate: float = 0.002  # Adam step of the affine correction (matrix entries; translation in mm x 100)
-    alpha: float = 0.5  # bending energy weight (per mm^2)
+    alpha: float = 2.0  # bending energy weight (per mm^2): keeps det J plausible between two subjects
     fold_weight: float = 10.0
     penalty_every: int = 4  # bending and folding penalties on every this many steps (weighted up), the costly part of a step
     tolerance: float = 0.02  # stop a level when its last ``window`` steps improved the loss by less than this share of its gain
@@ -95,11 +97,14 @@ class RefineResult:
     losses: list[float] = field(default_factory=list)  # final loss per level
     seconds: list[float] = field(default_factory=list)
     level_spacings: list[float] = field(default_factory=list)
+    networks_field: bool = True  # False: the networks' field folded and refinement started from the affine part
 
-    def summary(self) -> dict[str, list[float]]:
-        """JSON-ready: per level (coarse to fine) its spacing (mm), steps, final loss and seconds."""
+    def summary(self) -> dict[str, list[float] | bool]:
+        """JSON-ready: per level (coarse to fine) its spacing (mm), steps, final loss and seconds; whether it started
+        from the networks' field."""
         return {"level_spacing_mm": [round(s, 3) for s in self.level_spacings], "steps": [float(n) for n in self.steps],
-                "loss": [round(x, 5) for x in self.losses], "seconds": [round(t, 3) for t in self.seconds]}
+                "loss": [round(x, 5) for x in self.losses], "seconds": [round(t, 3) for t in self.seconds],
+                "started_from_networks_field": self.networks_field}
 
 
 def check_refinement(refinement: Refinement) -> None:
@@ -259,13 +264,16 @@ def _refine(transforms: Sequence[SpatialTransform], fixed: PreparedImage, moving
     field_grid = displacement_grid(fixed.grid, settings.grid_spacings_mm[-1])
     with torch.no_grad():
         displacement = displacement_on_grid(rest, field_grid, 1, fixed.device)
+        networks_field = not folds(displacement, field_grid.spacing)
+        if not networks_field:  # networks meeting unfamiliar images: a fold is no start to refine from
+            displacement = torch.zeros_like(displacement)
     params = torch.zeros(12, device=fixed.device, requires_grad=True)
     base = base_spacing(fixed.grid, settings)
     levels = list(range(len(settings.level_spacings_mm)))
     if refinement != "auto":
         levels = levels[-1:]
     generator = torch.Generator().manual_seed(settings.seed)
-    result = RefineResult([])
+    result = RefineResult([], networks_field=networks_field)
     for number, k in enumerate(levels):
         start = time.perf_counter()
         grid = displacement_grid(fixed.grid, settings.grid_spacings_mm[k])
@@ -368,9 +376,9 @@ def _aligned(leading: AffineTransform | None, correction: AffineTransform) -> Af
     return correction if leading is None else leading @ correction
 
 
-def corner_jacobians(field: torch.Tensor, spacing: tuple[float, float, float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """det J of ``x + u`` at two opposite corners of every cell of an axis-aligned grid (identity direction), from the
-    cell's edges: forward differences at its lower corner, backward at its upper one.
+def corner_jacobians(field: torch.Tensor, spacing: tuple[float, float, float]) -> list[torch.Tensor]:
+    """det J of ``x + u`` at the 8 corners of every cell of an axis-aligned grid (identity direction), each from the
+    cell's three edges that meet there: the trilinear field's det J at the corners of the cell.
 
     ``field`` ``[1, 3, D, H, W]`` (mm).  Central differences (one value per node) average two cells and can hide a
     fold in one of them; edges cannot.
@@ -378,13 +386,18 @@ def corner_jacobians(field: torch.Tensor, spacing: tuple[float, float, float]) -
     sx, sy, sz = spacing
     u = field[0]
     dx, dy, dz = (u[:, :, :, 1:] - u[:, :, :, :-1]) / sx, (u[:, :, 1:] - u[:, :, :-1]) / sy, (u[:, 1:] - u[:, :-1]) / sz
+    ends = (slice(None, -1), slice(1, None))  # the cell's lower or upper node along an axis
     out = []
-    for lo in (True, False):  # lower corner: edges leaving it; upper corner: edges arriving at it
-        a = slice(None, -1) if lo else slice(1, None)
-        gx, gy, gz = dx[:, a, a, :], dy[:, a, :, a], dz[:, :, a, a]  # d u / d (x, y, z) on the cells' common shape
+    for ci, cj, ck in itertools.product((0, 1), repeat=3):  # corner (i, j, k): the x edge at its j and k, and so on
+        gx, gy, gz = dx[:, ends[ck], ends[cj], :], dy[:, ends[ck], :, ends[ci]], dz[:, :, ends[cj], ends[ci]]
         (a11, a21, a31), (a12, a22, a32), (a13, a23, a33) = (gx[0] + 1, gx[1], gx[2]), (gy[0], gy[1] + 1, gy[2]), (gz[0], gz[1], gz[2] + 1)
         out.append(a11 * (a22 * a33 - a23 * a32) - a12 * (a21 * a33 - a23 * a31) + a13 * (a21 * a32 - a22 * a31))
-    return out[0], out[1]
+    return out
+
+
+def folds(field: torch.Tensor, spacing: tuple[float, float, float]) -> bool:
+    """Whether the displacement ``field`` (mm, on an axis-aligned grid of ``spacing``) folds at a corner of a cell."""
+    return any(bool((det <= 0).any()) for det in corner_jacobians(field, spacing))
 
 
 def _converged(history: list[float], start: float, settings: RefineSettings) -> bool:

@@ -93,7 +93,7 @@ class Registration:
     transform: SpatialTransform | None = None  # T, fixed -> moving, in the coordinates of ``grid``
     grid: Grid | None = None  # the fixed grid as the computation saw it (translated by minus its centre)
     output_grid: Grid | None = None  # the fixed image's own grid
-    refinement: dict[str, list[float]] | None = None  # per refinement level: spacing (mm), steps, final loss, seconds
+    refinement: dict[str, list[float] | bool] | None = None  # per refinement level: spacing (mm), steps, final loss, seconds
     _displacement: sitk.Image | None = field(default=None, repr=False)
     _jacobian: sitk.Image | None = field(default=None, repr=False)
 
