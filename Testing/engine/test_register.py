@@ -49,12 +49,14 @@ def test_centre_alignment_moves_the_moving_image_onto_the_fixed(stack) -> None:
     fixed = blob_image()
     # same anatomy, but the moving image's grid (and content) sits 10 mm further along x
     moving = blob_image(shift_mm=(10.0, 0.0, 0.0), origin=(-10.0, -20.0, -16.0))
-    centred = register(fixed, moving, stack, device="cpu")
+    centred = register(fixed, moving, stack, device="cpu", initial_alignment="centre")
+    searched = register(fixed, moving, stack, device="cpu")  # the default: the capture search
     uncentred = register(fixed, moving, stack, device="cpu", initial_alignment="none")
     u = sitk.GetArrayFromImage(centred.displacement)
     assert np.allclose(u[..., 0], 10.0, atol=1e-3) and np.allclose(u[..., 1:], 0.0, atol=1e-3)
     f = image_to_tensor(fixed)
     assert float(ncc(f, image_to_tensor(centred.warped))) > 0.99
+    assert float(ncc(f, image_to_tensor(searched.warped))) > 0.99
     assert float(ncc(f, image_to_tensor(uncentred.warped))) < 0.9
 
 
