@@ -82,10 +82,10 @@ def test_tables_report_the_speed_ratio() -> None:
     measurements = {("a", "dlir"): _measurement(0.5), ("a", ELASTIX): _measurement(20.0),
                     ("b", "dlir"): _measurement(1.5), ("b", ELASTIX): _measurement(40.0)}
     lines = comparison_table(scores, measurements)
-    assert "| a | DLIR | 0.800 | 4.00 | 3.00 | 1.000 | 0.50 | 0.20 | 1.50 | 500 | 40.0x |" in lines
+    assert "| a | DLIR | 0.800 | 4.00 | 3.00 | 1.000 | 0.200 | 0.50 | 0.20 | 1.50 | 500 | 40.0x |" in lines
     mean = next(line for line in lines if line.startswith("| mean of 2 | DLIR |"))
     assert mean.endswith("| 1.00 | 0.70 | 2.00 | 500 | 30.0x |")
-    assert "| a | Before registration | 0.500 | 4.00 | 3.00 | – | – | – | – | – | – |" in lines
+    assert "| a | Before registration | 0.500 | 4.00 | 3.00 | – | – | – | – | – | – | – |" in lines
     assert all(line.count("|") == lines[0].count("|") for line in lines)
 
     rows = [ScalingRow(64, "dlir", 0.5, 400.0, 300.0), ScalingRow(64, ELASTIX, 10.0, 900.0, 800.0)]

@@ -204,13 +204,14 @@ def _cell(value: float, digits: int = 2) -> str:
 def comparison_table(scores: Sequence[Score], measurements: dict[tuple[str, str], Measurement]) -> list[str]:
     """The one comparison table (markdown): per pair and method, then the means over pairs.
 
+    Folding and std det J are taken inside the evaluation mask (the fixed labels).
     Time = end to end (read, register, write) in a fresh process after loading: the fastest
     repetition after the first (warm); ``register`` = that minus reading and writing; ``cold`` =
     the first repetition.
     Speed = elastix time / method time (for the means: total elastix time / total method time).
     """
-    lines = ["| pair | method | Dice | HD95 (mm) | TRE mean (mm) | folding (%) | time (s) | register (s) | cold (s) | "
-             "peak RSS (MiB) | speed vs elastix |", "|" + " --- |" * 11]
+    lines = ["| pair | method | Dice | HD95 (mm) | TRE mean (mm) | folding (%) | std det J | time (s) | register (s) | "
+             "cold (s) | peak RSS (MiB) | speed vs elastix |", "|" + " --- |" * 12]
     methods = list(dict.fromkeys(s.method for s in scores))
     pairs = list(dict.fromkeys(s.pair for s in scores))
     groups = [(p, [p]) for p in pairs] + ([(f"mean of {len(pairs)}", pairs)] if len(pairs) > 1 else [])
@@ -234,7 +235,7 @@ def _comparison_cells(method: str, chosen: Sequence[Score], ms: Sequence[Measure
     cells = [_cell(_mean([x.label_mean("dice") for x in chosen]), 3), _cell(_mean([x.label_mean("hd95") for x in chosen])),
              _cell(_mean([x.tre_stat("mean") for x in chosen]))]
     if method == IDENTITY or not ms:
-        return cells + ["–"] * 6
+        return cells + ["–"] * 7
     warm = sum(m.warm_s for m in ms)
     gpu = [m.gpu_peak_mb for m in ms if m.gpu_peak_mb is not None]
     if method == ELASTIX:
@@ -243,6 +244,7 @@ def _comparison_cells(method: str, chosen: Sequence[Score], ms: Sequence[Measure
         speed = f"{sum(m.warm_s for m in elx) / warm:.1f}x" if len(elx) == len(ms) and warm > 0 else "–"
     return cells + [
         _cell(100 * _mean([x.folding_fraction for x in chosen]), 3),
+        _cell(_mean([x.jacobian_std for x in chosen]), 3),
         _cell(warm / len(ms)),
         _cell(_mean([m.warm_s - m.timings.get("read", 0.0) - m.timings.get("write", 0.0) for m in ms])),
         _cell(_mean([m.cold_s for m in ms])),
