@@ -76,13 +76,14 @@ def foreground(image: torch.Tensor) -> torch.Tensor:
 
     Intensities above half of Otsu's threshold, closed by one voxel, holes filled in every axial (k) slice (the
     lungs, the ventricles), then dilated by one voxel so that the outline itself, where the edges are, is in.
+    The whole grid when that leaves nothing (an image of a few bright voxels).
     """
     values = image.flatten()
     threshold = 0.5 * _otsu(values)
     mask = image > threshold
     mask = _erode(_dilate(mask))
-    mask = _fill_slices(mask)
-    return _dilate(mask)
+    mask = _dilate(_fill_slices(mask))
+    return mask if bool(mask.any()) else torch.ones_like(mask)
 
 
 def _otsu(values: torch.Tensor, bins: int = 64) -> float:

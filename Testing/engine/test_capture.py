@@ -116,3 +116,10 @@ def test_the_foreground_of_a_ct_holds_the_lungs(shared_data: Path) -> None:
     lung = sitk.GetArrayFromImage(lung_points) > 0
     assert mask[lung].mean() > 0.97, "the lungs are inside the foreground"
     assert mask.mean() < 0.8, "the air around the body is not"
+
+
+def test_an_image_without_a_foreground_is_searched_over_its_whole_grid() -> None:
+    """A few faint voxels leave nothing above the threshold: the search then uses every voxel, never an empty set."""
+    image = torch.zeros((1, 1, 6, 6, 6))
+    image[0, 0, 3, 3, 3] = 0.01
+    assert bool(foreground(image).all())
