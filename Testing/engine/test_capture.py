@@ -119,7 +119,5 @@ def test_the_foreground_of_a_ct_holds_the_lungs(shared_data: Path) -> None:
 
 
 def test_an_image_without_a_foreground_is_searched_over_its_whole_grid() -> None:
-    """A few faint voxels leave nothing above the threshold: the search then uses every voxel, never an empty set."""
-    image = torch.zeros((1, 1, 6, 6, 6))
-    image[0, 0, 3, 3, 3] = 0.01
-    assert bool(foreground(image).all())
+    """Nothing above the threshold (here a blank image): the search then uses every voxel, never an empty set."""
+    assert bool(foreground(torch.zeros((1, 1, 6, 6, 6))).all())
