@@ -12,9 +12,10 @@ the table and a field of view that reaches further in one image than in the othe
    (translation, rotation and scale: a similarity transform with one scale per axis), the best of them on
    the finer levels (all 12 affine parameters); the transform with the highest NCC wins.
 
-The similarity is global NCC over the fixed foreground's voxels, the moving image taken as 0 outside its grid
-(as the networks see it), so that sliding the anatomy out of the moving image's field of view never pays.
-Everything is a few hundred steps on grids of about 10^4-10^5 voxels: a fraction of a second on a CPU.
+The similarity is global NCC over a fixed random subset of the fixed foreground's voxels that land inside the
+moving image (elastix's rule: a shorter scan does not count against the true alignment), scaled down in proportion
+when fewer than :data:`FULL_OVERLAP` of them do (so that sliding the anatomy out of the moving image never pays).
+Everything is a few hundred steps on a few thousand points: about half a second on a CPU core.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class CaptureSettings:
     steps: tuple[int, ...] = (60, 40)
     samples: int = 5_000  # foreground voxels of the fixed image per level (a fixed random subset)
     keep: int = 3  # starts optimised on the coarsest level
-    translation_step_mm: float = 2.0
+    translation_step_mm: float = 2.0  # Adam step of the translation on the 8 mm level (mm; in proportion on others)
     angle_step: float = 0.02  # radians
     scale_step: float = 0.01  # log scale
     shear_step: float = 0.005
