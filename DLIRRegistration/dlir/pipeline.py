@@ -150,8 +150,7 @@ def run_stages(
     ``skip_worse`` (inference), an affine stage whose result is less similar to the fixed image
     than its input was, by the stage's own similarity on its own grid, is replaced by the identity
     (and logged): an affine network meeting images unlike its training data can be confidently
-    wrong (a brain stack moved a chest CT's landmarks 8.6 -> 12.9 mm), and the later stages (or
-    accurate mode) then start from the better of the two.  B-spline stages are always kept: on
+    wrong, and the later stages (or accurate mode) then start from the better of the two.  B-spline stages are always kept: on
     their coarse grids a lower global NCC is no reliable sign of a worse field.
     """
     transforms: list[SpatialTransform] = [initial]
