@@ -200,8 +200,3 @@ def soft_dice(fixed: torch.Tensor, warped: torch.Tensor, eps: float = 1e-6) -> t
     overlap = (fixed * warped).sum(dims)
     total = (fixed * fixed).sum(dims) + (warped * warped).sum(dims)
     return ((2 * overlap + eps) / (total + eps)).mean(1)
-
-
-def soft_dice_loss(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
-    """``1 - soft Dice`` per pair ``[N]``: 0 for identical label maps, 1 for disjoint ones (see :func:`soft_dice`)."""
-    return 1 - soft_dice(fixed, warped)
