@@ -131,23 +131,14 @@ def registerVolumes(
     request = outputs or OutputRequest()
     start = time.perf_counter()
     refine = engineRefinement(mode, refineSteps)
-    if fixedVolumeNode is None or movingVolumeNode is None:
-        raise InputError("choose a fixed and a moving volume")
-    fixedImage = volumeNodeToImage(fixedVolumeNode, "fixed volume")
-    movingImage = volumeNodeToImage(movingVolumeNode, "moving volume")
-    # the engine's checks (NaN voxels, constant image, ...) before anything touches the scene
-    check_image(fixedImage, f"fixed volume '{fixedVolumeNode.GetName()}'")
-    check_image(movingImage, f"moving volume '{movingVolumeNode.GetName()}'")
-    fixedGeometry = volumeGeometry(fixedVolumeNode, "fixed volume")
+    fixedImage, movingImage, fixedGeometry = _checkedVolumes(fixedVolumeNode, movingVolumeNode)
     mask = None
     if fixedMaskNode is not None:
         mask = fixedMaskImage(scene, fixedMaskNode, fixedMaskSegmentId, fixedImage, fixedGeometry, fixedVolumeNode.GetName())
     loaded = _loadStack(stack)
     warnings = [w for w in (modalityWarning(loaded.manifest.modality, fixedImage, "fixed volume"),
                             modalityWarning(loaded.manifest.modality, movingImage, "moving volume")) if w]
-    layers: list[LabelLayer] = []
-    if movingSegmentationNode is not None and movingSegmentationNode.GetSegmentation().GetNumberOfSegments() > 0:
-        layers = exportLayers(scene, movingSegmentationNode, volumeGeometry(movingVolumeNode, "moving volume"))
+    layers = _movingLayers(scene, movingSegmentationNode, movingVolumeNode)
 
     result = register(fixedImage, movingImage, loaded, moving_labels=layers[0].image if layers else None,
                       fixed_mask=mask, device=device, refine=refine, initial_alignment=initialAlignment,
@@ -160,8 +151,7 @@ def registerVolumes(
     except BaseException:
         created.undo()
         raise
-    counted = int(np.prod(fixedImage.GetSize())) if mask is None else int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
-    foldedVoxels = round(result.folding_fraction * counted)  # no Jacobian image needed
+    foldedVoxels = round(result.folding_fraction * _countedVoxels(fixedImage, mask))  # no Jacobian image needed
     return RegistrationOutputs(
         **nodes,
         device=result.device,
@@ -173,6 +163,33 @@ def registerVolumes(
         registration=result,
         masked=mask is not None,
     )
+
+
+def _checkedVolumes(fixedVolumeNode, movingVolumeNode) -> tuple[sitk.Image, sitk.Image, VolumeGeometry]:
+    """(fixed image, moving image, fixed volume's world RAS geometry): the volumes as LPS images, refused with one
+    sentence when missing or unusable by the engine (NaN voxels, constant image, ...), before anything touches the
+    scene."""
+    if fixedVolumeNode is None or movingVolumeNode is None:
+        raise InputError("choose a fixed and a moving volume")
+    fixedImage = volumeNodeToImage(fixedVolumeNode, "fixed volume")
+    movingImage = volumeNodeToImage(movingVolumeNode, "moving volume")
+    check_image(fixedImage, f"fixed volume '{fixedVolumeNode.GetName()}'")
+    check_image(movingImage, f"moving volume '{movingVolumeNode.GetName()}'")
+    return fixedImage, movingImage, volumeGeometry(fixedVolumeNode, "fixed volume")
+
+
+def _movingLayers(scene, movingSegmentationNode, movingVolumeNode) -> list[LabelLayer]:
+    """The moving segmentation as label layers on the moving volume's grid; none without segments."""
+    if movingSegmentationNode is None or movingSegmentationNode.GetSegmentation().GetNumberOfSegments() == 0:
+        return []
+    return exportLayers(scene, movingSegmentationNode, volumeGeometry(movingVolumeNode, "moving volume"))
+
+
+def _countedVoxels(fixedImage: sitk.Image, mask: sitk.Image | None) -> int:
+    """The fixed voxels the folding fraction counts: all of them, or those inside the mask."""
+    if mask is None:
+        return int(np.prod(fixedImage.GetSize()))
+    return int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
 
 
 def engineRefinement(mode: str, refineSteps: int = 0) -> int | str:

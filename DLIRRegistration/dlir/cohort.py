@@ -72,11 +72,7 @@ def register_cohort(
     sentence, nothing written) when ``out`` cannot be used, the stack cannot be loaded, or
     ``summary.csv`` cannot be written.
     """
-    inputs: dict[str, str | Path | None] = {} if source is None else {"pairs file" if source.is_file() else "pairs folder": source}
-    inputs["stack"] = stack_path
-    for pair in pairs:
-        for what in ("fixed", "moving", "moving_labels", "fixed_mask", "fixed_labels"):
-            inputs[f"{what.replace('_', ' ')} of pair {pair.id}"] = getattr(pair, what)
+    inputs = _cohort_inputs(pairs, stack_path, source)
     options = dict(device=device, refine=refine, initial_alignment=initial_alignment,
                    label_interpolation=label_interpolation, outputs=outputs)
     rows: list[Row] = []
@@ -108,12 +104,27 @@ def register_cohort(
         if pending is not None:
             _recorded(pending[0], pending[1].result)
             pending[0]["cohort_s"] = round(float(pending[0]["cohort_s"]) + time.perf_counter() - mark, 4)
-        try:
-            write_text_atomically(folder.temp / SUMMARY_FILE, _summary_csv(rows))
-        except OSError as exc:
-            raise OutputError(f"cannot write {SUMMARY_FILE} into {out} ({exc.strerror or exc}); nothing was written there") from exc
+        _write_summary(folder.temp, out, rows)
         folder.commit()
     return rows
+
+
+def _cohort_inputs(pairs: Sequence[Pair], stack_path: Path, source: Path | None) -> dict[str, str | Path | None]:
+    """Every file the cohort reads, by what it is (``"fixed of pair ID"``, ``"stack"``, ...): refused as outputs."""
+    inputs: dict[str, str | Path | None] = {} if source is None else {"pairs file" if source.is_file() else "pairs folder": source}
+    inputs["stack"] = stack_path
+    for pair in pairs:
+        for what in ("fixed", "moving", "moving_labels", "fixed_mask", "fixed_labels"):
+            inputs[f"{what.replace('_', ' ')} of pair {pair.id}"] = getattr(pair, what)
+    return inputs
+
+
+def _write_summary(temp: Path, out: Path, rows: Sequence[Row]) -> None:
+    """``summary.csv`` of ``rows`` into the staged cohort folder ``temp`` (shown as ``out`` in the error sentence)."""
+    try:
+        write_text_atomically(temp / SUMMARY_FILE, _summary_csv(rows))
+    except OSError as exc:
+        raise OutputError(f"cannot write {SUMMARY_FILE} into {out} ({exc.strerror or exc}); nothing was written there") from exc
 
 
 def _summary_csv(rows: Sequence[Row]) -> str:

@@ -1,19 +1,23 @@
-"""Registration losses: global and local normalised cross-correlation, bending energy, and THE
-stage objective that training minimises (accurate mode, :mod:`dlir.refine`, uses the same NCC and
-bending energy on random fixed voxels, plus a folding penalty).
+"""Registration losses: global and local normalised cross-correlation, bending energy, a folding penalty, and
+THE objective composition (:func:`objective`) that a stage's training loss (:func:`stage_loss`) and accurate mode
+(:mod:`dlir.refine`) both use.
 
 Images are ``[N, C, D, H, W]``; displacement fields ``[N, 3, D, H, W]`` in mm.  The DLIR loss is
-``-NCC + alpha * bending energy`` (paper eq. 1).
+``-NCC + alpha * bending energy`` (paper eq. 1); accurate mode adds ``fold_weight * folding penalty``.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .recipe import StageSpec
+
+#: det J of a displacement below this, at the corners of its grid cells, is penalised (a margin above folding)
+MIN_JACOBIAN = 0.3
 
 
 def ncc(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
@@ -90,17 +94,67 @@ def bending_energy(field: torch.Tensor, spacing: tuple[float, float, float]) -> 
     return 3 * total  # each mean ran over components too: x3 gives the sum over components
 
 
+def corner_jacobians(field: torch.Tensor, spacing: tuple[float, float, float]) -> list[torch.Tensor]:
+    """det J of ``x + u`` at the 8 corners of every cell of an axis-aligned grid (identity direction), each from the
+    cell's three edges that meet there: the trilinear field's det J at the corners of the cell.
+
+    ``field`` ``[1, 3, D, H, W]`` (mm) on a grid of ``spacing`` (x, y, z mm).  Central differences (one value per
+    node) average two cells and can hide a fold in one of them; edges cannot.
+    """
+    sx, sy, sz = spacing
+    u = field[0]
+    dx, dy, dz = (u[:, :, :, 1:] - u[:, :, :, :-1]) / sx, (u[:, :, 1:] - u[:, :, :-1]) / sy, (u[:, 1:] - u[:, :-1]) / sz
+    ends = (slice(None, -1), slice(1, None))  # the cell's lower or upper node along an axis
+    out = []
+    for ci, cj, ck in itertools.product((0, 1), repeat=3):  # corner (i, j, k): the x edge at its j and k, and so on
+        gx, gy, gz = dx[:, ends[ck], ends[cj], :], dy[:, ends[ck], :, ends[ci]], dz[:, :, ends[cj], ends[ci]]
+        (a11, a21, a31), (a12, a22, a32), (a13, a23, a33) = (gx[0] + 1, gx[1], gx[2]), (gy[0], gy[1] + 1, gy[2]), (gz[0], gz[1], gz[2] + 1)
+        out.append(a11 * (a22 * a33 - a23 * a32) - a12 * (a21 * a33 - a23 * a31) + a13 * (a21 * a32 - a22 * a31))
+    return out
+
+
+def folding_penalty(field: torch.Tensor, spacing: tuple[float, float, float]) -> torch.Tensor:
+    """``sum over the 8 cell corners of mean(relu(MIN_JACOBIAN - det J)^2)``, a scalar: 0 where det J >= MIN_JACOBIAN
+    at every corner of every cell (:func:`corner_jacobians`).
+
+    ``field`` ``[1, 3, D, H, W]`` (mm) on an axis-aligned grid of ``spacing`` (x, y, z mm).
+    """
+    return sum(torch.relu(MIN_JACOBIAN - det).pow(2).mean() for det in corner_jacobians(field, spacing))
+
+
+class Objective(NamedTuple):
+    """The objective and its terms (scalars): ``loss = -similarity + penalty_scale * (alpha * bending + fold_weight *
+    folding)``, to minimise."""
+
+    loss: torch.Tensor
+    similarity: torch.Tensor
+    bending: torch.Tensor  # mm^-2; 0 without a displacement
+    folding: torch.Tensor  # the folding penalty; 0 without a displacement or with fold_weight 0
+
+
+def objective(similarity: torch.Tensor, displacement: torch.Tensor | None, spacing: tuple[float, float, float] | None,
+              alpha: float, fold_weight: float = 0.0, penalty_scale: float = 1.0) -> Objective:
+    """``-similarity + penalty_scale * (alpha * bending energy + fold_weight * folding penalty)`` of a displacement.
+
+    ``similarity``: a scalar (1 = perfect).  ``displacement`` ``[N, 3, D, H, W]`` (mm) on a grid of ``spacing``
+    (x, y, z mm), its bending energy averaged over the batch (:func:`bending_energy`) and, when ``fold_weight`` > 0,
+    its :func:`folding_penalty` (``N`` = 1, axis-aligned grid); ``None`` leaves ``-similarity`` alone (an affine
+    stage, or a step that skips the penalties).  ``penalty_scale`` weighs the penalties up when they are evaluated
+    on only some steps.
+    """
+    zero = torch.zeros((), dtype=similarity.dtype, device=similarity.device)
+    if displacement is None:
+        return Objective(-similarity, similarity, zero, zero)
+    if spacing is None:
+        raise ValueError("the bending energy of a displacement needs its grid spacing")
+    bending = bending_energy(displacement, spacing).mean()
+    folding = folding_penalty(displacement, spacing) if fold_weight > 0 else zero
+    return Objective(-similarity + penalty_scale * (alpha * bending + fold_weight * folding), similarity, bending, folding)
+
+
 def similarity(spec: StageSpec, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
     """A stage's similarity per pair ``[N]`` (1 = perfect): global NCC, or local NCC over ``spec.ncc_window`` voxels."""
     return local_ncc(fixed, warped, spec.ncc_window) if spec.similarity == "lncc" else ncc(fixed, warped)
-
-
-class StageLoss(NamedTuple):
-    """The stage objective and its two terms, each averaged over the batch."""
-
-    loss: torch.Tensor  # -similarity + alpha * bending, to minimise
-    similarity: torch.Tensor
-    bending: torch.Tensor  # mm^-2; 0 for an affine stage
 
 
 def stage_loss(
@@ -110,8 +164,9 @@ def stage_loss(
     displacement: torch.Tensor | None = None,
     spacing: tuple[float, float, float] | None = None,
     labels: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> StageLoss:
-    """``-similarity(fixed, warped) + spec.alpha * bending energy(displacement)`` (paper eq. 1), batch means.
+) -> Objective:
+    """``-similarity(fixed, warped) + spec.alpha * bending energy(displacement)`` (paper eq. 1), batch means
+    (:func:`objective`, no folding penalty).
 
     ``displacement`` ``[N, 3, D, H, W]`` (mm) on a grid of ``spacing`` (x, y, z mm) is the stage's
     own field (B-spline stages); ``None`` for an affine stage, which has no bending term.
@@ -122,12 +177,7 @@ def stage_loss(
     sim = similarity(spec, fixed, warped).mean()
     if labels is not None and spec.dice_weight > 0:
         sim = (1 - spec.dice_weight) * sim + spec.dice_weight * soft_dice(*labels).mean()
-    if displacement is None:
-        return StageLoss(-sim, sim, torch.zeros((), dtype=sim.dtype, device=sim.device))
-    if spacing is None:
-        raise ValueError("the bending energy of a displacement needs its grid spacing")
-    bending = bending_energy(displacement, spacing).mean()
-    return StageLoss(-sim + spec.alpha * bending, sim, bending)
+    return objective(sim, displacement, spacing, spec.alpha)
 
 
 def one_hot(labels: torch.Tensor, values: list[int]) -> torch.Tensor:
@@ -150,8 +200,3 @@ def soft_dice(fixed: torch.Tensor, warped: torch.Tensor, eps: float = 1e-6) -> t
     overlap = (fixed * warped).sum(dims)
     total = (fixed * fixed).sum(dims) + (warped * warped).sum(dims)
     return ((2 * overlap + eps) / (total + eps)).mean(1)
-
-
-def soft_dice_loss(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
-    """``1 - soft Dice`` per pair ``[N]``: 0 for identical label maps, 1 for disjoint ones (see :func:`soft_dice`)."""
-    return 1 - soft_dice(fixed, warped)

@@ -23,9 +23,7 @@ from .preprocess import (
     intensity_moments,
     intensity_window,
     network_grid,
-    normalise_intensity,
     sample_source,
-    smooth_for_spacing,
 )
 from .losses import similarity
 from .recipe import IntensitySpec, StageSpec
@@ -62,10 +60,6 @@ class PreparedImage:
             self.device = self.tensor.device
 
     @classmethod
-    def from_tensor(cls, raw: torch.Tensor, grid: Grid, intensity: IntensitySpec) -> "PreparedImage":
-        return cls(normalise_intensity(raw, intensity), grid)
-
-    @classmethod
     def from_array(cls, voxels: np.ndarray, grid: Grid, intensity: IntensitySpec, device: torch.device | str = "cpu") -> "PreparedImage":
         """Keep ``voxels`` ``[D, H, W]`` (any numeric type; not copied, not modified) and their intensity window."""
         window = intensity_window(voxels, intensity)
@@ -79,14 +73,6 @@ class PreparedImage:
         assert self.source is not None and self.window is not None
         part = torch.from_numpy(np.array(self.source[k0:k1], dtype=np.float32)).to(self.device)[None, None]
         return apply_window(part, *self.window, extremes=self.extremes)
-
-    def normalised(self) -> torch.Tensor:
-        """The whole normalised image ``[1, 1, D, H, W]`` (a full-resolution float copy for array-backed images)."""
-        return self.tensor if self.tensor is not None else self.slab(0, self.grid.shape[0])
-
-    def smoothed(self, spacing: tuple[float, float, float]) -> torch.Tensor:
-        """The whole image anti-aliased at full resolution for resampling at ``spacing`` mm (not cached)."""
-        return smooth_for_spacing(self.normalised(), self.grid, spacing)
 
     def source_for(self, spacing: tuple[float, float, float]) -> tuple[torch.Tensor, Grid]:
         """(image, grid): the image anti-aliased for resampling at ``spacing`` mm, on a coarser grid (cached)."""
@@ -150,8 +136,7 @@ def run_stages(
     ``skip_worse`` (inference), an affine stage whose result is less similar to the fixed image
     than its input was, by the stage's own similarity on its own grid, is replaced by the identity
     (and logged): an affine network meeting images unlike its training data can be confidently
-    wrong (a brain stack moved a chest CT's landmarks 8.6 -> 12.9 mm), and the later stages (or
-    accurate mode) then start from the better of the two.  B-spline stages are always kept: on
+    wrong, and the later stages (or accurate mode) then start from the better of the two.  B-spline stages are always kept: on
     their coarse grids a lower global NCC is no reliable sign of a worse field.
     """
     transforms: list[SpatialTransform] = [initial]

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from .errors import InputError
 from .geometry import Grid, sample
 from .recipe import IntensitySpec
-from .transforms import SpatialTransform, grid_points
 
 #: at most this many voxels are used to estimate percentiles (a strided subset beyond it)
 _PERCENTILE_SAMPLES = 2_000_000
@@ -253,14 +252,6 @@ def network_grid(fixed_grid: Grid, spacing: tuple[float, float, float], multiple
             f"{MAX_NETWORK_VOXELS:.3g} DLIR allows; check the image's spacing (its header may be wrong) or crop it"
         )
     return Grid.axis_aligned_box(lower, upper, spacing, multiple_of, min_size)
-
-
-def to_grid(image: torch.Tensor, image_grid: Grid, transform: SpatialTransform | None, grid: Grid) -> torch.Tensor:
-    """``image`` resampled onto ``grid`` through ``transform`` (identity when None), trilinear, 0 outside."""
-    pts = grid_points(grid, image.shape[0], image.device)
-    if transform is not None:
-        pts = transform(pts)
-    return sample(image, image_grid, pts)
 
 
 def intensity_moments(slab: Callable[[int, int], torch.Tensor], grid: Grid) -> tuple[np.ndarray, np.ndarray]:

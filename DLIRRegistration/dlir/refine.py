@@ -23,7 +23,7 @@ known exactly: interpolating the fixed image between voxels biases the estimate)
 mask when one is given; samples that land outside the moving image do not count.  Each level
 draws a pool of ``pool x samples`` voxels once and the steps take them batch by batch (stochastic
 gradient steps; Adam with step sizes growing over ``warmup`` steps, then shrinking by ``decay`` per step).  Bending energy (per mm^2)
-and the folding penalty ``mean(relu(MIN_JACOBIAN - det J)^2)`` are evaluated on the level's grid
+and the folding penalty ``mean(relu(MIN_JACOBIAN - det J)^2)`` (:mod:`dlir.losses`) are evaluated on the level's grid
 (det J at the 8 corners of every cell, from its edges, so that no fold hides between nodes)
 every ``penalty_every`` steps: no folding by penalty.
 
@@ -38,7 +38,6 @@ the random draws on the CPU).
 from __future__ import annotations
 
 import functools
-import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
@@ -48,7 +47,7 @@ import torch
 
 from .errors import InputError
 from .geometry import Grid, sample
-from .losses import bending_energy, ncc
+from .losses import corner_jacobians, ncc, objective
 from .pipeline import PreparedImage
 from .preprocess import sample_source
 from .transforms import AffineTransform, Composite, DisplacementField, SpatialTransform, displacement_on_grid, grid_points
@@ -58,11 +57,9 @@ Refinement = int | Literal["auto"]
 #: ``report(level, levels, step, limit, loss)`` after every optimiser step (progress, cancel); ``limit`` is the
 #: level's most steps
 Report = Callable[[int, int, int, int, float], None]
-#: CPU threads of the refinement: its steps are many small operations that a second thread hardly speeds up
-#: (measured: the same time with 1 and 2 threads on 2 cores), and one thread leaves a core to whatever else runs
+#: CPU threads of the refinement: its steps are many small operations that a second thread hardly speeds up, and
+#: one thread leaves a core to whatever else runs
 CPU_THREADS = 1
-#: det J of the displacement below this, at the corners of its grid cells, is penalised (a margin above folding)
-MIN_JACOBIAN = 0.3
 
 
 @dataclass(frozen=True)
@@ -355,7 +352,8 @@ def _resample_field(field: torch.Tensor, grid: Grid, target: Grid) -> torch.Tens
 
 def _objective(field: torch.Tensor | None, grid: Grid, moved: torch.Tensor, fixed: torch.Tensor, weights: torch.Tensor,
                level: _Level, settings: RefineSettings) -> torch.Tensor:
-    """``-NCC(fixed, moving at moved) + penalty_every * (alpha * bending(field) + fold_weight * mean(relu(MIN_JACOBIAN - det J)^2))``.
+    """``-NCC(fixed, moving at moved) + penalty_every * (alpha * bending(field) + fold_weight * folding penalty(field))``
+    (:func:`dlir.losses.objective`).
 
     ``field`` is the displacement on this level's ``grid`` (mm), None on the steps that skip the penalties (they
     are evaluated every ``penalty_every`` steps, weighted up accordingly); ``moved`` the fixed points' images ``T(x)``;
@@ -364,35 +362,12 @@ def _objective(field: torch.Tensor | None, grid: Grid, moved: torch.Tensor, fixe
     """
     values, inside = level.moving_at(moved)
     similarity = ncc(fixed, values, inside * weights).mean()
-    if field is None:
-        return -similarity
-    bending = bending_energy(field, grid.spacing).mean()
-    folding = sum(torch.relu(MIN_JACOBIAN - det).pow(2).mean() for det in corner_jacobians(field, grid.spacing))
-    return -similarity + settings.penalty_every * (settings.alpha * bending + settings.fold_weight * folding)
+    return objective(similarity, field, grid.spacing, settings.alpha, settings.fold_weight, settings.penalty_every).loss
 
 
 def _aligned(leading: AffineTransform | None, correction: AffineTransform) -> AffineTransform:
     """``P o C``: the networks' leading affine ``P`` (None: the identity) after the correction ``C``, as one affine."""
     return correction if leading is None else leading @ correction
-
-
-def corner_jacobians(field: torch.Tensor, spacing: tuple[float, float, float]) -> list[torch.Tensor]:
-    """det J of ``x + u`` at the 8 corners of every cell of an axis-aligned grid (identity direction), each from the
-    cell's three edges that meet there: the trilinear field's det J at the corners of the cell.
-
-    ``field`` ``[1, 3, D, H, W]`` (mm).  Central differences (one value per node) average two cells and can hide a
-    fold in one of them; edges cannot.
-    """
-    sx, sy, sz = spacing
-    u = field[0]
-    dx, dy, dz = (u[:, :, :, 1:] - u[:, :, :, :-1]) / sx, (u[:, :, 1:] - u[:, :, :-1]) / sy, (u[:, 1:] - u[:, :-1]) / sz
-    ends = (slice(None, -1), slice(1, None))  # the cell's lower or upper node along an axis
-    out = []
-    for ci, cj, ck in itertools.product((0, 1), repeat=3):  # corner (i, j, k): the x edge at its j and k, and so on
-        gx, gy, gz = dx[:, ends[ck], ends[cj], :], dy[:, ends[ck], :, ends[ci]], dz[:, :, ends[cj], ends[ci]]
-        (a11, a21, a31), (a12, a22, a32), (a13, a23, a33) = (gx[0] + 1, gx[1], gx[2]), (gy[0], gy[1] + 1, gy[2]), (gz[0], gz[1], gz[2] + 1)
-        out.append(a11 * (a22 * a33 - a23 * a32) - a12 * (a21 * a33 - a23 * a31) + a13 * (a21 * a32 - a22 * a31))
-    return out
 
 
 def folds(field: torch.Tensor, spacing: tuple[float, float, float]) -> bool:

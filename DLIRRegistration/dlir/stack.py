@@ -380,14 +380,9 @@ def _reason(exc: BaseException) -> str:
 def list_stacks(extra_dirs: tuple[Path, ...] = ()) -> list[StackInfo]:
     """Every usable stack in the registry folders; a name found twice is listed once (first folder wins).
 
-    Unusable files are left out (:func:`list_unusable` says which and why).
+    Unusable files are left out (:func:`scan_registry` says which and why).
     """
     return scan_registry(extra_dirs).stacks
-
-
-def list_unusable(extra_dirs: tuple[Path, ...] = ()) -> list[Unusable]:
-    """The files in the registry folders that are not usable stacks, each with its reason."""
-    return scan_registry(extra_dirs).unusable
 
 
 def inspect_stack(path: str | Path) -> Manifest:

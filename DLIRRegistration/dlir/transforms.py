@@ -193,8 +193,8 @@ class Composite:
         image is separable.  So with ``along`` (the fixed image's grid) oblique to that field's grid,
         the merged field is put on a grid of ``along``'s direction instead, with the field's finest
         spacing, covering the field's box.  Exact at the new grid's voxel centres; between them the
-        trilinear interpolation of the composed map stands for the composition of trilinear maps
-        (hundredths of a mm on average on the fast path's 4 mm grids, see ``Testing/engine/test_export.py``).
+        trilinear interpolation of the composed map stands for the composition of trilinear maps (the
+        difference is bounded in ``Testing/engine/test_export.py``).
         ``min_spacing`` (mm): the merged grid is never finer than this (a coarser grid of ``along``'s or the
         field's direction covering the same box), so that the merged field, which is also what
         ``transform.h5`` and Slicer's transform node hold, stays compact when the last stage's grid is fine.
@@ -431,10 +431,9 @@ def map_grid(transform: SpatialTransform, grid: Grid, batch: int = 1, device: to
     Runs of displacement fields are merged first (:meth:`Composite.merged_fields`: one field on the grid of the field applied
     first, exact at its voxel centres, trilinear between), so a point meets one field instead of one per earlier
     stage; with one pair (``batch`` 1) that field, when parallel to ``grid``, is evaluated separably
-    (:func:`evaluate_on_slab`).  For a four-stage stack's 2 mm stage this halves the cost of its inputs.  The
-    difference from evaluating the fields one after the other is the merge's: on the development pairs' 2 mm stage
-    0.012-0.028 mm on average, above 0.5 mm only in the outermost slices (0.3 % of the grid) where a large
-    deformation leaves a field's box; one-shot Dice and TRE unchanged on all eight evaluation pairs.
+    (:func:`evaluate_on_slab`).  The difference from evaluating the fields one after the other is the merge's
+    (trilinear between the merged field's voxel centres), largest in the outermost slices where a large
+    deformation leaves a field's box.
     """
     merged = Composite.of(transform).merged_fields()
     if batch == 1:

@@ -29,7 +29,7 @@ import torch
 from dlir.cli import main as dlir_main
 from dlir.geometry import Grid, image_to_tensor, sample
 from dlir.pipeline import PreparedImage, stage_inputs
-from dlir.preprocess import coarse_factors, network_grid, smooth_for_spacing, to_grid
+from dlir.preprocess import coarse_factors, network_grid, normalise_intensity, smooth_for_spacing
 from dlir.recipe import IntensitySpec
 from dlir.fullres import full_resolution
 from dlir.register import register
@@ -38,8 +38,10 @@ from dlir.transforms import (
     AffineTransform,
     Composite,
     DisplacementField,
+    SpatialTransform,
     displacement_on_grid,
     field_on_grid,
+    grid_points,
     jacobian_determinant,
 )
 
@@ -83,6 +85,13 @@ def _moving(grid: Grid, dtype=np.int16) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------- network inputs
+def _to_grid(image: torch.Tensor, image_grid: Grid, transform: SpatialTransform | None, grid: Grid) -> torch.Tensor:
+    """The reference resampling: ``image`` smoothed at full resolution, sampled at ``transform`` (None: identity) of
+    ``grid``'s voxel centres, trilinear, 0 outside."""
+    points = grid_points(grid, 1, image.device)
+    return sample(image, image_grid, points if transform is None else transform(points))
+
+
 def test_network_inputs_equal_the_full_resolution_gaussian_without_block_averaging(shared_data: Path) -> None:
     """Every development pair (voxels >= 1.5 mm): no block averaging, so the stage inputs are today's (float rounding)."""
     pair = shared_data / "pairs" / "lung1_aniso"
@@ -92,14 +101,14 @@ def test_network_inputs_equal_the_full_resolution_gaussian_without_block_averagi
     fg, mg = Grid.from_image(fixed), Grid.from_image(moving)
     f_new = PreparedImage.from_array(sitk.GetArrayViewFromImage(fixed), fg, spec)
     m_new = PreparedImage.from_array(sitk.GetArrayViewFromImage(moving), mg, spec)
-    f_old = PreparedImage.from_tensor(image_to_tensor(fixed), fg, spec)
-    m_old = PreparedImage.from_tensor(image_to_tensor(moving), mg, spec)
+    f_old = normalise_intensity(image_to_tensor(fixed), spec)
+    m_old = normalise_intensity(image_to_tensor(moving), spec)
     shift = AffineTransform.translation(torch.tensor([[3.0, -2.0, 1.0]]))
     for stage in stack.stages:
         assert coarse_factors(fg, stage.spec.spacing_mm) == (1, 1, 1)
         grid, f, m = stage_inputs(stage.spec, f_new, m_new, shift)
-        old_f = to_grid(f_old.smoothed(stage.spec.spacing_mm), fg, None, grid)
-        old_m = to_grid(m_old.smoothed(stage.spec.spacing_mm), mg, shift, grid)
+        old_f = _to_grid(smooth_for_spacing(f_old, fg, stage.spec.spacing_mm), fg, None, grid)
+        old_m = _to_grid(smooth_for_spacing(m_old, mg, stage.spec.spacing_mm), mg, shift, grid)
         # the same up to float32 rounding (the fixed image, parallel to the network grid, is interpolated separably)
         assert torch.allclose(f, old_f, rtol=0, atol=2e-5) and torch.allclose(m, old_m, rtol=0, atol=2e-5)
 
@@ -110,13 +119,13 @@ def test_network_inputs_from_block_averages_stay_close_on_a_fine_grid() -> None:
     voxels = _moving(grid)
     spec = IntensitySpec()
     new = PreparedImage.from_array(voxels, grid, spec)
-    old = PreparedImage.from_tensor(torch.from_numpy(voxels.astype(np.float32))[None, None], grid, spec)
+    old = normalise_intensity(torch.from_numpy(voxels.astype(np.float32))[None, None], spec)
     transform = _transform(grid)
     for spacing in ((8.0,) * 3, (4.0,) * 3):
         assert max(coarse_factors(grid, spacing)) > 1
         net = network_grid(grid, spacing)
         a = new.resampled(spacing, transform, net)
-        b = to_grid(smooth_for_spacing(old.tensor, grid, spacing), grid, transform, net)
+        b = _to_grid(smooth_for_spacing(old, grid, spacing), grid, transform, net)
         diff = (a - b).abs()
         assert float(diff.max()) < INPUT_MAX and float(diff.mean()) < INPUT_MEAN, (spacing, float(diff.max()), float(diff.mean()))
         assert torch.equal(a == 0, b == 0)  # the same voxels fall outside the image

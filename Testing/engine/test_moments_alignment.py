@@ -13,7 +13,7 @@ import torch
 from dlir.geometry import Grid, image_to_tensor, rotation_matrix
 from dlir.pipeline import PreparedImage
 from dlir.alignment import principal_axes_alignment
-from dlir.preprocess import intensity_moments
+from dlir.preprocess import intensity_moments, normalise_intensity
 from dlir.recipe import IntensitySpec
 from dlir.transforms import grid_points
 
@@ -33,8 +33,8 @@ def rotated(image: sitk.Image, angles: tuple[float, float, float], shift: tuple[
 def test_moments_recover_a_large_rotation_and_shift(template_4mm: sitk.Image) -> None:
     fixed, matrix, offset = rotated(template_4mm, (0.35, -0.3, 0.45), (12.0, -9.0, 6.0))  # about 35 degrees
     grid = Grid.from_image(template_4mm)
-    f = PreparedImage.from_tensor(image_to_tensor(fixed), grid, IntensitySpec())
-    m = PreparedImage.from_tensor(image_to_tensor(template_4mm), grid, IntensitySpec())
+    f = PreparedImage(normalise_intensity(image_to_tensor(fixed), IntensitySpec()), grid)
+    m = PreparedImage(normalise_intensity(image_to_tensor(template_4mm), IntensitySpec()), grid)
     found = principal_axes_alignment(*f.moments(), *m.moments())
     angle = np.degrees(np.arccos(np.clip((np.trace(found.matrix[0].double().numpy().T @ matrix) - 1) / 2, -1, 1)))
     assert angle < 5.0, f"rotation off by {angle:.1f} degrees"  # from 35 degrees
@@ -64,7 +64,7 @@ def test_moments_match_numpy_on_an_oblique_anisotropic_grid() -> None:
 def test_nearly_aligned_images_stay_nearly_aligned(template_4mm: sitk.Image) -> None:
     """Of the sign choices, the rotation closest to the identity wins: an image against itself gives the identity."""
     grid = Grid.from_image(template_4mm)
-    image = PreparedImage.from_tensor(image_to_tensor(template_4mm), grid, IntensitySpec())
+    image = PreparedImage(normalise_intensity(image_to_tensor(template_4mm), IntensitySpec()), grid)
     found = principal_axes_alignment(*image.moments(), *image.moments())
     assert np.allclose(found.matrix[0].numpy(), np.eye(3), atol=1e-5)
     assert np.abs(found.offset[0].numpy()).max() < 1e-3

@@ -10,6 +10,7 @@ import torch
 from dlir.geometry import Grid, image_to_tensor, rotation_matrix
 from dlir.losses import ncc
 from dlir.pipeline import PreparedImage, stage_inputs
+from dlir.preprocess import normalise_intensity
 from dlir.recipe import IntensitySpec, StageSpec
 from dlir.register import register
 from dlir.stages import AffineStage
@@ -32,8 +33,8 @@ def test_affine_stage_recovers_a_known_affine(template_4mm: sitk.Image) -> None:
 
     spec = StageSpec("affine", spacing_mm=(4.0, 4.0, 4.0), depth=3, channels=16)
     stage = AffineStage(spec)
-    f_img = PreparedImage.from_tensor(image_to_tensor(fixed), grid, IntensitySpec())
-    m_img = PreparedImage.from_tensor(image_to_tensor(template_4mm), grid, IntensitySpec())
+    f_img = PreparedImage(normalise_intensity(image_to_tensor(fixed), IntensitySpec()), grid)
+    m_img = PreparedImage(normalise_intensity(image_to_tensor(template_4mm), IntensitySpec()), grid)
     identity = AffineTransform.translation(torch.zeros(1, 3))
     stage_grid, f, m = stage_inputs(spec, f_img, m_img, identity)
     optimiser = torch.optim.Adam(stage.parameters(), lr=1e-3)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from dlir.errors import InputError
 from dlir.geometry import Grid, sample
-from dlir.losses import one_hot, soft_dice, soft_dice_loss
+from dlir.losses import one_hot, soft_dice
 from dlir.pairs import sample_pair
 from dlir.stack import load_stack
 from dlir.training.config import ShapeSpec, SyntheticSpec, TrainConfig
@@ -132,17 +132,17 @@ def test_bad_shape_settings_name_the_key(key: str, value: float) -> None:
         ShapeSpec(**{key: value})
 
 
-def test_soft_dice_loss_of_identical_shifted_and_its_gradient() -> None:
+def test_soft_dice_of_identical_shifted_and_its_gradient() -> None:
     labels = torch.zeros((1, 1, 20, 20, 20), dtype=torch.int64)
     labels[..., 5:15, 5:15, 5:15] = 1
     shifted = torch.roll(labels, 2, dims=4)  # a 10^3 cube moved 2 voxels: overlap 8 x 10 x 10
     a, b = one_hot(labels, [0, 1]), one_hot(shifted, [0, 1])
-    assert float(soft_dice_loss(a, a)) == pytest.approx(0.0, abs=1e-9)
+    assert float(1 - soft_dice(a, a)) == pytest.approx(0.0, abs=1e-9)
     background = 2 * (7000 - 200) / (2 * 7000)  # 7000 background voxels each, 6800 shared
     cube = 2 * 800 / 2000
-    assert float(soft_dice_loss(a, b)) == pytest.approx(1 - (background + cube) / 2, rel=1e-5)
+    assert float(1 - soft_dice(a, b)) == pytest.approx(1 - (background + cube) / 2, rel=1e-5)
     b.requires_grad_(True)
-    soft_dice_loss(a, b).sum().backward()
+    (1 - soft_dice(a, b)).sum().backward()
     assert b.grad is not None and torch.isfinite(b.grad).all() and b.grad.abs().sum() > 0
 
 

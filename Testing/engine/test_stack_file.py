@@ -26,11 +26,11 @@ from dlir.stack import (
     Manifest,
     build_stack,
     list_stacks,
-    list_unusable,
     load_stack,
     read_manifest,
     resolve_stack,
     save_stack,
+    scan_registry,
 )
 
 RunDlir = Callable[..., subprocess.CompletedProcess]
@@ -274,7 +274,7 @@ def test_a_pickle_renamed_to_safetensors_is_refused_and_never_unpickled(tmp_path
             assert path.name in str(refused.value)
     (models / "good.safetensors").write_bytes(saved.read_bytes())
     assert [info.name for info in list_stacks((models,)) if info.path.parent == models] == ["tiny"]
-    assert {u.path for u in list_unusable((models,))} >= {plain, state, protocol0}  # listed as unusable, never loaded
+    assert {u.path for u in scan_registry((models,)).unusable} >= {plain, state, protocol0}  # listed as unusable, never loaded
     info = run_dlir("info", state)
     assert info.returncode == 2 and info.stderr.startswith("error: ") and "Traceback" not in info.stderr
     assert not marker.exists(), "a stack loader executed code from a pickle"
@@ -327,7 +327,7 @@ def test_registry_survives_a_malformed_manifest(saved: Path, tmp_path: Path) -> 
     (folder / "good.safetensors").write_bytes(saved.read_bytes())
     rewrite(saved, folder / "bad.safetensors", lambda m: m.update(training="trained on my laptop"))
     assert [info.name for info in list_stacks((folder,)) if info.path.parent == folder] == ["tiny"]
-    [bad] = [u for u in list_unusable((folder,)) if u.path.parent == folder]
+    [bad] = [u for u in scan_registry((folder,)).unusable if u.path.parent == folder]
     assert bad.path.name == "bad.safetensors" and "'training' must be a JSON object" in bad.reason
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dlir.geometry import Grid, rotation_matrix
-from dlir.losses import bending_energy, local_ncc, ncc
+from dlir.losses import MIN_JACOBIAN, bending_energy, folding_penalty, local_ncc, ncc, objective
 from dlir.nets import AffineNet, BSplineNet, BSplineUpsample, _first_block_by_slices
 from dlir.transforms import (
     AffineBounds,
@@ -262,3 +262,21 @@ def test_bending_energy_matches_between_resolutions() -> None:
         u[0, 1] = 0.01 * x**2
         energies.append(float(bending_energy(u, grid.spacing)))
     assert np.allclose(energies, 0.02**2)
+
+
+def test_objective_composes_similarity_bending_and_folding() -> None:
+    """``-similarity + scale * (alpha * bending + fold_weight * folding)``; the folding penalty is 0 for a field with
+    det J >= MIN_JACOBIAN everywhere and positive for a fold; no displacement: ``-similarity`` alone."""
+    spacing = (2.0, 2.0, 2.0)
+    x = Grid((8, 8, 8), spacing, (0.0, 0.0, 0.0), IDENTITY).physical_points(dtype=torch.float64)[..., 0]
+    smooth = torch.zeros(1, 3, 8, 8, 8, dtype=torch.float64)
+    smooth[0, 0] = 0.01 * x**2  # det J = 1 + 0.02 x >= 1
+    folded = torch.zeros_like(smooth)
+    folded[0, 0] = -1.5 * x  # det J = -0.5 everywhere
+    sim = torch.tensor(0.8, dtype=torch.float64)
+    assert float(folding_penalty(smooth, spacing)) == 0.0
+    assert math.isclose(float(folding_penalty(folded, spacing)), 8 * (MIN_JACOBIAN + 0.5) ** 2, rel_tol=1e-9)
+    terms = objective(sim, folded, spacing, alpha=2.0, fold_weight=10.0, penalty_scale=4)
+    assert math.isclose(float(terms.loss), -0.8 + 4 * (2.0 * float(terms.bending) + 10.0 * float(terms.folding)), rel_tol=1e-12)
+    assert float(objective(sim, folded, spacing, alpha=2.0).folding) == 0.0  # fold_weight 0: not evaluated
+    assert float(objective(sim, None, None, alpha=2.0).loss) == -0.8

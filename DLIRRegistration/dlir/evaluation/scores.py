@@ -12,6 +12,8 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from ..metrics import tre_summary
+
 IDENTITY = "identity"
 #: label metrics, in table order
 LABEL_METRICS = ("dice", "hd", "hd95", "asd")
@@ -62,9 +64,9 @@ class Score:
         return float(np.mean(values)) if values else math.nan
 
     def tre_stat(self, stat: str) -> float:
-        if self.tre is None or len(self.tre) == 0:
-            return math.nan
-        return float({"mean": np.mean, "median": np.median, "max": np.max}[stat](self.tre))
+        """``mean``, ``median``, ``max`` or ``std`` of this pair's landmark errors (mm, :func:`~dlir.metrics.tre_summary`);
+        NaN without landmarks."""
+        return tre_summary(np.empty(0) if self.tre is None else self.tre)[stat]
 
 
 def display_name(method: str) -> str:

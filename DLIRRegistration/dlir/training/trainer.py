@@ -45,7 +45,7 @@ from ..atomic import atomic_write
 from ..device import resolve_device
 from ..errors import CancelledError, DLIRError, InputError
 from ..geometry import Grid, sample
-from ..losses import ncc, one_hot, stage_loss
+from ..losses import Objective, ncc, one_hot, stage_loss
 from ..metrics import dice, folding_fraction
 from ..alignment import initial_alignment
 from ..pipeline import PreparedImage, run_stages, stage_inputs
@@ -371,8 +371,9 @@ class Trainer:
         return (label_shares(pair.fixed_labels.to(self.device), pair.fixed.grid, None, grid, values),
                 label_shares(pair.moving_labels.to(self.device), pair.moving.grid, earlier, grid, values))
 
-    def pair_loss(self, k: int, net: torch.nn.Module, pair: TrainingPair, generator: torch.Generator) -> tuple[torch.Tensor, float, float]:
-        """(loss, similarity, bending) of stage ``k`` on one pair (a random patch for B-spline stages)."""
+    def pair_loss(self, k: int, net: torch.nn.Module, pair: TrainingPair, generator: torch.Generator) -> Objective:
+        """Stage ``k``'s loss and its terms (:func:`~dlir.losses.stage_loss`) on one pair (a random patch for B-spline
+        stages)."""
         stage = self.stack.stages[k]
         spec = stage.spec
         earlier = Composite(self.frozen_transforms(k, pair))
@@ -391,14 +392,12 @@ class Trainer:
             points = grid_points(region, 1, f.device) + transform.field.movedim(1, -1)
             warped = sample(m, grid, points)
             labels = None if f_labels is None else _inside_moving(f_labels[..., kk:kk + sz, j:j + sy, i:i + sx], m_labels, grid, points)
-            terms = stage_loss(spec, f_patch, warped, transform.field, region.spacing, labels)
-        else:
-            transform = stage.transform(net(f, m), grid)
-            points = transform(grid_points(grid, 1, f.device))
-            warped = sample(m, grid, points)
-            labels = None if f_labels is None else _inside_moving(f_labels, m_labels, grid, points)
-            terms = stage_loss(spec, f, warped, labels=labels)
-        return terms.loss, terms.similarity.item(), terms.bending.item()
+            return stage_loss(spec, f_patch, warped, transform.field, region.spacing, labels)
+        transform = stage.transform(net(f, m), grid)
+        points = transform(grid_points(grid, 1, f.device))
+        warped = sample(m, grid, points)
+        labels = None if f_labels is None else _inside_moving(f_labels, m_labels, grid, points)
+        return stage_loss(spec, f, warped, labels=labels)
 
     # ------------------------------------------------------------------------------- validation
     @torch.no_grad()
@@ -530,67 +529,99 @@ class Trainer:
         return tqdm(total=total, initial=initial, unit="it", desc="training", dynamic_ncols=True)
 
     def train_stage(self, k: int, done: int, bar: Any) -> None:
-        c = self.config
-        spec = c.recipe.stages[k]
+        """Train stage ``k`` (0-based) from iteration ``done`` to the end of its recipe, then keep its best weights."""
+        spec = self.config.recipe.stages[k]
+        net, optimiser = self._stage_optimiser(k, done)
+        record = self.records[k]
+        self.drawn = record.pairs
+        window = (time.monotonic(), done)  # (when, iterations done) at the last logged iteration
+        stage_start = time.monotonic() - record.seconds
+        if done == 0:  # the untrained stage is the identity (zero output layer): training must beat it to be kept
+            self._validate(k, 0)
+        for it in range(done + 1, spec.iterations + 1):
+            loss, sim, bend = self._iteration(k, it, net, optimiser)
+            record.seconds = time.monotonic() - stage_start
+            if bar is not None:
+                bar.update(1)
+            if it % self.config.log_every == 0 or it in (1, spec.iterations):
+                window = self._log_iteration(k, it, window, loss, sim, bend)
+            self._after_iteration(k, it, optimiser)
+        if self.world > 1:  # drop the DDP wrapper (and its reducer's hooks and threads) before the next stage
+            del net
+            gc.collect()
+        self._finish_stage(k)
+
+    def _stage_optimiser(self, k: int, done: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """(stage ``k``'s network, wrapped for DDP when distributed; its Adam, with the checkpoint's state when
+        resuming after ``done`` > 0 iterations); only stage ``k`` requires gradients."""
         stage = self.stack.stages[k]
         for j, other in enumerate(self.stack.stages):
             other.requires_grad_(j == k)
         net: torch.nn.Module = stage.net
         if self.world > 1:
             net = torch.nn.parallel.DistributedDataParallel(stage.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        optimiser = torch.optim.Adam(stage.net.parameters(), lr=spec.learning_rate)
+        optimiser = torch.optim.Adam(stage.net.parameters(), lr=self.config.recipe.stages[k].learning_rate)
         if self.optimiser_state is not None and done > 0:
             optimiser.load_state_dict(self.optimiser_state)
         self.optimiser_state = None
-        record = self.records[k]
-        self.drawn = record.pairs
-        window_start, window_done = time.monotonic(), done
-        stage_start = time.monotonic() - record.seconds
+        return net, optimiser
+
+    def _iteration(self, k: int, it: int, net: torch.nn.Module, optimiser: torch.optim.Optimizer) -> tuple[float, float, float]:
+        """One optimiser step of stage ``k`` on ``batch_size`` drawn pairs (gradients averaged); returns the batch
+        means of (loss, similarity, bending energy mm^-2)."""
+        spec = self.config.recipe.stages[k]
+        generator = iteration_generator(self.config.seed, self.rank, k, it)
+        optimiser.zero_grad(set_to_none=True)
+        losses, sims, bends = [], [], []
+        for _ in range(spec.batch_size):
+            terms = self.pair_loss(k, net, self.draw_pair(generator), generator)
+            (terms.loss / spec.batch_size).backward()
+            losses.append(terms.loss.item())
+            sims.append(terms.similarity.item())
+            bends.append(terms.bending.item())
+        if not math.isfinite(losses[-1]):
+            raise InputError(f"stage {k + 1} diverged at iteration {it} (loss {losses[-1]}); lower its learning_rate")
+        optimiser.step()
+        return sum(losses) / len(losses), sum(sims) / len(sims), sum(bends) / len(bends)
+
+    def _log_iteration(self, k: int, it: int, window: tuple[float, int], loss: float, sim: float,
+                       bend: float) -> tuple[float, int]:
+        """The ``iteration`` event (and TensorBoard scalars) of stage ``k`` after iteration ``it``: the batch means,
+        the speed since ``window`` (when, iterations done) and the time left; returns the new window."""
+        c = self.config
+        spec = c.recipe.stages[k]
+        now = time.monotonic()
+        rate = (it - window[1]) / max(now - window[0], 1e-9)
+        eta = (spec.iterations - it) / rate
         remaining_after = sum(s.iterations for s in c.recipe.stages[k + 1:])
-        if done == 0:  # the untrained stage is the identity (zero output layer): training must beat it to be kept
-            self._validate(k, 0)
-        for it in range(done + 1, spec.iterations + 1):
-            generator = iteration_generator(c.seed, self.rank, k, it)
-            optimiser.zero_grad(set_to_none=True)
-            sims, bends = [], []
-            for _ in range(spec.batch_size):
-                loss, sim, bend = self.pair_loss(k, net, self.draw_pair(generator), generator)
-                (loss / spec.batch_size).backward()
-                sims.append(sim)
-                bends.append(bend)
-            if not math.isfinite(loss.item()):
-                raise InputError(f"stage {k + 1} diverged at iteration {it} (loss {float(loss)}); lower its learning_rate")
-            optimiser.step()
-            record.seconds = time.monotonic() - stage_start
-            if bar is not None:
-                bar.update(1)
-            if it % c.log_every == 0 or it in (1, spec.iterations):
-                now = time.monotonic()
-                rate = (it - window_done) / max(now - window_start, 1e-9)
-                window_start, window_done = now, it
-                sim, bend = sum(sims) / len(sims), sum(bends) / len(bends)
-                eta = (spec.iterations - it) / rate
-                self._emit("iteration", stage=k + 1, iteration=it, iterations=spec.iterations, loss=-sim + spec.alpha * bend,
-                           ncc=sim, bending=bend, it_per_s=round(rate, 3), eta_s=round(eta, 1),
-                           total_eta_s=round(eta + remaining_after / rate, 1), lr=spec.learning_rate, pairs=dict(self.drawn))
-                if self.writer is not None:
-                    step = sum(s.iterations for s in c.recipe.stages[:k]) + it
-                    self.writer.add_scalar(f"stage{k + 1}/loss", -sim + spec.alpha * bend, step)
-                    self.writer.add_scalar(f"stage{k + 1}/ncc", sim, step)
-                    self.writer.add_scalar(f"stage{k + 1}/bending", bend, step)
-            last = it == spec.iterations
-            if c.validate_every and (it % c.validate_every == 0) or last:
-                self._validate(k, it)
-            if self._should_stop():
-                self.save_checkpoint(k, it, optimiser, "signal")
-                self._emit("stopped", stage=k + 1, iteration=it, signal=self.stop_signal)
-                raise CancelledError(f"stopped by {self.stop_signal} at stage {k + 1}, iteration {it}; "
-                                     f"`dlir train --resume {self.job_dir}` continues")
-            if it % c.checkpoint_every == 0 and not last:
-                self.save_checkpoint(k, it, optimiser, "interval")
-        if self.world > 1:  # drop the DDP wrapper (and its reducer's hooks and threads) before the next stage
-            del net
-            gc.collect()
+        self._emit("iteration", stage=k + 1, iteration=it, iterations=spec.iterations, loss=loss,
+                   ncc=sim, bending=bend, it_per_s=round(rate, 3), eta_s=round(eta, 1),
+                   total_eta_s=round(eta + remaining_after / rate, 1), lr=spec.learning_rate, pairs=dict(self.drawn))
+        if self.writer is not None:
+            step = sum(s.iterations for s in c.recipe.stages[:k]) + it
+            self.writer.add_scalar(f"stage{k + 1}/loss", loss, step)
+            self.writer.add_scalar(f"stage{k + 1}/ncc", sim, step)
+            self.writer.add_scalar(f"stage{k + 1}/bending", bend, step)
+        return now, it
+
+    def _after_iteration(self, k: int, it: int, optimiser: torch.optim.Optimizer) -> None:
+        """Validation, a stop on a signal (checkpoint, then :class:`CancelledError`) and interval checkpoints after
+        iteration ``it`` of stage ``k``."""
+        c = self.config
+        last = it == c.recipe.stages[k].iterations
+        if c.validate_every and (it % c.validate_every == 0) or last:
+            self._validate(k, it)
+        if self._should_stop():
+            self.save_checkpoint(k, it, optimiser, "signal")
+            self._emit("stopped", stage=k + 1, iteration=it, signal=self.stop_signal)
+            raise CancelledError(f"stopped by {self.stop_signal} at stage {k + 1}, iteration {it}; "
+                                 f"`dlir train --resume {self.job_dir}` continues")
+        if it % c.checkpoint_every == 0 and not last:
+            self.save_checkpoint(k, it, optimiser, "interval")
+
+    def _finish_stage(self, k: int) -> None:
+        """Stage ``k`` done: its best weights kept (the same on every rank), frozen, reported and checkpointed."""
+        spec, stage, record = self.config.recipe.stages[k], self.stack.stages[k], self.records[k]
         if record.best_weights is not None:
             stage.load_state_dict({n: t.to(self.device) for n, t in record.best_weights.items()})
         self._broadcast_stage(k)

@@ -28,7 +28,6 @@ import torch
 from dlir.geometry import Grid, sample
 from dlir.losses import ncc, soft_dice, stage_loss
 from dlir.pipeline import stage_grid
-from dlir.preprocess import to_grid
 from dlir.training.trainer import label_shares
 from dlir.recipe import INTENSITY_PRESETS, StageSpec
 from dlir.stages import build_stage
@@ -82,7 +81,8 @@ def main(kind: str, iterations: int, dice_weight: float = 0.0) -> None:
         net_grid = stage_grid(SPEC, grid)
         points = grid_points(net_grid, 1)
         truth = transform(points) - points
-        f, m = to_grid(fixed, grid, None, net_grid), to_grid(moving, grid, None, net_grid)
+        points = grid_points(net_grid, 1, fixed.device)
+        f, m = sample(fixed, grid, points), sample(moving, grid, points)
         values = torch.unique(torch.cat([fixed_labels.flatten(), moving_labels.flatten()])).tolist()
         f_labels = label_shares(fixed_labels, grid, None, net_grid, values)
         m_labels = label_shares(moving_labels, grid, None, net_grid, values)
