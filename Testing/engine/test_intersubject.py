@@ -212,7 +212,8 @@ def test_training_with_the_augmentation_draws_pairs_of_different_subjects(shared
 
 def test_the_search_is_computed_once_per_pair_of_training_images(shared_data: Path, tmp_path: Path) -> None:
     """Under ``initial_alignment = "search"`` a pair of two training images starts from the capture of the whole images
-    (computed once, then reused), composed with its misalignment; a synthetic pair from the identity."""
+    (computed once, then reused), composed with its misalignment; a synthetic pair from the affine part of its known
+    deformation (what the search captures)."""
     csv = tmp_path / "brains.csv"
     csv.write_text(f"image\n{shared_data / 'brain_mr_tumor1' / 't1.nii.gz'}\n{shared_data / 'brain_mr_tumor2' / 't1.nii.gz'}\n",
                    encoding="utf-8")
@@ -233,3 +234,19 @@ def test_the_search_is_computed_once_per_pair_of_training_images(shared_data: Pa
     centre = torch.as_tensor(a.prepared.grid.centre(), dtype=torch.float32)[None, None]
     assert float((search(centre) - centre).norm()) < 200  # mm: a transform between two heads
     assert sorted(seconds)[len(seconds) // 2] < 0.5  # the typical draw does not search
+
+
+def test_a_synthetic_pair_starts_from_the_affine_its_search_would_capture(shared_data: Path, tmp_path: Path) -> None:
+    """Under ``search``, a deformation of one image starts from its known affine part, not the identity: the stages
+    then learn what is left after the capture, as at inference."""
+    csv = tmp_path / "brain.csv"
+    csv.write_text(f"image\n{shared_data / 'brain_mr_tumor1' / 't1.nii.gz'}\n", encoding="utf-8")
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(TRAINING.format(images=csv).replace("shapes_fraction = 0.2", "shapes_fraction = 0.0"),
+                           encoding="utf-8")
+    trainer = Trainer(TrainConfig.read(config_file), tmp_path / "unused")
+    trainer.load_data()
+    pair = trainer.draw_pair(torch.Generator().manual_seed(3))
+    assert pair.known_affine is not None
+    assert torch.allclose(pair.initial.matrix, pair.known_affine.matrix) and torch.allclose(pair.initial.offset, pair.known_affine.offset)
+    assert not torch.allclose(pair.initial.matrix, torch.eye(3)[None])  # a random affine, not the identity

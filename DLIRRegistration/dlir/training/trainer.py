@@ -73,13 +73,15 @@ PAIR_KINDS = ("synthetic", "inter_subject", "listed", "shapes", "shapes_two_draw
 @dataclass
 class TrainingPair:
     """One training or validation pair on training grids; labels ``[1, 1, D, H, W]`` when known; ``initial`` the
-    stages' start ``T0`` (fixed -> moving, LPS mm), or None for the recipe's initial alignment of the pair as it is."""
+    stages' start ``T0`` (fixed -> moving, LPS mm), or None for the recipe's initial alignment of the pair as it is;
+    ``known_affine`` the affine part of a synthetic pair's known transform (fixed -> moving, LPS mm)."""
 
     fixed: PreparedImage
     moving: PreparedImage
     fixed_labels: torch.Tensor | None = None
     moving_labels: torch.Tensor | None = None
     initial: AffineTransform | None = None
+    known_affine: AffineTransform | None = None
 
 
 def _inside_moving(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, grid: Grid,
@@ -294,9 +296,10 @@ class Trainer:
         """A random deformation of one random training image (:func:`~dlir.training.synthetic.synthetic_pair`)."""
         images = self.train_images
         im = images[_randint(generator, len(images))]
-        fixed, moving, _, fixed_labels = synthetic_pair(im.prepared.tensor, im.prepared.grid, self.config.synthetic, generator, im.labels)
+        fixed, moving, transform, fixed_labels = synthetic_pair(im.prepared.tensor, im.prepared.grid, self.config.synthetic,
+                                                                generator, im.labels)
         return TrainingPair(PreparedImage(fixed.to(self.device), im.prepared.grid), PreparedImage(moving.to(self.device), im.prepared.grid),
-                            fixed_labels, im.labels)
+                            fixed_labels, im.labels, known_affine=transform.split_leading_affine()[0])
 
     def image_pair(self, generator: torch.Generator) -> tuple[str, TrainingPair, tuple[TrainingImage, TrainingImage]]:
         """(kind, pair, (fixed, moving) training images): a random listed pair, or else two different random images."""
@@ -314,9 +317,11 @@ class Trainer:
 
     def shape_pair(self, generator: torch.Generator, two_draws: bool = False) -> TrainingPair:
         """A synthetic-shape pair with its labels (:mod:`dlir.training.shapes`; intensities already in [0, 1])."""
-        fixed, moving, _, fixed_labels, moving_labels, grid = shape_pair(self.config.shapes, self.config.synthetic, generator, two_draws)
+        fixed, moving, transform, fixed_labels, moving_labels, grid = shape_pair(self.config.shapes, self.config.synthetic,
+                                                                                 generator, two_draws)
         return TrainingPair(PreparedImage(fixed.to(self.device), grid), PreparedImage(moving.to(self.device), grid),
-                            fixed_labels.float().to(self.device), moving_labels.float().to(self.device))
+                            fixed_labels.float().to(self.device), moving_labels.float().to(self.device),
+                            known_affine=transform.split_leading_affine()[0])
 
     def cropped(self, pair: TrainingPair, generator: torch.Generator) -> TrainingPair:
         """``pair`` with one end of its fixed or its moving image (even odds) cut away (:func:`~dlir.training.intersubject.random_crop`)."""
@@ -333,13 +338,15 @@ class Trainer:
         Under ``search`` (the capture of :mod:`dlir.capture`, inference's default) it is computed once per (fixed,
         moving) pair of training ``images`` and kept (a crop moves no anatomy, so the capture of the whole images
         holds for the cropped pair too); a pair drawn from one image or one label map (``images`` None) starts from
-        the identity, the search's answer for an image and itself, and the stages learn its synthetic affine.
+        the affine part of its known deformation, which is what the search captures (at the cost of a search per
+        drawn pair), so the stages learn what is left after the capture, as at inference.
         """
         mode = self.stack.manifest.recipe.initial_alignment
         if mode != "search":
             return initial_alignment(mode, pair.fixed, pair.moving)
         if images is None:
-            return AffineTransform.translation(torch.zeros((1, 3), device=self.device))
+            known = pair.known_affine
+            return known.to(self.device) if known is not None else AffineTransform.translation(torch.zeros((1, 3), device=self.device))
         a, b = images
         key = (a.entry.image, b.entry.image)
         if key not in self.searched:
