@@ -21,6 +21,7 @@ Everything is a few hundred steps on a few thousand points: about half a second 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,10 @@ from .transforms import AffineTransform, grid_points
 #: the similarity counts in full when at least this share of the fixed foreground lands inside the moving image,
 #: and is scaled down in proportion below it (so that sliding the anatomy out of the moving image never pays)
 FULL_OVERLAP = 0.5
+#: the searched transform must beat the plain starts' similarity by this much on the finest level to be kept
+CLEAR_GAIN = 0.005
+#: an image with fewer coarse voxels than this along an axis of the coarsest level is not searched
+MIN_COARSE_VOXELS = 4
 
 
 @dataclass(frozen=True)
@@ -277,18 +282,21 @@ def capture(pyramid: list[tuple[CoarseImage, CoarseImage]], fixed_grid: Grid, mo
     """The captured affine alignment (fixed -> moving, LPS mm) of the images of ``pyramid`` (per level of
     ``settings.levels_mm``, coarse to fine: (fixed, moving) coarse images with their foregrounds).
 
-    ``fixed_grid`` / ``moving_grid``: the images' own grids.  Runs on the CPU, in float32.
+    ``fixed_grid`` / ``moving_grid``: the images' own grids.  The optimised transform is kept only when it beats
+    the plain starts (the header, the grids' centres) on the finest level by :data:`CLEAR_GAIN`: the search never
+    makes an aligned pair, or images too unlike to compare, worse than the simple alignments.  Images thinner than
+    :data:`MIN_COARSE_VOXELS` voxels along an axis of the coarsest level are not searched (the grids' centres).
+    Runs on the CPU, in float32.
     """
+    named = starts(pyramid[0][0], pyramid[0][1], fixed_grid, moving_grid)
+    if min(min(image.grid.size) for image in pyramid[0]) < MIN_COARSE_VOXELS:
+        start = named["centres of the grids"]
+        return Capture(_affine(torch.as_tensor(start[:3, :3]), torch.as_tensor(start[:3, 3])), math.nan,
+                       "centres of the grids (an image too thin to search)")
     with torch.enable_grad():
         coarse_fixed, coarse_moving = pyramid[0]
-        named = starts(coarse_fixed, coarse_moving, fixed_grid, moving_grid)
         centre = _masked_moments(coarse_fixed)[0]
-        points, values = _foreground_samples(coarse_fixed, settings.samples)
-        scores = {}
-        with torch.no_grad():
-            for name, start in named.items():
-                m = torch.as_tensor(start, dtype=torch.float32)
-                scores[name] = float(_similarity(coarse_fixed, points, coarse_moving, m[:3, :3], m[:3, 3], values))
+        scores = {name: _score(start, coarse_fixed, coarse_moving, settings) for name, start in named.items()}
         ranked = sorted(scores, key=scores.__getitem__, reverse=True)[: settings.keep]
         candidates = []
         for name in ranked:
@@ -300,4 +308,22 @@ def capture(pyramid: list[tuple[CoarseImage, CoarseImage]], fixed_grid: Grid, mo
             score = _optimise(best, fixed, moving, steps, True, settings)
         with torch.no_grad():
             matrix, offset = best.matrix(settings.max_scale)
-    return Capture(AffineTransform(matrix[None].detach(), offset[None].detach()), score, name, scores)
+    finest_fixed, finest_moving = pyramid[-1]
+    for plain in ("header", "centres of the grids"):
+        plain_score = _score(named[plain], finest_fixed, finest_moving, settings)
+        if not score > plain_score + CLEAR_GAIN:
+            start = named[plain]
+            matrix, offset, score, name = torch.as_tensor(start[:3, :3]), torch.as_tensor(start[:3, 3]), plain_score, plain
+    return Capture(_affine(matrix, offset), score, name, scores)
+
+
+def _score(start: np.ndarray, fixed: CoarseImage, moving: CoarseImage, settings: CaptureSettings) -> float:
+    """The similarity of a start (4 x 4, fixed -> moving) on one level, unoptimised."""
+    points, values = _foreground_samples(fixed, settings.samples)
+    m = torch.as_tensor(start, dtype=torch.float32)
+    with torch.no_grad():
+        return float(_similarity(fixed, points, moving, m[:3, :3], m[:3, 3], values))
+
+
+def _affine(matrix: torch.Tensor, offset: torch.Tensor) -> AffineTransform:
+    return AffineTransform(matrix.detach().float()[None], offset.detach().float()[None])
