@@ -252,12 +252,13 @@ def _foreground_samples(image: CoarseImage, count: int) -> tuple[torch.Tensor, t
     return points, values
 
 
-def _optimise(parameters: _Parameters, fixed: CoarseImage, moving: CoarseImage, steps: int, affine: bool,
-              settings: CaptureSettings) -> float:
-    """Adam on the masked NCC for ``steps`` steps (all 12 parameters with ``affine``, else no shear); the final NCC.
+def _optimise(parameters: _Parameters, fixed: CoarseImage, samples: tuple[torch.Tensor, torch.Tensor], moving: CoarseImage,
+              steps: int, affine: bool, settings: CaptureSettings) -> float:
+    """Adam on the masked NCC at the fixed ``samples`` (:func:`_foreground_samples`) for ``steps`` steps (all 12
+    parameters with ``affine``, else no shear); the final NCC.
 
     A plain Adam (``torch.optim`` would import PyTorch's compiler, seconds of start-up, for a few hundred steps)."""
-    points, values = _foreground_samples(fixed, settings.samples)
+    points, values = samples
     groups = [(parameters.translation, settings.translation_step_mm * fixed.grid.spacing[0] / 8.0),
               (parameters.angles, settings.angle_step), (parameters.log_scale, settings.scale_step)]
     if affine:
@@ -294,32 +295,33 @@ def capture(pyramid: list[tuple[CoarseImage, CoarseImage]], fixed_grid: Grid, mo
         return Capture(_affine(torch.as_tensor(start[:3, :3]), torch.as_tensor(start[:3, 3])), math.nan,
                        "centres of the grids (an image too thin to search)")
     with torch.enable_grad():
+        samples = [_foreground_samples(fixed, settings.samples) for fixed, _ in pyramid]
         coarse_fixed, coarse_moving = pyramid[0]
         centre = _masked_moments(coarse_fixed)[0]
-        scores = {name: _score(start, coarse_fixed, coarse_moving, settings) for name, start in named.items()}
+        scores = {name: _score(start, coarse_fixed, samples[0], coarse_moving) for name, start in named.items()}
         ranked = sorted(scores, key=scores.__getitem__, reverse=True)[: settings.keep]
         candidates = []
         for name in ranked:
             parameters = _Parameters(named[name], centre)
-            score = _optimise(parameters, coarse_fixed, coarse_moving, settings.steps[0], False, settings)
+            score = _optimise(parameters, coarse_fixed, samples[0], coarse_moving, settings.steps[0], False, settings)
             candidates.append((score, name, parameters))
         score, name, best = max(candidates, key=lambda c: c[0])
-        for (fixed, moving), steps in zip(pyramid[1:], settings.steps[1:]):
-            score = _optimise(best, fixed, moving, steps, True, settings)
+        for (fixed, moving), level_samples, steps in zip(pyramid[1:], samples[1:], settings.steps[1:]):
+            score = _optimise(best, fixed, level_samples, moving, steps, True, settings)
         with torch.no_grad():
             matrix, offset = best.matrix(settings.max_scale)
     finest_fixed, finest_moving = pyramid[-1]
     for plain in ("header", "centres of the grids"):
-        plain_score = _score(named[plain], finest_fixed, finest_moving, settings)
+        plain_score = _score(named[plain], finest_fixed, samples[-1], finest_moving)
         if not score > plain_score + CLEAR_GAIN:
             start = named[plain]
             matrix, offset, score, name = torch.as_tensor(start[:3, :3]), torch.as_tensor(start[:3, 3]), plain_score, plain
     return Capture(_affine(matrix, offset), score, name, scores)
 
 
-def _score(start: np.ndarray, fixed: CoarseImage, moving: CoarseImage, settings: CaptureSettings) -> float:
-    """The similarity of a start (4 x 4, fixed -> moving) on one level, unoptimised."""
-    points, values = _foreground_samples(fixed, settings.samples)
+def _score(start: np.ndarray, fixed: CoarseImage, samples: tuple[torch.Tensor, torch.Tensor], moving: CoarseImage) -> float:
+    """The similarity of a start (4 x 4, fixed -> moving) at the fixed ``samples`` of one level, unoptimised."""
+    points, values = samples
     m = torch.as_tensor(start, dtype=torch.float32)
     with torch.no_grad():
         return float(_similarity(fixed, points, moving, m[:3, :3], m[:3, 3], values))

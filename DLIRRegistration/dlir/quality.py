@@ -8,7 +8,7 @@ line and in Slicer) and, in fast mode, suggests accurate mode; nothing fails sil
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -20,7 +20,7 @@ from .transforms import SpatialTransform, map_grid
 if TYPE_CHECKING:
     from .pipeline import PreparedImage
 
-#: the grid (mm) on which :func:`foreground_similarity` compares the images
+#: the grid (mm) on which :func:`foreground_similarities` compares the images
 SIMILARITY_SPACING_MM = 4.0
 #: a result folding more than this share of the fixed voxels (inside the mask when given) gets a warning
 FOLDING_WARNING_ABOVE = 0.001
@@ -28,18 +28,22 @@ FOLDING_WARNING_ABOVE = 0.001
 SIMILARITY_LOSS_WARNING_ABOVE = 0.01
 
 
-def foreground_similarity(fixed: PreparedImage, moving: PreparedImage, transform: SpatialTransform) -> float:
-    """NCC of the fixed image and the moving image warped by ``transform`` (fixed -> moving, LPS mm), on an
+def foreground_similarities(fixed: PreparedImage, moving: PreparedImage,
+                            transforms: Sequence[SpatialTransform]) -> list[float]:
+    """NCC of the fixed image and the moving image warped by each of ``transforms`` (fixed -> moving, LPS mm), on an
     axis-aligned :data:`SIMILARITY_SPACING_MM` grid over the fixed image, over the fixed image's foreground
     (:func:`dlir.capture.foreground`) where the transform lands inside the moving image."""
     spacing = (SIMILARITY_SPACING_MM,) * 3
     grid = network_grid(fixed.grid, spacing)
+    out = []
     with torch.no_grad():
         f = fixed.resampled(spacing, None, grid)
-        m = moving.resampled(spacing, transform, grid)
-        inside = moving.grid.contains(map_grid(transform, grid, 1, f.device))[:, None]
-        weights = (foreground(f.cpu()).to(f.device) & inside).to(f.dtype)
-        return float(ncc(f, m, weights)[0])
+        body = foreground(f.cpu()).to(f.device)
+        for transform in transforms:
+            m = moving.resampled(spacing, transform, grid)
+            inside = moving.grid.contains(map_grid(transform, grid, 1, f.device))[:, None]
+            out.append(float(ncc(f, m, (body & inside).to(f.dtype))[0]))
+    return out
 
 
 def result_warnings(accurate: bool, folding_fraction: float, initial_similarity: float, similarity: float) -> list[str]:

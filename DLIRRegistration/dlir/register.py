@@ -48,7 +48,7 @@ from .io import check_image, check_label_map
 from . import alignment
 from .memory import check_memory
 from .pipeline import PreparedImage, check_stage_output, run_stages, stage_grid
-from .quality import foreground_similarity, result_warnings
+from .quality import foreground_similarities, result_warnings
 from .refine import Refinement, RefineResult, check_refinement, refine
 from .stack import Stack
 from .transforms import Composite, SpatialTransform
@@ -287,8 +287,7 @@ def _register(request: _Request, device: torch.device) -> Registration:
     if request.refinement != 0:
         refined = _refine(transforms, fixed_p, moving_p, request.refinement, mask, steps, stack.name)
         transforms = refined.transforms
-    similarity = (foreground_similarity(fixed_p, moving_p, initial),
-                  foreground_similarity(fixed_p, moving_p, Composite(transforms)))
+    similarity = foreground_similarities(fixed_p, moving_p, [initial, Composite(transforms)])
     del fixed_p, moving_p  # their anti-aliased copies
 
     # the stages' fields as one at the finest stage spacing (not finer than MERGED_SPACING_MM), parallel to the
