@@ -2,10 +2,14 @@
 and what is made of it there: the warped moving image, warped labels, the det-Jacobian map with its
 folding fraction and std, the displacement field.
 
-``T`` maps fixed points to moving points (LPS mm); it is split as ``T = L o R`` (``L`` the leading
-affine transforms): ``R`` is evaluated per voxel and ``L`` folded into the moving image's index and
-the Jacobian's constant factor ``det L``.  Memory grows with the outputs asked for only: each slab
-converts only the block of the moving image its points fall in to float32.
+``T`` maps fixed points to moving points (LPS mm).  What the engine exports (one affine ``L`` after
+one field on a coarse grid along the fixed grid's axes: every bundled stack in fast mode, accurate
+mode on images whose axes are LPS's) is evaluated separably from small per-row tables, det J
+analytically (:mod:`dlir.separable`): the work per voxel is a gather and a multiply-add per output.
+Any other transform is split as ``T = L o R``: ``R`` evaluated per voxel, ``L`` folded into the
+moving image's index and the Jacobian's constant factor ``det L``, det J by central differences.
+Memory grows with the outputs asked for only: each slab converts only the block of the moving
+image its points fall in to float32.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from typing import Callable, Iterator
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from .choices import CHUNK_VOXELS, LabelInterpolation
 from .errors import StackError
 from .geometry import Grid
 from .labelwarp import as_label_image, label_codes, warp_label_codes
+from .separable import SeparableTransform
 from .transforms import AffineTransform, Composite, SpatialTransform, evaluate_on_slab, is_finite, jacobian_of_map, slab_points
 
 #: voxels per chunk when evaluating the transform on the full-resolution fixed grid (a module name that tests patch)
@@ -95,9 +101,10 @@ def full_resolution(
     (linear, 0 outside), in the moving image's type (integers rounded, clipped to the type's range)
     or float32 (float types, or ``float_warped``); each slab reads only the block of the moving
     image its points fall in, converted to float32.  ``moving_labels``: warped labels (codes
-    gathered exactly).  ``jacobian`` / ``statistics``: det(I + du/dx) as an image / its folding
-    fraction and std (in ``mask`` when given), with central differences across slab borders (a
-    one-slice halo carried from slab to slab: the same values as on the whole grid at once).
+    gathered exactly).  ``jacobian`` / ``statistics``: det(dT/dx) as an image / its folding
+    fraction and std (in ``mask`` when given): analytic where ``T`` is separable on ``fixed_grid``,
+    else central differences across slab borders (a one-slice halo carried from slab to slab: the
+    same values as on the whole grid at once).
     ``displacement``: the field u as a 3-vector float32 image.  Images are put on ``output_grid``.
     Nothing of full resolution is allocated except the outputs asked for (and the label codes of
     the moving label map).  ``report(fraction)`` after each slab.
@@ -111,25 +118,24 @@ def full_resolution(
     slab = max(1, (chunk_voxels or _CHUNK_VOXELS) // (height * width))
     need_det = jacobian or statistics
     out = _Outputs.allocate(fixed_grid.shape, moving, moving_labels, float_warped, jacobian, displacement, device)
-    # T = L o R: R evaluated per voxel (q = R(x)), L folded into the moving image's index and det J = det L * det dR/dx
-    leading, rest = Composite.of(transform).split_leading_affine()
-    to_index, det_leading = _index_map(leading, moving_grid, device)
+    warping = moving_grid is not None and (out.warped is not None or out.labels is not None)
+    separable = SeparableTransform.of(transform, fixed_grid, moving_grid, device)
+    slabs = (_separable_slabs(separable, moving_grid, depth, slab, warping, displacement, need_det) if separable is not None
+             else _pointwise_slabs(transform, fixed_grid, moving_grid, slab, warping, displacement, need_det, device))
     moments = _Moments()
     jacobian_s = 0.0
-    for k0, k1, q, inner in _mapped_slabs(rest, fixed_grid, slab, need_det, device):
-        if to_index is not None and moving_grid is not None and (out.warped is not None or out.labels is not None):
-            out.warp(k0, k1, _apply(to_index, q[:, inner]), moving, moving_grid, label_interpolation)
-        if out.displacement is not None:
-            mapped = q[:, inner] if leading is None else leading(q[:, inner])
-            out.displacement[k0:k1] = (mapped - slab_points(fixed_grid, k0, k1, device))[0].cpu().numpy()
-        if need_det:
+    for k0, k1, sampling, shift, det, det_s in slabs:
+        if sampling is not None and moving_grid is not None:
+            out.warp(k0, k1, sampling, moving, moving_grid, label_interpolation)
+        if out.displacement is not None and shift is not None:
+            out.displacement[k0:k1] = shift.cpu().numpy()
+        if det is not None:
             t0 = time.perf_counter()
-            det = _slab_determinant(q, inner, fixed_grid, det_leading)
             if out.jacobian is not None:
                 out.jacobian[k0:k1] = det.cpu().numpy()
             if statistics:
                 moments.add(det if mask is None else det[torch.from_numpy(np.asarray(mask[k0:k1]) > 0).to(det.device)])
-            jacobian_s += time.perf_counter() - t0
+            jacobian_s += det_s + time.perf_counter() - t0
         if report is not None and k1 < depth:
             report(k1 / depth)
     t0 = time.perf_counter()
@@ -167,14 +173,13 @@ class _Outputs:
         return cls(warped, labels, np.empty(shape, dtype=np.float32) if jacobian else None,
                    np.empty((*shape, 3), dtype=np.float32) if displacement else None, table, codes)
 
-    def warp(self, k0: int, k1: int, index: torch.Tensor, moving: np.ndarray | None, moving_grid: Grid,
+    def warp(self, k0: int, k1: int, sampling: "_Sampling", moving: np.ndarray | None, moving_grid: Grid,
              interpolation: LabelInterpolation) -> None:
-        """Slices ``k0 .. k1-1`` of the warped image and labels from the moving grid's continuous indices ``index``
-        ``[1, k1-k0, H, W, 3]`` (i, j, k) of their points."""
+        """Slices ``k0 .. k1-1`` of the warped image and labels at the moving points of ``sampling``."""
         if self.warped is not None and moving is not None:
-            self.warped[k0:k1] = _warp_block(moving, moving_grid, index, self.warped.dtype)
+            self.warped[k0:k1] = sampling.warp(moving, self.warped.dtype)
         if self.table is not None and self.codes is not None and self.labels is not None:
-            codes = warp_label_codes(self.codes, len(self.table), moving_grid, index[0], interpolation)
+            codes = warp_label_codes(self.codes, len(self.table), moving_grid, sampling.index(), interpolation)
             self.labels[k0:k1] = self.table[codes.cpu().numpy()]
 
     def images(self, grid: Grid, moving_labels: sitk.Image | None) -> FullResolution:
@@ -188,6 +193,113 @@ class _Outputs:
             jacobian=image(self.jacobian),
             displacement=image(self.displacement, vector=True),
         )
+
+
+@dataclass
+class _Sampling:
+    """Where the points of one slab ``[n, H, W]`` fall in the moving image: ``grid_sample``'s coordinates
+    ``[1, n, H, W, 3]`` (align_corners) over the block ``low .. high-1`` (i, j, k) of it, and where they lie outside
+    it (continuous index beyond ``[-0.5, size - 0.5]``; None: nowhere).  ``index``: the continuous moving index
+    ``[n, H, W, 3]``, made when first asked (labels gather by index)."""
+
+    coords: torch.Tensor
+    low: np.ndarray
+    high: np.ndarray
+    outside: torch.Tensor | None
+    index: Callable[[], torch.Tensor]
+
+    def warp(self, moving: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        """``moving`` (``[D, H, W]``, any type) at the slab's points: trilinear, border values clamped inside the
+        image, 0 outside, as ``dtype`` (integers rounded and clipped to the type's range).  Only the block is converted
+        to float32."""
+        low, high = self.low, self.high
+        block = np.array(moving[low[2] : high[2], low[1] : high[1], low[0] : high[0]], dtype=np.float32)
+        values = F.grid_sample(torch.from_numpy(block).to(self.coords.device)[None, None], self.coords, mode="bilinear",
+                               padding_mode="border", align_corners=True)[0, 0]
+        if self.outside is not None:
+            values.masked_fill_(self.outside, 0.0)
+        if dtype.kind in "iub":
+            values = values.round_()
+            if dtype.kind != "b":
+                info = np.iinfo(dtype)
+                values = values.clamp_(float(info.min), float(info.max))
+            return values.cpu().numpy().astype(dtype)
+        return values.cpu().numpy().astype(dtype, copy=False)
+
+
+def _block(least: np.ndarray, most: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(low, high, scale): the block of an image of ``size`` (i, j, k) holding continuous indices from ``least`` to
+    ``most`` plus a voxel (clamped to the image), and ``grid_sample``'s coordinate per index unit over it."""
+    low = np.clip(np.floor(least).astype(np.int64) - 1, 0, size - 1)
+    high = np.clip(np.ceil(most).astype(np.int64) + 2, low + 1, size)
+    return low, high, 2.0 / (high - low - 1).clip(min=1)
+
+
+#: one slab's ``(k0, k1, sampling of the moving image, displacement [n, H, W, 3] (LPS mm), det J [n, H, W], seconds
+#: spent on det J)`` (float32; None where not asked for)
+Slab = tuple[int, int, _Sampling | None, torch.Tensor | None, torch.Tensor | None, float]
+
+
+def _separable_slabs(separable: SeparableTransform, moving_grid: Grid | None, depth: int, slab: int, index: bool,
+                     displacement: bool, det: bool) -> Iterator[Slab]:
+    """The slabs of a transform of one affine and one field parallel to the fixed grid (:mod:`dlir.separable`): the
+    block, ``grid_sample``'s coordinates over it and the outside test come from the tables (no pass over the points)."""
+    size = None if moving_grid is None else np.asarray(moving_grid.size)
+    for k0 in range(0, depth, slab):
+        k1 = min(depth, k0 + slab)
+        tables = separable.tables(k0, k1, index=index, displacement=displacement)
+        sampling = None
+        if tables.index is not None and size is not None:
+            sampling = _separable_sampling(separable, tables.index, size)
+        t0 = time.perf_counter()
+        det_map = separable.expand_det(separable.tables(k0, k1, det=True).det) if det else None
+        det_s = time.perf_counter() - t0
+        yield (k0, k1, sampling, None if tables.displacement is None else separable.expand(tables.displacement),
+               det_map, det_s)
+
+
+def _separable_sampling(separable: SeparableTransform, index: torch.Tensor, size: np.ndarray) -> _Sampling:
+    """The slab's sampling of the moving image (of ``size`` voxels, i j k) from its index tables ``[2, n, H, S, 3]``."""
+    least, most = separable.bounds(index)
+    low, high, scale = _block(least, most, size)
+    to_block = torch.from_numpy(scale)
+    normalised = torch.stack([(index[0] - torch.from_numpy(low.astype(np.float64))) * to_block - 1.0, index[1] * to_block])
+    coords = separable.expand(normalised)
+    outside = None
+    for axis in range(3):  # only along the axes where some point lies outside the image
+        if least[axis] < -0.5 or most[axis] > size[axis] - 0.5:
+            lower, upper = (np.array([-0.5, size[axis] - 0.5]) - low[axis]) * scale[axis] - 1.0
+            beyond = (coords[..., axis] < lower) | (coords[..., axis] > upper)
+            outside = beyond if outside is None else outside.logical_or_(beyond)
+    return _Sampling(coords[None], low, high, outside, lambda: separable.expand(index))
+
+
+def _pointwise_slabs(transform: SpatialTransform, grid: Grid, moving_grid: Grid | None, slab: int, index: bool,
+                     displacement: bool, det: bool, device: torch.device) -> Iterator[Slab]:
+    """The slabs of any other transform: ``T = L o R`` with ``R`` evaluated per voxel (pointwise where it is not
+    separable), ``L`` folded into the moving image's index, det J by central differences of ``R(x)`` (a one-slice
+    halo carried from slab to slab: the same values as on the whole grid at once) times ``det L``."""
+    leading, rest = Composite.of(transform).split_leading_affine()
+    to_index, det_leading = _index_map(leading, moving_grid, device)
+    for k0, k1, q, inner in _mapped_slabs(rest, grid, slab, det, device):
+        sampling = None
+        if index and to_index is not None and moving_grid is not None:
+            sampling = _pointwise_sampling(_apply(to_index, q[0, inner]), moving_grid)
+        shift = None
+        if displacement:
+            mapped = q[0, inner] if leading is None else leading(q[:, inner])[0]
+            shift = mapped - slab_points(grid, k0, k1, device)[0]
+        t0 = time.perf_counter()
+        det_map = _slab_determinant(q, inner, grid, det_leading) if det else None
+        yield k0, k1, sampling, shift, det_map, time.perf_counter() - t0
+
+
+def _pointwise_sampling(idx: torch.Tensor, grid: Grid) -> _Sampling:
+    """The sampling of the image on ``grid`` at continuous indices ``idx`` ``[n, H, W, 3]`` (i, j, k)."""
+    least, most = torch.aminmax(idx.reshape(-1, 3), dim=0)
+    low, high, scale = _block(least.cpu().double().numpy(), most.cpu().double().numpy(), np.asarray(grid.size))
+    coords = (idx - torch.as_tensor(low, dtype=idx.dtype, device=idx.device)) * torch.as_tensor(scale, dtype=idx.dtype, device=idx.device) - 1.0
+    return _Sampling(coords[None], low, high, ~grid.contains_index(idx), lambda: idx)
 
 
 def _mapped_slabs(rest: SpatialTransform, grid: Grid, slab: int, halo: bool,
@@ -239,30 +351,3 @@ def _apply(affine: tuple[torch.Tensor, torch.Tensor], points: torch.Tensor) -> t
     """``matrix @ p + offset`` for every point ``[..., 3]`` (one pass)."""
     matrix, offset = affine
     return torch.addmm(offset, points.reshape(-1, 3), matrix.T).reshape(points.shape)
-
-
-def _warp_block(moving: np.ndarray, grid: Grid, idx: torch.Tensor, dtype: np.dtype) -> np.ndarray:
-    """``moving`` (``[D, H, W]``, any type, on ``grid``) at continuous indices ``idx`` ``[1, d, h, w, 3]`` (i, j, k of
-    ``grid``, the images of LPS points): trilinear, 0 outside, as ``dtype``.
-
-    As :func:`dlir.geometry.sample` on the whole image (inside = continuous index in
-    ``[-0.5, size - 0.5]``, border values clamped), but only the block of the moving image that
-    holds the points (plus a voxel) is converted to float32.
-    """
-    least, most = torch.aminmax(idx.reshape(-1, 3), dim=0)
-    size = np.asarray(grid.size)
-    low = np.clip(np.floor(least.cpu().double().numpy()).astype(np.int64) - 1, 0, size - 1)
-    high = np.clip(np.ceil(most.cpu().double().numpy()).astype(np.int64) + 2, low + 1, size)
-    block = np.array(moving[low[2] : high[2], low[1] : high[1], low[0] : high[0]], dtype=np.float32)
-    n = torch.as_tensor((high - low - 1).clip(min=1), dtype=idx.dtype, device=idx.device)
-    coords = (idx - torch.as_tensor(low, dtype=idx.dtype, device=idx.device)) * (2.0 / n) - 1.0
-    values = torch.nn.functional.grid_sample(torch.from_numpy(block).to(idx.device)[None, None], coords,
-                                             mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
-    values = values.masked_fill(~grid.contains_index(idx)[0], 0.0)
-    if dtype.kind in "iub":
-        values = torch.round(values)
-        if dtype.kind != "b":
-            info = np.iinfo(dtype)
-            values = values.clamp(float(info.min), float(info.max))
-        return values.cpu().numpy().astype(dtype)
-    return values.cpu().numpy().astype(dtype, copy=False)

@@ -221,7 +221,7 @@ def _merged_field(run: Sequence[DisplacementField], along: Grid | None, min_spac
     """The fields ``run`` (composition order, at least two) as one field (:meth:`Composite.merged_fields`)."""
     first = run[-1]
     spacing = max(float(min(first.grid.spacing)), min_spacing)
-    if spacing == min(first.grid.spacing) and (along is None or _parallel(along, first.grid)):
+    if spacing == min(first.grid.spacing) and (along is None or parallel_axes(along, first.grid)):
         grid = first.grid
     else:
         grid = _covering(first.grid, along if along is not None else first.grid, spacing)
@@ -376,7 +376,7 @@ def resample_parallel(values: torch.Tensor, source: Grid, grid: Grid, k0: int = 
     index beyond ``[-0.5, size - 0.5]``, as :func:`dlir.geometry.sample`); inside and outside are separable.
     """
     k1 = grid.shape[0] if k1 is None else k1
-    if not _parallel(grid, source) or (extent is not None and not _parallel(grid, extent)):
+    if not parallel_axes(grid, source) or (extent is not None and not parallel_axes(grid, extent)):
         return None
     to_source = source.physical_to_index() @ grid.index_to_physical()  # grid index -> source index (diagonal + offset)
     to_extent = None if extent is None else extent.physical_to_index() @ grid.index_to_physical()
@@ -441,17 +441,33 @@ def map_grid(transform: SpatialTransform, grid: Grid, batch: int = 1, device: to
     return merged(grid_points(grid, batch, device))
 
 
-def _parallel(a: Grid, b: Grid) -> bool:
-    """True when the axes of ``a`` are parallel to those of ``b``, axis for axis (flips allowed)."""
-    relative = b.direction_matrix.T @ a.direction_matrix
-    return bool(np.allclose(relative, np.diag(np.diag(relative)), atol=1e-9))
+#: largest angle (radians) between two axes taken as parallel: 5e-5 mm over 500 mm
+PARALLEL_RADIANS = 1e-7
 
 
-def _covering(grid: Grid, along: Grid, spacing: float) -> Grid:
-    """A grid with ``along``'s direction and ``spacing`` mm (isotropic) whose voxel centres cover ``grid``'s box."""
+def parallel_axes(a: Grid, b: Grid) -> bool:
+    """True when the axes of ``a`` are parallel to those of ``b``, axis for axis (flips allowed), within
+    :data:`PARALLEL_RADIANS`.  Compared column by column, so that a direction read from a file, orthonormal only to
+    its float32 rounding, is parallel to itself."""
+    ca, cb = a.direction_matrix, b.direction_matrix
+    ca, cb = ca / np.linalg.norm(ca, axis=0), cb / np.linalg.norm(cb, axis=0)
+    sines = np.linalg.norm(np.cross(ca.T, cb.T), axis=1)  # |sin| of the angle between corresponding axes
+    return bool((sines <= PARALLEL_RADIANS).all())
+
+
+def _covering(grid: Grid, along: Grid, spacing: float, margin: float = 0.0) -> Grid:
+    """A grid with ``along``'s direction and ``spacing`` mm (isotropic) whose voxel centres cover ``grid``'s box and
+    ``margin`` mm more on every side."""
     axes = along.direction_matrix  # columns: the new grid's axes in LPS
     corners = grid.corners() @ axes  # the box's corners in the new axes' coordinates (mm)
-    low, high = corners.min(axis=0), corners.max(axis=0)
+    low, high = corners.min(axis=0) - margin, corners.max(axis=0) + margin
     size = tuple(int(math.ceil((h - lo) / spacing)) + 1 for lo, h in zip(low, high))
     origin = axes @ low
     return Grid(size, (spacing,) * 3, tuple(float(v) for v in origin), along.direction)
+
+
+def covering_grid(grid: Grid, spacing: float, margin: float = 0.0) -> Grid:
+    """A grid along ``grid``'s axes (its direction), ``spacing`` mm isotropic, whose voxel centres cover ``grid``'s
+    voxel centres and ``margin`` mm more on every side: a field on it is evaluated on ``grid`` separably
+    (:mod:`dlir.separable`)."""
+    return _covering(grid, grid, spacing, margin)
