@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from .preprocess import (
 )
 from .losses import similarity
 from .recipe import IntensitySpec, StageSpec
+from .runtime import Network
 from .stack import Stack
 from .transforms import AffineTransform, Composite, SpatialTransform, grid_points, is_finite, map_grid, resample_parallel
 
@@ -126,6 +127,7 @@ def run_stages(
     step: StepHook | None = None,
     check_finite: bool = False,
     skip_worse: bool = False,
+    networks: Sequence[Network] | None = None,
 ) -> list[SpatialTransform]:
     """Run stages ``0 .. upto-1`` (all by default): THE stage loop of inference and training.
 
@@ -137,7 +139,8 @@ def run_stages(
     than its input was, by the stage's own similarity on its own grid, is replaced by the identity
     (and logged): an affine network meeting images unlike its training data can be confidently
     wrong, and the later stages (or accurate mode) then start from the better of the two.  B-spline stages are always kept: on
-    their coarse grids a lower global NCC is no reliable sign of a worse field.
+    their coarse grids a lower global NCC is no reliable sign of a worse field.  ``networks`` (inference): what runs
+    each stage's network instead of its ``predict`` (:func:`dlir.runtime.inference_networks`).
     """
     transforms: list[SpatialTransform] = [initial]
     stages = list(stack.stages)[: upto if upto is not None else len(stack.stages)]
@@ -145,7 +148,7 @@ def run_stages(
         name = f"stage {k + 1}/{len(stack.stages)} ({stage.spec.kind})"
         with step(name) if step is not None else nullcontext():
             grid, f, m = stage_inputs(stage.spec, fixed, moving, Composite(transforms))
-            raw = stage.predict(f, m)
+            raw = (stage.predict if networks is None else networks[k])(f, m)
             transforms.append(stage.transform(raw, grid))
             if check_finite:
                 check_stage_output(name, stack.name, raw, transforms[-1])

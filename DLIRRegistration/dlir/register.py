@@ -45,7 +45,7 @@ from .export import itk_transform
 from .fullres import FullResolution, full_resolution
 from .geometry import Grid
 from .io import check_image, check_label_map
-from . import alignment
+from . import alignment, runtime
 from .memory import check_memory
 from .pipeline import PreparedImage, check_stage_output, run_stages, stage_grid
 from .quality import foreground_similarities, result_warnings
@@ -281,7 +281,8 @@ def _register(request: _Request, device: torch.device) -> Registration:
         overlap = overlap_fraction(initial, fixed_grid, moving_grid, device)
     warnings = _overlap_warnings(overlap)
     with torch.no_grad():
-        transforms = run_stages(stack, fixed_p, moving_p, initial, step=steps.step, check_finite=True, skip_worse=True)
+        transforms = run_stages(stack, fixed_p, moving_p, initial, step=steps.step, check_finite=True, skip_worse=True,
+                                networks=runtime.inference_networks(stack, device))
     mask = _mask_voxels(request.fixed_mask)
     refined = None
     if request.refinement != 0:

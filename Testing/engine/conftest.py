@@ -1,6 +1,7 @@
 """Fixtures shared by the engine tests: small freshly initialised stage stacks saved to files and a
 runner for the ``dlir`` command as a user runs it (a subprocess).  The shared development data and the
-4 mm template come from ``Testing/conftest.py``."""
+4 mm template come from ``Testing/conftest.py``.  The networks exported for ONNX Runtime
+(:mod:`dlir.runtime`) are cached in a folder of the session, not in the user's home."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ import pytest
 
 from dlir.stack import save_stack
 from testdata import coarse_stack, small_stack
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``DLIR_CACHE`` of this process and the ``dlir`` subprocesses it starts: one folder for the session."""
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    os.environ["DLIR_CACHE"] = str(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
