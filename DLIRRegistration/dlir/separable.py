@@ -125,7 +125,9 @@ class SeparableTransform:
         self.along_k = segment_tables(nodes, 1)
         to_field = field.grid.physical_to_index() @ grid.index_to_physical()  # fixed index -> field index (diagonal)
         self.axes = [_Axis.of(n, float(to_field[a, a]), float(to_field[a, 3]), field.grid.size[a]) for a, n in enumerate(grid.size)]
-        self.t_low, self.t_high = self.axes[0].t_range()
+        t_low, t_high = self.axes[0].t_range()
+        self.used = torch.nonzero(torch.isfinite(t_low))[:, 0]  # the segments along i that hold voxels
+        self.t_low, self.t_high = t_low[self.used, None], t_high[self.used, None]
         self.segment_i = self.axes[0].segment.to(device)
         self.t_i = self.axes[0].t.to(device=device, dtype=torch.float32)
         a = np.eye(3) if leading is None else leading.matrix[0].detach().double().cpu().numpy()
@@ -216,11 +218,12 @@ class SeparableTransform:
     def bounds(self, tables: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(smallest, largest) value per component (``[c]`` each, float64) over the voxels of a vector output's
         tables ``[2, n, H, S, c]``: linear in ``t`` in a segment, so at the segment's first or last voxel."""
-        used = torch.isfinite(self.t_low)
-        w0, w1 = tables[0][:, :, used], tables[1][:, :, used]
-        ends = torch.stack([w0 + w1 * self.t_low[used, None], w0 + w1 * self.t_high[used, None]])
-        flat = ends.reshape(-1, ends.shape[-1])
-        return flat.amin(0).numpy(), flat.amax(0).numpy()
+        w0, w1 = (w.index_select(2, self.used) for w in tables)
+        at_low, at_high = w1 * self.t_low, w1 * self.t_high
+        components = w0.shape[-1]
+        least = torch.minimum(at_low, at_high).add_(w0).reshape(-1, components).amin(0)
+        most = torch.maximum(at_low, at_high).add_(w0).reshape(-1, components).amax(0)
+        return least.numpy(), most.numpy()
 
     # ------------------------------------------------------------------------------------------- expansion
     def expand(self, tables: torch.Tensor) -> torch.Tensor:
