@@ -31,6 +31,8 @@ from .labelwarp import as_label_image, label_codes, warp_label_codes
 from .separable import SeparableTransform
 from .transforms import AffineTransform, Composite, SpatialTransform, evaluate_on_slab, is_finite, jacobian_of_map, slab_points
 
+#: label codes below this are exact as float32 and gathered by ``grid_sample`` (nearest neighbour)
+_EXACT_FLOAT_CODES = 2**24
 #: voxels per chunk when evaluating the transform on the full-resolution fixed grid (a module name that tests patch)
 _CHUNK_VOXELS = CHUNK_VOXELS
 
@@ -179,7 +181,10 @@ class _Outputs:
         if self.warped is not None and moving is not None:
             self.warped[k0:k1] = sampling.warp(moving, self.warped.dtype)
         if self.table is not None and self.codes is not None and self.labels is not None:
-            codes = warp_label_codes(self.codes, len(self.table), moving_grid, sampling.index(), interpolation)
+            if interpolation == "nearest" and len(self.table) <= _EXACT_FLOAT_CODES:
+                codes = sampling.nearest(self.codes)
+            else:
+                codes = warp_label_codes(self.codes, len(self.table), moving_grid, sampling.index(), interpolation)
             self.labels[k0:k1] = self.table[codes.cpu().numpy()]
 
     def images(self, grid: Grid, moving_labels: sitk.Image | None) -> FullResolution:
@@ -207,6 +212,17 @@ class _Sampling:
     high: np.ndarray
     outside: torch.Tensor | None
     index: Callable[[], torch.Tensor]
+
+    def nearest(self, codes: torch.Tensor) -> torch.Tensor:
+        """Label codes ``[D, H, W]`` (integers below :data:`_EXACT_FLOAT_CODES`, exact as float32) at the slab's points:
+        the nearest voxel's (ties to even, as :func:`~dlir.labelwarp.warp_label_codes`), 0 outside; ``[n, H, W]``
+        int64.  One ``grid_sample`` over the block instead of a gather by index."""
+        low, high = self.low, self.high
+        block = codes[low[2] : high[2], low[1] : high[1], low[0] : high[0]].to(torch.float32)
+        values = F.grid_sample(block[None, None], self.coords, mode="nearest", padding_mode="border", align_corners=True)[0, 0]
+        if self.outside is not None:
+            values.masked_fill_(self.outside, 0.0)
+        return values.long()
 
     def warp(self, moving: np.ndarray, dtype: np.dtype) -> np.ndarray:
         """``moving`` (``[D, H, W]``, any type) at the slab's points: trilinear, border values clamped inside the

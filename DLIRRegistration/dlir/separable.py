@@ -25,9 +25,10 @@ needs is affine in ``(x, u(x))`` or a polynomial of the position inside a field 
 The det J is thus that of the transform itself (exact for the trilinear field, discontinuous across
 cell faces, where it takes the cell on the side of larger field index), not central differences of
 sampled points: both agree wherever a voxel's two neighbours lie in its own cell
-(``Testing/engine/test_separable.py`` states the bound elsewhere).  Tables are built in float64 and
-rounded once to float32; a voxel's value is one float32 multiply-add of them (a few float32 ulps of
-the moving index, within 1e-4 mm of ITK evaluating ``transform.h5`` in double precision).
+(``Testing/engine/test_separable.py`` states the bound elsewhere).  Tables are built in float64 (det J's
+coefficients, of order 1, in float32) and rounded once to float32; a voxel's value is one float32
+multiply-add of them (a few float32 ulps of the moving index, within 1e-4 mm of ITK evaluating
+``transform.h5`` in double precision).
 """
 
 from __future__ import annotations
@@ -103,18 +104,18 @@ def segment_tables(nodes: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.T
 
 @dataclass(frozen=True)
 class SlabTables:
-    """The tables of one slab (n slices): per row (k, j) and segment along i (S segments), float64; a voxel's value is
-    ``tables[0][..., segment, :] + t * tables[1][..., segment, :]`` (:meth:`SeparableTransform.expand`)."""
+    """The tables of one slab (n slices): per row (k, j) and segment along i (S segments), float64 (det: float32); a
+    voxel's value is ``tables[0][..., segment, :] + t * tables[1][..., segment, :]`` (:meth:`SeparableTransform.expand`)."""
 
     index: torch.Tensor | None  # [2, n, H, S, 3]: the moving image's continuous index (i, j, k) of T(x)
     displacement: torch.Tensor | None  # [2, n, H, S, 3]: T(x) - x, LPS mm
-    det: torch.Tensor | None  # [3, n, H, S]: det dT/dx = c0 + t (c1 + t c2)
+    det: torch.Tensor | None  # [3, n, H, S] float32: det dT/dx = c0 + t (c1 + t c2)
 
 
 class SeparableTransform:
     """``T = L o (x + u(x))`` on a fixed grid parallel to ``u``'s grid, evaluated slab by slab (module docstring).
 
-    Build with :meth:`of` (None when ``T`` does not have that form).  Tables in float64; a voxel's
+    Build with :meth:`of` (None when ``T`` does not have that form).  Tables in float64 (det J's in float32); a voxel's
     value in float32 on ``device``.
     """
 
@@ -169,8 +170,8 @@ class SeparableTransform:
         out_det = None
         if det:
             assert du_k is not None and du_j is not None
-            du_k = ax_j.interpolate(segment_tables(du_k, 2), 2, False)[0]
-            out_det = self._det_tables(u1, du_j, du_k)
+            du_k = ax_j.interpolate(segment_tables(du_k.float(), 2), 2, False)[0]
+            out_det = self._det_tables(u1.float(), du_j.float(), du_k)  # float32: det J's coefficients are of order 1
         return SlabTables(out_index, out_disp, out_det)
 
     def _rows(self, k0: int, k1: int) -> torch.Tensor:
@@ -201,7 +202,7 @@ class SeparableTransform:
         other columns are linear in ``t``.
         """
         ax = self.axes[0]
-        basis = torch.from_numpy(self.basis[:, :3])
+        basis = torch.from_numpy(self.basis[:, :3]).float()
         col_i = (u1 * ax.slope + basis[:, 0]).unbind(-1)  # 3 x [n, H, S]
         j0, j1 = (v.unbind(0) for v in segment_tables(du_j, 3))
         k0, k1 = (v.unbind(0) for v in segment_tables(du_k, 3))

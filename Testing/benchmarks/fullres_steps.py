@@ -3,9 +3,10 @@
 
 Registers a pair once (one shot, or ``--refine auto``) to get its transform, then times the
 full-resolution pass (:func:`dlir.fullres.full_resolution`: warped image, labels, Jacobian map and
-statistics) with the transform evaluated separably and det J analytic (:mod:`dlir.separable`, what
-the engine does) and with the pointwise evaluation and central differences that it replaced (still
-the engine's path for transforms it cannot evaluate separably), interleaved, best of ``--repeats``;
+statistics) with the transform evaluated separably, det J analytic and labels sampled by
+``grid_sample`` (:mod:`dlir.separable`, what the engine does) and with the pointwise evaluation, central
+differences and labels gathered by index that it replaced (still the engine's path for transforms it
+cannot evaluate separably, and for labels with one-hot-linear interpolation), interleaved, best of ``--repeats``;
 then writes the outputs both ways.  Prints the step times, their ratios and how far the outputs
 differ.  Absolute times depend on the machine's load; compare the ratios of one run.
 
@@ -53,8 +54,13 @@ def main() -> None:
     separable_of = fullres.SeparableTransform.of
     print("separable evaluation applies:", separable_of(reg.transform, reg.grid, moving_grid, torch.device("cpu")) is not None)
 
+    exact_codes = fullres._EXACT_FLOAT_CODES
+
     def run(variant: str) -> tuple[fullres.FullResolution, float]:
+        """``separable``: the engine; ``pointwise``: the pass it replaced (pointwise evaluation, central differences,
+        labels gathered by index)."""
         fullres.SeparableTransform.of = separable_of if variant == "separable" else (lambda *a, **k: None)  # type: ignore[method-assign]
+        fullres._EXACT_FLOAT_CODES = exact_codes if variant == "separable" else 0
         try:
             t = time.perf_counter()
             with torch.no_grad():
@@ -63,6 +69,7 @@ def main() -> None:
             return out, time.perf_counter() - t
         finally:
             fullres.SeparableTransform.of = separable_of  # type: ignore[method-assign]
+            fullres._EXACT_FLOAT_CODES = exact_codes
 
     best: dict[str, dict[str, float]] = {}
     results: dict[str, fullres.FullResolution] = {}
