@@ -263,13 +263,13 @@ def _separable_slabs(separable: SeparableTransform, moving_grid: Grid | None, de
     size = None if moving_grid is None else np.asarray(moving_grid.size)
     for k0 in range(0, depth, slab):
         k1 = min(depth, k0 + slab)
-        tables = separable.tables(k0, k1, index=index, displacement=displacement)
+        tables = separable.tables(k0, k1, index=index, displacement=displacement, det=det)
         sampling = None
         if tables.index is not None and size is not None:
             sampling = _separable_sampling(separable, tables.index, size)
         t0 = time.perf_counter()
-        det_map = separable.expand_det(separable.tables(k0, k1, det=True).det) if det else None
-        det_s = time.perf_counter() - t0
+        det_map = None if tables.det is None else separable.expand_det(tables.det)
+        det_s = tables.det_s + time.perf_counter() - t0
         yield (k0, k1, sampling, None if tables.displacement is None else separable.expand(tables.displacement),
                det_map, det_s)
 
