@@ -28,7 +28,7 @@ from .choices import CHUNK_VOXELS, LabelInterpolation
 from .errors import StackError
 from .geometry import Grid
 from .labelwarp import as_label_image, label_codes, warp_label_codes
-from .separable import SeparableTransform
+from .separable import SeparableTransform, one_thread
 from .transforms import AffineTransform, Composite, SpatialTransform, evaluate_on_slab, is_finite, jacobian_of_map, slab_points
 
 #: label codes below this are exact as float32 and gathered by ``grid_sample`` (nearest neighbour)
@@ -276,10 +276,11 @@ def _separable_slabs(separable: SeparableTransform, moving_grid: Grid | None, de
 
 def _separable_sampling(separable: SeparableTransform, index: torch.Tensor, size: np.ndarray) -> _Sampling:
     """The slab's sampling of the moving image (of ``size`` voxels, i j k) from its index tables ``[2, n, H, S, 3]``."""
-    least, most = separable.bounds(index)
-    low, high, scale = _block(least, most, size)
-    to_block = torch.from_numpy(scale)
-    normalised = torch.stack([(index[0] - torch.from_numpy(low.astype(np.float64))) * to_block - 1.0, index[1] * to_block])
+    with one_thread():  # table-sized work
+        least, most = separable.bounds(index)
+        low, high, scale = _block(least, most, size)
+        to_block = torch.from_numpy(scale)
+        normalised = torch.stack([(index[0] - torch.from_numpy(low.astype(np.float64))) * to_block - 1.0, index[1] * to_block])
     coords = separable.expand(normalised)
     outside = None
     for axis in range(3):  # only along the axes where some point lies outside the image
