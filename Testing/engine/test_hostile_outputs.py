@@ -603,3 +603,36 @@ def test_a_parent_of_out_that_is_a_file_is_one_sentence(inputs, tmp_path, run_ma
     code, err, _ = run_main(*register_args(inputs, tmp_path / "notes.txt" / "out"))
     assert_refused(code, err, "notes.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+# ----------------------------------------------------------------------------------- refused before any work
+@pytest.fixture
+def work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What a run did: ``read <what>`` per image it read, and ``register`` if the registration started (it stops there)."""
+    import dlir.prefetch
+    import dlir.register
+
+    done: list[str] = []
+    read = dlir.prefetch.read_image
+
+    def reading(path, what="image"):
+        done.append(f"read {what}")
+        return read(path, what)
+
+    def registering(*args, **kwargs):
+        done.append("register")
+        raise AssertionError("the registration started")
+
+    monkeypatch.setattr(dlir.prefetch, "read_image", reading)
+    monkeypatch.setattr(dlir.register, "_register", registering)
+    return done
+
+
+def test_an_empty_fixed_mask_is_refused_before_registering(inputs, tmp_path, run_main, untouched, work) -> None:
+    """It was refused after the whole registration."""
+    fixed = sitk.ReadImage(str(inputs["fixed"]))
+    mask = sitk.Image(fixed.GetSize(), sitk.sitkUInt8)
+    mask.CopyInformation(fixed)
+    sitk.WriteImage(mask, str(tmp_path / "empty_mask.nii.gz"))
+    code, err, _ = run_main(*register_args(inputs, tmp_path / "out", "--fixed-mask", tmp_path / "empty_mask.nii.gz"))
+    assert_refused(code, err, "the fixed mask is empty", "leave it out")
+    assert "register" not in work and not (tmp_path / "out").exists()
