@@ -30,6 +30,8 @@ Issue 26 (nothing silently empty, every sentence plain):
 10. An image narrower than one network voxel of a stage (2 x 2 x 2 mm; 0.01 x 0.01 x 50 mm voxels,
     1.28 mm wide) is refused with a sentence that says so, before any work; a result whose transform
     maps the fixed image out of the moving one says so on the command line and in result.json.
+11. ITK's words never reach the terminal: a sheared sform, a singular direction matrix and a folder
+    without DICOM files are each one sentence of ours (a sform ITK reads with a caveat: a warning of ours).
 """
 
 from __future__ import annotations
@@ -568,3 +570,57 @@ def test_a_transform_that_maps_the_fixed_image_out_of_the_moving_one_is_flagged(
     assert 0.8 < slight.registered_overlap_fraction < 1.0  # 4 mm of 32: kept, no warning
     assert not any("maps only" in w for w in slight.warnings)
 
+
+# ----------------------------------------------------------------------------------- 11: ITK's words never shown
+def _nifti_with_sform(source: Path, target: Path, qform_code: int, srow: list[float]) -> Path:
+    """A copy of an uncompressed NIfTI-1 file with the qform code and the sform (code 1, ``srow``) replaced."""
+    import struct
+
+    data = bytearray(source.read_bytes())
+    data[252:256] = struct.pack("<hh", qform_code, 1)
+    data[280:328] = struct.pack("<12f", *srow)
+    target.write_bytes(bytes(data))
+    return target
+
+
+SHEARED_SROW = [2.0, 0.6, 0.0, -15.0, 0.0, 2.0, 0.0, -15.0, 0.0, 0.0, 2.0, -15.0]
+ITK_WORDS = ("ITK", "WARNING: In", ".cxx", "0x", "sitk::", "GDCM")
+
+
+def _hostile_reads(files: dict[str, Path], root: Path) -> dict[str, tuple[Path, list[str]]]:
+    nodicom = root / "nodicom"
+    nodicom.mkdir()
+    (nodicom / "notes.txt").write_text("no DICOM here\n", encoding="utf-8")
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(files["moving"])))
+    return {
+        "sheared sform, no qform": (_nifti_with_sform(files["fixed_nii"], root / "sheared.nii", 0, SHEARED_SROW),
+                                    ["moving image file", "sheared.nii", "not a rotation (it shears", "fix the header"]),
+        "singular direction (MetaImage)": (metaimage(root / "singular.mha", array, "2 2 2", "-15 -15 -15", "1 0 0 0 1 0 0 0 0"),
+                                           ["moving image file", "singular.mha", "singular", "correct the direction"]),
+        "folder without DICOM files": (nodicom, ["moving image folder", "holds no DICOM series", "give a folder"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["sheared sform, no qform", "singular direction (MetaImage)", "folder without DICOM files"])
+def test_an_image_itk_refuses_is_one_sentence_of_ours_and_nothing_of_itk(files: dict[str, Path], tmp_path: Path, capfd,
+                                                                          case: str) -> None:
+    path, words = _hostile_reads(files, tmp_path)[case]
+    code, err, stdout = run_main(capfd, "register", files["fixed"], path, "--stack", files["stack"], "--out",
+                                 tmp_path / "out", "--device", "cpu")
+    assert code == 2 and stdout == "" and len(err) == 1 and err[0].startswith("error: "), (err, stdout)
+    for word in words:
+        assert word in err[0], err[0]
+    assert not any(w in err[0] for w in ITK_WORDS), err[0]
+
+
+def test_a_sform_itk_reads_with_a_caveat_is_a_warning_of_ours(files: dict[str, Path], tmp_path: Path, capfd, caplog) -> None:
+    """A sheared sform beside a good qform: ITK places the image by the qform and prints its own warning twice."""
+    path = _nifti_with_sform(files["fixed_nii"], tmp_path / "sheared_with_qform.nii", 1, SHEARED_SROW)
+    code, err, stdout = run_main(capfd, "register", files["fixed"], path, "--stack", files["stack"], "--out",
+                                 tmp_path / "out", "--device", "cpu")
+    assert code == 0, err
+    assert [line for line in logged_warnings(caplog) if "sform" in line] == [
+        f"the moving image file {path} has a sform in its NIfTI header that disagrees with its voxel size or "
+        "shears the axes, so the image was placed by the rest of the header (as 3D Slicer does); check that it lies "
+        "where you expect, or fix the sform"], err
+    assert not any(w in line for line in err + stdout.splitlines() for w in ITK_WORDS), (err, stdout)
