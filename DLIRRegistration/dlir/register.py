@@ -380,7 +380,7 @@ def check_visible(stack: Stack, grid: Grid, what: str) -> None:
             raise InputError(
                 f"the {what} is only {widths[axis]:.3g} mm wide from {_AXIS_NAMES[axis]}, less than one {voxel[axis]:g} mm "
                 f"voxel of stage {k}/{len(stack.stages)} ({stage.spec.kind}) of the stack '{stack.name}', which cannot "
-                f"see it; check the voxel size in the image's header (mm), or use a stack whose stages work on "
+                "see it; check the voxel size in the image's header (mm), or use a stack whose stages work on "
                 f"voxels smaller than {widths[axis]:.3g} mm"
             )
 
