@@ -4,6 +4,7 @@ validation pairs of two different training images (``data.validation_inter_subje
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from argparse import ArgumentParser
 from dataclasses import replace
@@ -71,9 +72,11 @@ def test_a_job_starts_from_the_weights_of_the_stack_it_fine_tunes(tmp_path: Path
     assert any(not torch.equal(theirs[n], seeded[n]) for n in theirs)  # two seeds, two sets of weights
     every = Trainer(replace(base, start_from=str(source)), tmp_path / "job").stack.weights()
     assert all(torch.equal(every[n], theirs[n]) for n in theirs)
-    second = Trainer(replace(base, start_from=str(source), start_from_stages=(2,)), tmp_path / "job").stack.weights()
-    for name, tensor in second.items():  # stage 1 from its seeded start (the identity), stage 2 from the file
+    trainer = Trainer(replace(base, start_from=str(source), start_from_stages=(2,)), tmp_path / "job")
+    for name, tensor in trainer.stack.weights().items():  # stage 1 from its seeded start (the identity), stage 2 from the file
         assert torch.equal(tensor, (theirs if name.startswith("stage1.") else seeded)[name])
+    provenance = trainer._final_manifest(0.0).training["start_from"]  # the stack says what it was fine-tuned from
+    assert provenance == {"file": "base.safetensors", "sha256": hashlib.sha256(source.read_bytes()).hexdigest(), "stages": [2]}
 
 
 def test_a_stack_of_other_networks_is_refused_as_a_start(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ rank 0 writes files and events.
 from __future__ import annotations
 
 import gc
+import hashlib
 import itertools
 import logging
 import math
@@ -163,6 +164,15 @@ def _network_of(spec: StageSpec) -> tuple[object, ...]:
     """What makes two stages' networks interchangeable: kind, grid spacing (mm), control-point spacing, kernels, head."""
     return (spec.kind, tuple(spec.spacing_mm), spec.control_point_spacing if spec.kind == "bspline" else None,
             spec.channels, spec.depth, spec.keypoints)
+
+
+def _sha256(path: Path) -> str:
+    """The SHA-256 of a file, hex."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def validation_scores(pair: TrainingPair, transform: SpatialTransform) -> tuple[float, float, dict[int, float]]:
@@ -752,6 +762,9 @@ class Trainer:
             "seconds_per_stage": [round(r.seconds, 1) for r in self.records],
             "device": str(self.device), "world_size": self.world, "torch": torch.__version__,
         }
+        if c.start_from:  # fine-tuned: which stack's weights it started from (the file's name and hash)
+            training["start_from"] = {"file": Path(c.start_from).name, "sha256": _sha256(Path(c.start_from)),
+                                      "stages": list(c.start_from_stages) or "all"}
         return replace(self.stack.manifest, training=training, validation=validation)
 
 
