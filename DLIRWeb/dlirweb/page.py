@@ -16,6 +16,7 @@ from pathlib import Path
 from trame.app import TrameApp
 from trame.widgets import html
 from trame.widgets import vuetify3 as v
+from trame_server.utils.asynchronous import create_task
 from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout
 
 from dlir.errors import CancelledError, DLIRError
@@ -129,7 +130,11 @@ class RegistrationPage(TrameApp):
             self._say(f"uploaded {', '.join(n.partition(':')[2] for n in names)}: choose it in a list above", "info")
         self.state.files = [{"title": c.title, "value": c.value} for c in self.session.files.choices()]
 
-    async def register(self) -> None:
+    def register(self) -> None:
+        """Start the registration as a task of its own, so that the page (Cancel, the views) stays served meanwhile."""
+        create_task(self._register())
+
+    async def _register(self) -> None:
         """Register off the event loop, with progress; one at a time."""
         if self.session.running:
             with self.state:

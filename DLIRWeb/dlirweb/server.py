@@ -21,7 +21,7 @@ DEFAULT_PORT = 8080
 DEFAULT_MAX_UPLOAD_MB = 512
 
 
-def build_parser() -> argparse.ArgumentParser:
+def buildParser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlir-web", description="Serve the DLIR registration page in a browser.")
     parser.add_argument("--folder", type=Path, help="offer the images under this folder (and nothing outside it)")
     parser.add_argument("--models", type=Path, action="append", default=[], metavar="DIR",
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def is_loopback(host: str) -> bool:
+def isLoopback(host: str) -> bool:
     """Whether ``host`` is a loopback address or ``localhost``."""
     if host == "localhost":
         return True
@@ -45,13 +45,16 @@ def is_loopback(host: str) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = buildParser().parse_args(argv)
+    if not isLoopback(args.host):
+        print(f"dlir-web: warning: listening on {args.host}: anyone who can reach port {args.port} can use this page, "
+              "read the images under --folder and run registrations", file=sys.stderr)
     if args.folder is not None and not args.folder.is_dir():
         print(f"dlir-web: error: the folder {args.folder} does not exist", file=sys.stderr)
         return 2
-    if not is_loopback(args.host):
-        print(f"dlir-web: warning: listening on {args.host}: anyone who can reach port {args.port} can use this page, "
-              "read the images under --folder and run registrations", file=sys.stderr)
+    if args.max_upload_mb <= 0:
+        print("dlir-web: error: --max-upload-mb must be above 0", file=sys.stderr)
+        return 2
     if not os.environ.get("DISPLAY"):
         os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     sys.argv = sys.argv[:1]  # trame parses the command line too: ours is parsed already

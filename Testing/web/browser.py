@@ -129,14 +129,30 @@ class Browser:
             raise LookupError(f"no element {selector} on the page")
         return tuple(rect)
 
-    def click(self, selector: str) -> None:
-        """A real left click (mouse pressed and released) at the centre of the element, scrolled into view first."""
-        self.evaluate(f"document.querySelector({json.dumps(selector)})?.scrollIntoView({{block: 'nearest'}})")
-        x, y, w, h = self.box(selector)
-        cx, cy = x + w / 2, y + h / 2
-        self.call("Input.dispatchMouseEvent", type="mouseMoved", x=cx, y=cy)
+    def click(self, selector: str, timeout: float = 10.0) -> None:
+        """A real left click (mouse pressed and released) at the centre of the element: scrolled into view, and once
+        the element lies on top there and has stayed put for a moment (the page may still be laying itself out)."""
+        self.click_at(f"document.querySelector({json.dumps(selector)})", timeout, selector)
+
+    def click_at(self, element: str, timeout: float = 10.0, what: str = "") -> None:
+        """:meth:`click` on the element a JavaScript expression gives."""
+        where = (f"(() => {{ const e = {element}; if (!e) return null; e.scrollIntoView({{block: 'nearest'}});"
+                 " const r = e.getBoundingClientRect(); const x = r.x + r.width / 2, y = r.y + r.height / 2;"
+                 " const hit = document.elementFromPoint(x, y); return hit && e.contains(hit) ? JSON.stringify([x, y]) : null; })()")
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            found = self.evaluate(where)
+            if found and found == last:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what or element} did not come to rest on top of the page")
+            last = found
+            time.sleep(0.2)
+        x, y = json.loads(found)
+        self.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
         for kind in ("mousePressed", "mouseReleased"):
-            self.call("Input.dispatchMouseEvent", type=kind, x=cx, y=cy, button="left", clickCount=1)
+            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
 
     def set_files(self, selector: str, paths: list[Path]) -> None:
         """Choose files in a file input (as the file dialog would)."""

@@ -48,27 +48,10 @@ def wait_idle(page, timeout: float = 240.0) -> None:
 
 
 def choose(page, select_id: str, title: str) -> None:
-    """Open a Vuetify select with a click and click its item ``title`` (as a user does), once the menu stands still
-    and the item is what lies under the pointer."""
-    page.click(f"#{select_id}")
+    """Open a Vuetify select with a click and click its item ``title`` (as a user does)."""
+    page.click(f".v-input:has([id='{select_id}']) .v-field")  # the id sits on a hidden input inside the field
     item = (f"[...document.querySelectorAll('.v-overlay--active .v-list-item')].find(e => e.innerText.trim() === {json.dumps(title)})")
-    page.wait_for(f"!!{item}", 10, f"the item {title} in {select_id}")
-    page.evaluate(f"{item}.scrollIntoView({{block: 'nearest'}})")
-    on_top = (f"(() => {{ const e = {item}; const r = e.getBoundingClientRect(); const x = r.x + r.width / 2, y = r.y + r.height / 2;"
-              " const hit = document.elementFromPoint(x, y); return hit && hit.closest('.v-list-item') === e ? JSON.stringify([x, y]) : null; })()")
-    deadline = time.monotonic() + 10
-    last = None
-    while True:
-        where = page.evaluate(on_top)
-        if where and where == last:
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the item {title} of {select_id} did not come to rest under the pointer")
-        last = where
-        time.sleep(0.25)
-    x, y = json.loads(where)
-    for kind in ("mousePressed", "mouseReleased"):
-        page.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+    page.click_at(item, 10, f"the item {title} of {select_id}")
     page.wait_for("!document.querySelector('.v-overlay--active .v-list-item')", 10, "the list to close")
 
 

@@ -34,6 +34,18 @@ def cli_register(args: list[str], cwd: Path, capsys, monkeypatch) -> tuple[int, 
     return code, capsys.readouterr().err
 
 
+def save_screenshot(page, name: str) -> None:
+    """The whole page at 2/3 size in 128 colours (a small PNG) into ``$DLIR_WEB_SCREENSHOT_DIR`` when set (the README's
+    pictures are taken here: ``Resources/Screenshots``)."""
+    folder = os.environ.get("DLIR_WEB_SCREENSHOT_DIR")
+    if folder:
+        from PIL import Image
+
+        image = Image.fromarray(page.screenshot())
+        image = image.resize((image.width * 2 // 3, image.height * 2 // 3), Image.LANCZOS)
+        image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(Path(folder) / name, optimize=True)
+
+
 def server_rss_mb(pid: int) -> float:
     """Resident memory of a process in MB (Linux)."""
     text = Path(f"/proc/{pid}/status").read_text()
@@ -118,13 +130,7 @@ def test_the_sample_pair_registers_and_shows_before_after_segments_numbers_and_d
     dice = state(page, "dice")
     assert len(dice) == 4 and all(float(d["after"]) > float(d["before"]) for d in dice), dice
 
-    screenshot_dir = os.environ.get("DLIR_WEB_SCREENSHOT_DIR")
-    if screenshot_dir:  # the README's picture, taken here
-        from PIL import Image
-
-        image = Image.fromarray(page.screenshot())
-        image.resize((image.width * 2 // 3, image.height * 2 // 3), Image.LANCZOS).save(Path(screenshot_dir) / "web_registration.png",
-                                                                                       optimize=True)
+    save_screenshot(page, "web_registration.png")
 
     # the downloads equal what `dlir register` writes for the same pair and stack
     downloads = tmp_path / "downloads"
@@ -169,11 +175,27 @@ def assert_same_outputs(web: Path, cli: Path) -> None:
         assert rw["dice"][label] == pytest.approx(scores, abs=1e-6), label
 
 
+def test_cancel_stops_a_running_registration_and_keeps_nothing(page) -> None:
+    page.click("#dlir-mode-accurate")
+    page.wait_for("trame.state.get('mode') === 'accurate'", 10)
+    page.click("#dlir-register")
+    page.wait_for("trame.state.get('running')", 10, "the registration to start")
+    assert page.evaluate("document.querySelector('#dlir-register').disabled")  # one at a time
+    page.click("#dlir-cancel")
+    wait_idle(page, 120)
+    assert state(page, "message") == "registration cancelled; nothing was kept"
+    assert not state(page, "hasResult") and state(page, "downloads") == []
+    page.click("#dlir-mode-fast")
+    page.wait_for("trame.state.get('mode') === 'fast'", 10)
+
+
 def test_the_jacobian_shows_its_colours_and_folding_in_red(page) -> None:
     for select in ("dlir-fixedLabels", "dlir-movingLabels"):  # no outlines: only the Jacobian's colours
         page.click(f".v-input:has([id='{select}']) .v-field__clearable .v-icon")
     page.wait_for("!trame.state.get('movingLabels') && !trame.state.get('fixedLabels')", 10, "the labels to be cleared")
     choose(page, "dlir-stack", next(s["title"] for s in state(page, "stacks") if s["title"].startswith("folding-prone")))
+    page.click("#dlir-mode-fast")  # accurate mode never folds
+    page.wait_for("trame.state.get('mode') === 'fast'", 10)
     page.click("#dlir-register")
     page.wait_for("trame.state.get('running')", 10, "the registration to start")
     wait_idle(page)
@@ -193,6 +215,7 @@ def test_the_jacobian_shows_its_colours_and_folding_in_red(page) -> None:
         expanded = (red - blue > 80) & (green > 60) & ~folded  # orange over grey
         if (folded.sum() > 20 and compressed.sum() > 200 and expanded.sum() > 200) or time.monotonic() > deadline:
             break
+    save_screenshot(page, "web_jacobian.png")
     print(f"\nJacobian view: {int(folded.sum())} folding-red, {int(compressed.sum())} blue, {int(expanded.sum())} orange pixels")
     assert folded.sum() > 20 and compressed.sum() > 200 and expanded.sum() > 200
 
