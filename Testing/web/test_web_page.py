@@ -125,6 +125,15 @@ def test_the_sample_pair_registers_and_shows_before_after_segments_numbers_and_d
         coloured += 1
     assert coloured >= 2
 
+    # the 3D view (top right): the propagated segments as surfaces
+    three_d = page.evaluate("(() => { const r = [...document.querySelectorAll('img.image-display-area')].map(e => e.getBoundingClientRect())"
+                            ".sort((a, b) => a.y - b.y || b.x - a.x)[0]; return [r.x, r.y, r.width, r.height]; })()")
+    x, y, w, h = (round(v) for v in three_d)
+    surfaces = page.screenshot()[y + 20:y + h - 5, x + 20:x + w - 5].astype(int)
+    saturated = (surfaces.max(axis=-1) - surfaces.min(axis=-1)) > 60
+    assert saturated.sum() > 500, int(saturated.sum())
+    print(f"server memory after the registration {server_rss_mb(served.process.pid):.0f} MB")
+
     # the numbers
     assert re.match(r"[0-9.]+ s on cpu; folding [0-9.]+ %", state(page, "summary")), state(page, "summary")
     dice = state(page, "dice")
