@@ -22,7 +22,7 @@ from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout
 from dlir.errors import CancelledError, DLIRError
 
 from .inputs import InputFiles
-from .session import ROLES, Session
+from .session import BUSY, ROLES, Session
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,15 @@ class RegistrationPage(TrameApp):
             except DLIRError as error:
                 self._say(str(error), "error")
                 self.state[role] = self.session.keys.get(role)
-            self.state.view = "before"
-            self.session.show("before", float(self.state.opacity))
-            self._renderViews()
-            self._showResult()
+            self._showInputs()
         return onChange
+
+    def _showInputs(self) -> None:
+        """The views and panel after a change of inputs: the pair as given, no result."""
+        self.state.view = "before"
+        self.session.show("before", float(self.state.opacity))
+        self._renderViews()
+        self._showResult()
 
     def _onView(self, view: str, opacity: float, **_) -> None:
         self.session.show(view, float(opacity))
@@ -109,10 +113,7 @@ class RegistrationPage(TrameApp):
         except DLIRError as error:
             self._say(str(error), "error")
         self.state.update({role: self.session.keys.get(role) for role in ROLES})
-        self.state.view = "before"
-        self.session.show("before", float(self.state.opacity))
-        self._renderViews()
-        self._showResult()
+        self._showInputs()
 
     def upload(self, files: list[dict]) -> None:
         """Keep the browser's files (size-limited); they join the file choosers."""
@@ -138,13 +139,14 @@ class RegistrationPage(TrameApp):
         """Register off the event loop, with progress; one at a time."""
         if self.session.running:
             with self.state:
-                self._say("a registration is running; wait for it to finish or press Cancel", "warning")
+                self._say(BUSY, "warning")
             return
         with self.state:
             self.state.update(running=True, progress=0, step="starting", hasResult=False)
             self._say("")
         try:
             await self.session.register(self.state.stack, self.state.mode, self._progress)
+            self.session.show("after", float(self.state.opacity))
             self.session.show3D()
             self.slicer.display_manager.reset_views()
             self._renderViews()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -166,7 +165,6 @@ class Session:
             self.running = False
         self.result = Result(outputs, folder, sorted(p.name for p in folder.iterdir()), outputs.summary(),
                              dict(written.get("dice", {})))
-        self.show("after", 0.5)
         return self.result
 
     def cancel(self) -> None:
@@ -237,7 +235,7 @@ class Session:
         for index in range(nodes.GetNumberOfItems()):
             node = nodes.GetItemAsObject(index)
             if node.GetDisplayNode() is not None:
-                node.GetDisplayNode().SetVisibility2D(any(node is shown for shown in segmentations if shown is not None))
+                node.GetDisplayNode().SetVisibility2D(node.GetID() in {n.GetID() for n in segmentations if n is not None})
 
     def segmentLegend(self) -> list[dict[str, object]]:
         """The propagated segments' names and colours (0..255 RGB), for the page's legend."""
@@ -255,5 +253,5 @@ class Session:
         """The result's numbers for the page: the module's results line, and Dice before -> after per label."""
         if self.result is None:
             return {}
-        return {"summary": self.result.summary, "dice": json.loads(json.dumps(self.result.dice))}
+        return {"summary": self.result.summary, "dice": dict(self.result.dice)}
 
