@@ -218,6 +218,8 @@ class RegistrationPage(TrameApp):
                              change=(f"trigger('{self.ctrl.trigger_name(self.upload)}', [$event.target.files])"))
                 v.VSelect(id="dlir-stack", label="Stack", v_model=("stack",), items=("stacks",), density="compact",
                           hide_details=True, disabled=("running",))
+                html.Div("{{ (stacks.find(s => s.value === stack) || {}).description }}", id="dlir-stack-description",
+                         classes="text-caption")
                 with v.VBtnToggle(v_model=("mode",), mandatory=True, density="compact", divided=True, disabled=("running",)):
                     v.VBtn("Fast", id="dlir-mode-fast", value="fast")
                     v.VBtn("Accurate", id="dlir-mode-accurate", value="accurate")

@@ -65,10 +65,11 @@ class Session:
 
     # ------------------------------------------------------------------ inputs
     def stackChoices(self) -> list[dict[str, str]]:
-        """The registry's stacks: ``{"title": one-line summary, "value": file path}``."""
+        """The registry's stacks: ``{"title": one-line summary, "value": file path, "description": the manifest's}``."""
         from DLIRRegistrationLib.stacks import listStacks, stackSummary
 
-        return [{"title": stackSummary(info), "value": str(info.path)} for info in listStacks(self.modelDirs)]
+        return [{"title": stackSummary(info), "value": str(info.path), "description": info.manifest.description}
+                for info in listStacks(self.modelDirs)]
 
     def choose(self, role: str, key: str | None) -> None:
         """Read ``key``'s file as ``role`` into the scene (replacing the earlier choice; None clears it).

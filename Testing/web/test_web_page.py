@@ -105,7 +105,8 @@ def test_the_sample_pair_registers_and_shows_before_after_segments_numbers_and_d
 
     # the overlay: misaligned before, edges coinciding after (the warped moving nearly equals the fixed)
     moved, aligned = misalignment(before_fixed, before), misalignment(after_fixed, after)
-    print(f"\nregistered from the page in {took:.1f} s; overlay difference before {moved:.2f}, after {aligned:.2f} (0..255)")
+    with capsys.disabled():  # shown with -s (capsys serves the command line's output below)
+        print(f"\nregistered from the page in {took:.1f} s; overlay difference before {moved:.2f}, after {aligned:.2f} (0..255)")
     assert aligned < 0.6 * moved, (moved, aligned)
 
     # the propagated segments: outlines in their colours, inside the brain
@@ -132,7 +133,8 @@ def test_the_sample_pair_registers_and_shows_before_after_segments_numbers_and_d
     surfaces = page.screenshot()[y + 20:y + h - 5, x + 20:x + w - 5].astype(int)
     saturated = (surfaces.max(axis=-1) - surfaces.min(axis=-1)) > 60
     assert saturated.sum() > 500, int(saturated.sum())
-    print(f"server memory after the registration {server_rss_mb(served.process.pid):.0f} MB")
+    with capsys.disabled():
+        print(f"server memory after the registration {server_rss_mb(served.process.pid):.0f} MB")
 
     # the numbers
     assert re.match(r"[0-9.]+ s on cpu; folding [0-9.]+ %", state(page, "summary")), state(page, "summary")
