@@ -11,11 +11,13 @@ scene and renders the views); only the engine and the file writer run on a worke
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import SimpleITK as sitk
 
 from dlir.choices import FILE_OUTPUTS
@@ -158,7 +160,7 @@ class Session:
 
             def work() -> dict:
                 job.compute(report, lambda: self.cancelRequested)
-                return self._writeFiles(job.result, folder)
+                return self._writeFiles(job, folder)
 
             written = await loop.run_in_executor(None, work)
             outputs = job.addToScene()
@@ -172,10 +174,20 @@ class Session:
         """Ask the running registration to stop at its next step."""
         self.cancelRequested = True
 
-    def _writeFiles(self, registration, folder: Path) -> dict:
-        """The downloads, written by ``dlir register``'s writer; returns ``result.json``'s contents."""
+    def _writeFiles(self, job, folder: Path) -> dict:
+        """The downloads, written by ``dlir register``'s writer; returns ``result.json``'s contents.
+
+        The Lib numbers the moving segments 1..n for the engine; ``labels.nii.gz`` (and Dice) get the label values
+        of the moving label map back, as ``dlir register`` keeps them.
+        """
         from dlir.outputs import ComputedPair, write_pair
 
+        registration = job.result
+        if registration.warped_labels is not None and job.layers:
+            segmentation = self.nodes["movingLabels"].GetSegmentation()
+            values = [segmentation.GetSegment(i).GetLabelValue() for i in job.layers[0].segmentIds]
+            registration = dataclasses.replace(registration, warped_labels=relabelled(registration.warped_labels, values,
+                                                                                          self.images["movingLabels"]))
         pair = ComputedPair(registration, self.files.path(self.keys["fixed"]).name,
                             self.files.path(self.keys["moving"]).name, FILE_OUTPUTS, 0.0,
                             self.images.get("movingLabels"), self.images.get("fixedLabels"))
@@ -256,3 +268,11 @@ class Session:
             return {}
         return {"summary": self.result.summary, "dice": dict(self.result.dice)}
 
+
+def relabelled(labels: sitk.Image, values: list[int], like: sitk.Image) -> sitk.Image:
+    """``labels`` (0, 1..n) with label k replaced by ``values[k - 1]`` (0 stays 0), in the voxel type of the label map
+    ``like`` the values come from (as the engine keeps it); same geometry."""
+    lookup = np.array([0, *values], dtype=sitk.GetArrayViewFromImage(like).dtype)
+    image = sitk.GetImageFromArray(lookup[sitk.GetArrayViewFromImage(labels).astype(np.int64)])
+    image.CopyInformation(labels)
+    return image

@@ -171,6 +171,7 @@ def assert_same_outputs(web: Path, cli: Path) -> None:
 
     for name in ("warped.nii.gz", "jacobian.nii.gz", "labels.nii.gz"):
         a, b = sitk.ReadImage(str(web / name)), sitk.ReadImage(str(cli / name))
+        assert a.GetPixelID() == b.GetPixelID(), name
         assert a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing()) and np.allclose(a.GetOrigin(), b.GetOrigin())
         assert np.allclose(a.GetDirection(), b.GetDirection())
         np.testing.assert_allclose(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b), atol=1e-4, err_msg=name)

@@ -43,3 +43,24 @@ def test_the_sample_pair_with_a_fixed_mask_registers_through_the_lib(session) ->
     session.choose("fixedMask", None)  # a new choice removes the result's nodes
     assert session.result is None and "fixedMask" not in session.nodes
     assert not session.scene.IsNodePresent(outputs.warpedVolumeNode)
+
+
+def test_the_downloads_keep_the_label_values_of_the_label_maps(session) -> None:
+    """Labels 2, 4, 6, 8 (not 1..n): ``labels.nii.gz`` and Dice use them, as ``dlir register`` does."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from DLIRRegistrationLib.samplepair import sampleDataFolder
+
+    for name in ("moving", "fixed"):
+        labels = sitk.ReadImage(str(sampleDataFolder() / f"sample_{name}_labels.nii.gz"))
+        sitk.WriteImage(labels * 2, str(session.files.uploadFolder / f"{name}_labels.nii.gz"))
+    session.choose("fixed", inputs.SAMPLE_FIXED)
+    session.choose("moving", inputs.SAMPLE_MOVING)
+    session.choose("movingLabels", "upload:moving_labels.nii.gz")
+    session.choose("fixedLabels", "upload:fixed_labels.nii.gz")
+    result = asyncio.run(session.register("brain-mri", "fast", lambda step, fraction: None))
+    written = sitk.ReadImage(str(result.folder / "labels.nii.gz"))
+    assert set(np.unique(sitk.GetArrayViewFromImage(written))) == {0, 2, 4, 6, 8}
+    assert written.GetPixelID() == session.images["movingLabels"].GetPixelID()
+    assert sorted(result.dice) == ["2", "4", "6", "8"] and all(d["after"] > d["before"] for d in result.dice.values())
