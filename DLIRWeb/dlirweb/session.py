@@ -11,9 +11,8 @@ scene and renders the views); only the engine and the file writer run on a worke
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -186,7 +185,7 @@ class Session:
         if registration.warped_labels is not None and job.layers:
             segmentation = self.nodes["movingLabels"].GetSegmentation()
             values = [segmentation.GetSegment(i).GetLabelValue() for i in job.layers[0].segmentIds]
-            registration = dataclasses.replace(registration, warped_labels=relabelled(registration.warped_labels, values,
+            registration = replace(registration, warped_labels=relabelled(registration.warped_labels, values,
                                                                                           self.images["movingLabels"]))
         pair = ComputedPair(registration, self.files.path(self.keys["fixed"]).name,
                             self.files.path(self.keys["moving"]).name, FILE_OUTPUTS, 0.0,
