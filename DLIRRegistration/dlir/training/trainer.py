@@ -4,7 +4,7 @@ Each iteration draws ``batch_size`` pairs (synthetic, listed, random inter-image
 :mod:`dlir.training.config`; with the inter-subject augmentation of :mod:`dlir.training.intersubject`:
 partial fields of view and a random initial misalignment), starts each from the recipe's initial
 alignment (the capture search is computed once per pair of training images and kept), runs the frozen
-earlier stages exactly as inference does (:mod:`dlir.pipeline`), and minimises ``-similarity(fixed, warped) + alpha * bending energy`` for
+earlier stages exactly as inference does (:mod:`dlir.pipeline`, an affine stage that makes a pair less alike skipped), and minimises ``-similarity(fixed, warped) + alpha * bending energy`` for
 the current stage with Adam.  B-spline stages train on random patches of the stage grid (cut at
 control-point boundaries, so the control-point lattice is the one inference uses); the affine
 stage sees the whole stage grid.  Gradients are averaged over the batch.  The pairs drawn are
@@ -410,7 +410,7 @@ class Trainer:
         with torch.no_grad():
             initial = pair.initial if pair.initial is not None else \
                 initial_alignment(self.stack.manifest.recipe.initial_alignment, pair.fixed, pair.moving)
-            transforms = run_stages(self.stack, pair.fixed, pair.moving, initial, upto=k)
+            transforms = run_stages(self.stack, pair.fixed, pair.moving, initial, upto=k, skip_worse=True)
         return transforms
 
     # ------------------------------------------------------------------------------- loss
@@ -473,7 +473,7 @@ class Trainer:
                 initial_alignment(self.stack.manifest.recipe.initial_alignment, pair.fixed, pair.moving)
             pair = TrainingPair(PreparedImage(pair.fixed.tensor.to(self.device), pair.fixed.grid),
                                 PreparedImage(pair.moving.tensor.to(self.device), pair.moving.grid), pair.fixed_labels, pair.moving_labels)
-            transforms = run_stages(self.stack, pair.fixed, pair.moving, initial, upto=k + 1)
+            transforms = run_stages(self.stack, pair.fixed, pair.moving, initial, upto=k + 1, skip_worse=True)
             similarity, pair_folding, pair_dice = validation_scores(pair, Composite(transforms))
             sims.append(similarity)
             folding.append(pair_folding)
@@ -719,7 +719,7 @@ class Trainer:
         pair = self.validation[0]
         fixed = PreparedImage(pair.fixed.tensor.to(self.device), pair.fixed.grid)
         moving = PreparedImage(pair.moving.tensor.to(self.device), pair.moving.grid)
-        transforms = run_stages(self.stack, fixed, moving, initial_alignment(self.stack.manifest.recipe.initial_alignment, fixed, moving), upto=k + 1)
+        transforms = run_stages(self.stack, fixed, moving, initial_alignment(self.stack.manifest.recipe.initial_alignment, fixed, moving), upto=k + 1, skip_worse=True)
         warped = sample(moving.tensor, moving.grid, Composite(transforms)(grid_points(fixed.grid, 1, self.device)))
         middle = fixed.tensor.shape[2] // 2
         return torch.cat([fixed.tensor[0, 0, middle], moving.tensor[0, 0, middle], warped[0, 0, middle]], dim=1).cpu()
