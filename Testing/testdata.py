@@ -50,6 +50,18 @@ def identity_bspline_stack(name: str = "identity"):
     return build_stack(Manifest(name, recipe), seed=0)
 
 
+def folding_stack(name: str = "folding"):
+    """:func:`identity_bspline_stack` with large seeded random output weights: a stack that does not fit any pair,
+    whose fields fold (about 14 % of the sample pair's fixed voxels), for the tests of fast mode's warnings."""
+    import torch
+
+    stack = identity_bspline_stack(name)
+    output = stack.stages[0].net.output
+    with torch.no_grad():
+        output.weight.copy_(torch.randn(output.weight.shape, generator=torch.Generator().manual_seed(0)) * 60.0)
+    return stack
+
+
 def mni_template_4mm(data: Path = SHARED_DATA):
     """The MNI152 T1 template resampled (linear) to 4 mm on its own origin and direction, 50 x 58 x 48
     voxels (x, y, z): a real image small enough that one registration takes about a second."""

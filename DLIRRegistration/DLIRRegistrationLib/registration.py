@@ -126,8 +126,91 @@ def registerVolumes(
     "Folding" segment (det J <= 0), and the moving segmentation propagated (nearest neighbour).
     Errors are :class:`dlir.errors.DLIRError` subclasses with one sentence.
     """
-    from dlir.register import register
+    job = prepareRegistration(scene, fixedVolumeNode, movingVolumeNode, stack, movingSegmentationNode, device, mode,
+                              refineSteps, fixedMaskNode, fixedMaskSegmentId, initialAlignment, outputs)
+    job.compute(progress, cancel)
+    return job.addToScene()
 
+
+@dataclass
+class RegistrationJob:
+    """One registration in three steps, for front ends that run the engine off their event loop.
+
+    :func:`prepareRegistration` (reads the scene: checks, mask, segment layers) and
+    :meth:`addToScene` (writes it) run on the thread that owns the scene; :meth:`compute` (the
+    engine, seconds to minutes) touches no node and may run on a worker thread in between.
+    :func:`registerVolumes` is the three steps in a row.
+    """
+
+    scene: object
+    fixedVolumeNode: object
+    movingVolumeNode: object
+    movingSegmentationNode: object
+    request: OutputRequest
+    fixedImage: sitk.Image
+    movingImage: sitk.Image
+    fixedGeometry: VolumeGeometry
+    mask: sitk.Image | None
+    stack: object  # the loaded dlir.stack.Stack
+    layers: list[LabelLayer]
+    refine: int | str
+    device: str
+    initialAlignment: str | None
+    warnings: list[str]
+    start: float
+    result: object | None = None  # the engine's dlir.register.Registration, once computed
+
+    def compute(self, progress: Callable[[str, float], None] | None = None, cancel: Callable[[], bool] | None = None) -> None:
+        """Run the engine (no scene access); ``progress``/``cancel`` as for :func:`registerVolumes`."""
+        from dlir.register import register
+
+        self.result = register(self.fixedImage, self.movingImage, self.stack,
+                               moving_labels=self.layers[0].image if self.layers else None, fixed_mask=self.mask,
+                               device=self.device, refine=self.refine, initial_alignment=self.initialAlignment,
+                               progress=progress, cancel=cancel, outputs=_engineOutputs(self.request, bool(self.layers)))
+
+    def addToScene(self) -> RegistrationOutputs:
+        """Write the computed result into the scene as :func:`registerVolumes` does (all or nothing)."""
+        if self.result is None:
+            raise RuntimeError("addToScene() before compute()")
+        result = self.result
+        created = SceneChanges(self.scene)
+        try:
+            nodes = _writeOutputs(self.scene, self.request, result, self.layers, self.fixedGeometry, self.fixedVolumeNode,
+                                  self.movingVolumeNode, self.movingSegmentationNode)
+        except BaseException:
+            created.undo()
+            raise
+        foldedVoxels = round(result.folding_fraction * _countedVoxels(self.fixedImage, self.mask))  # no Jacobian image needed
+        return RegistrationOutputs(
+            **nodes,
+            device=result.device,
+            seconds=time.perf_counter() - self.start,
+            foldingPercent=100.0 * result.folding_fraction,
+            foldingVolumeMm3=float(foldedVoxels) * self.fixedGeometry.voxelVolumeMm3(),
+            jacobianStd=result.jacobian_std,
+            warnings=self.warnings + list(result.warnings),
+            registration=result,
+            masked=self.mask is not None,
+        )
+
+
+def prepareRegistration(
+    scene,
+    fixedVolumeNode,
+    movingVolumeNode,
+    stack,
+    movingSegmentationNode=None,
+    device: str = "auto",
+    mode: str = "fast",
+    refineSteps: int = 0,
+    fixedMaskNode=None,
+    fixedMaskSegmentId: str | None = None,
+    initialAlignment: str | None = None,
+    outputs: OutputRequest | None = None,
+) -> RegistrationJob:
+    """The first step of :func:`registerVolumes` (same arguments): check the inputs, load the stack, export the mask
+    and the moving segments; refuses what the engine cannot use with one sentence, and leaves the scene as it was."""
     request = outputs or OutputRequest()
     start = time.perf_counter()
     refine = engineRefinement(mode, refineSteps)
@@ -139,30 +222,8 @@ def registerVolumes(
     warnings = [w for w in (modalityWarning(loaded.manifest.modality, fixedImage, "fixed volume"),
                             modalityWarning(loaded.manifest.modality, movingImage, "moving volume")) if w]
     layers = _movingLayers(scene, movingSegmentationNode, movingVolumeNode)
-
-    result = register(fixedImage, movingImage, loaded, moving_labels=layers[0].image if layers else None,
-                      fixed_mask=mask, device=device, refine=refine, initial_alignment=initialAlignment,
-                      progress=progress, cancel=cancel, outputs=_engineOutputs(request, bool(layers)))
-
-    created = SceneChanges(scene)
-    try:
-        nodes = _writeOutputs(scene, request, result, layers, fixedGeometry, fixedVolumeNode,
-                              movingVolumeNode, movingSegmentationNode)
-    except BaseException:
-        created.undo()
-        raise
-    foldedVoxels = round(result.folding_fraction * _countedVoxels(fixedImage, mask))  # no Jacobian image needed
-    return RegistrationOutputs(
-        **nodes,
-        device=result.device,
-        seconds=time.perf_counter() - start,
-        foldingPercent=100.0 * result.folding_fraction,
-        foldingVolumeMm3=float(foldedVoxels) * fixedGeometry.voxelVolumeMm3(),
-        jacobianStd=result.jacobian_std,
-        warnings=warnings + list(result.warnings),
-        registration=result,
-        masked=mask is not None,
-    )
+    return RegistrationJob(scene, fixedVolumeNode, movingVolumeNode, movingSegmentationNode, request, fixedImage,
+                           movingImage, fixedGeometry, mask, loaded, layers, refine, device, initialAlignment, warnings, start)
 
 
 def _checkedVolumes(fixedVolumeNode, movingVolumeNode) -> tuple[sitk.Image, sitk.Image, VolumeGeometry]:

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .choices import ALIGNMENT_MODES, FILE_OUTPUTS, LABEL_INTERPOLATIONS
-from .errors import DLIRError, InputError
+from .errors import DLIRError, InputError, StackError
 
 EXIT_USER_ERROR = 2
 
@@ -67,15 +67,19 @@ def _add_register(p: argparse.ArgumentParser) -> None:
 
 
 def _run_register(args: argparse.Namespace) -> int:
+    """``dlir register``: every refusal that needs no image (output folder, device, stack file, options) comes before
+    anything is read; from the moment the result is in place, Ctrl-C is ignored (the run has succeeded)."""
     if not args.out.strip():
         raise InputError("--out is empty; give a folder for the results")
+    from .device import resolve_device
     from .outputs import register_into
-    from .resultfolder import OutputFolder, check_output_folder
-    from .stack import load_stack, resolve_stack
+    from .resultfolder import OutputFolder, check_output_folder, interrupts_ignored
+    from .stack import load_stack
 
     out = Path(args.out)
     check_output_folder(out)  # before anything is read: an unusable --out is said first
-    stack_path = resolve_stack(args.stack)
+    resolve_device(args.device)  # once, up front: a cohort is refused as a single pair is, not row by row
+    stack_path = _stack_file(args.stack)
     from .outputs import check_outputs
 
     options = dict(device=args.device, refine=refinement(args.refine), initial_alignment=args.initial_alignment,
@@ -94,8 +98,22 @@ def _run_register(args: argparse.Namespace) -> int:
                                fixed_mask=args.fixed_mask, fixed_labels=args.fixed_labels,
                                show_progress=sys.stderr.isatty(), shown=out, **options)
         folder.commit()
-    _print_result(result, out)
+    with interrupts_ignored():
+        _print_result(result, out)
     return 0
+
+
+def _stack_file(stack: str) -> Path:
+    """The file of ``--stack`` (a path or a registry name); a folder is refused here, before the output folder's checks
+    would call it an input that holds ``--out`` (``--stack ..``)."""
+    from .choices import STACK_SUFFIX
+    from .stack import resolve_stack
+
+    path = resolve_stack(stack)
+    if path.is_dir():
+        raise StackError(f"--stack {stack} is a folder, not a stack file; give a {STACK_SUFFIX} file or a stack name "
+                         "(see dlir info --list)")
+    return path
 
 
 def _print_result(result: dict, out: Path) -> None:
@@ -112,7 +130,7 @@ def _register_cohort(stack_path: Path, source: Path, out: Path, options: dict, o
     from tqdm import tqdm
 
     from .cohort import register_cohort
-    from .resultfolder import SUMMARY_FILE
+    from .resultfolder import SUMMARY_FILE, interrupts_ignored
     from .pairs import read_pairs
 
     pairs = read_pairs(source)
@@ -120,9 +138,10 @@ def _register_cohort(stack_path: Path, source: Path, out: Path, options: dict, o
         rows = register_cohort(pairs, stack_path, out, source=source, overwrite=overwrite,
                                progress=lambda done, total: bar.update(done - bar.n), **options)
     failures = [row for row in rows if row["status"] != "ok"]
-    print(f"{len(pairs) - len(failures)} of {len(pairs)} pairs registered; summary in {out / SUMMARY_FILE}")
-    for row in failures:
-        print(f"  {row['id']}: {row['status']}", file=sys.stderr)
+    with interrupts_ignored():  # the cohort is in place
+        print(f"{len(pairs) - len(failures)} of {len(pairs)} pairs registered; summary in {out / SUMMARY_FILE}")
+        for row in failures:
+            print(f"  {row['id']}: {row['status']}", file=sys.stderr)
     return 0 if not failures else 1
 
 

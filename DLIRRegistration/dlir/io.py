@@ -2,13 +2,17 @@
 
 Images come in as NIfTI, NRRD, MHA/MHD or a DICOM series folder and stay in ITK's physical LPS
 space (mm).  Input files are only ever read, after the byte-level checks of :mod:`dlir.filecheck`;
-``.nii.gz`` files are written with the parallel encoder of :mod:`dlir.gzipstream`.
+``.nii.gz`` files are written with the parallel encoder of :mod:`dlir.gzipstream`.  What ITK prints
+while reading never reaches the terminal: a failure becomes one sentence naming the problem and its fix,
+a known warning a logged sentence (:data:`_ITK_REFUSALS`, :data:`_ITK_WARNINGS`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -24,31 +28,47 @@ from .gzipstream import gzip_stream
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
+log = logging.getLogger(__name__)
+
 
 def read_image(path: str | Path, what: str = "image") -> sitk.Image:
-    """Read a 3D image (file or DICOM series folder).  ``what`` names it in error messages."""
+    """Read a 3D image (file or DICOM series folder).  ``what`` names it in error messages.
+
+    What ITK and its file libraries print meanwhile is captured, never shown: a failure is one
+    sentence (:class:`InputError`), a known warning of a read that succeeded a logged sentence.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"the {what} {path} does not exist")
+    said: list[str] = []
     try:
-        if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
-            if not series:
-                raise InputError(f"the {what} folder {path} holds no DICOM series")
-            if len(series) > 1:
-                raise InputError(f"the {what} folder {path} holds {len(series)} DICOM series; point to a folder with one")
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
-            image = reader.Execute()
-        else:
-            if path.stat().st_size == 0:
-                raise InputError(f"the {what} file {path} is empty")
-            check_image_file(path, what)
-            with captured_stderr() as said:
-                image = sitk.ReadImage(str(path))
+        with captured_stderr() as said:
+            image = _read_series(path, what) if path.is_dir() else _read_file(path, what)
     except RuntimeError as exc:
-        raise InputError(f"the {what} {path} cannot be read as an image ({_reason(exc, said)})") from exc
+        raise InputError(_unreadable(path, what, str(exc), said)) from exc
+    _report_warnings(path, what, said)
     return image
+
+
+def _read_series(folder: Path, what: str) -> sitk.Image:
+    """The one DICOM series in ``folder``."""
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"the {what} folder {folder} holds no DICOM series; give a folder with the DICOM files of one "
+                         "series, or an image file (NIfTI, NRRD or MetaImage)")
+    if len(series) > 1:
+        raise InputError(f"the {what} folder {folder} holds {len(series)} DICOM series; point to a folder with one")
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    return reader.Execute()
+
+
+def _read_file(path: Path, what: str) -> sitk.Image:
+    """An image file, after the byte-level checks of :func:`dlir.filecheck.check_image_file`."""
+    if path.stat().st_size == 0:
+        raise InputError(f"the {what} file {path} is empty")
+    check_image_file(path, what)
+    return sitk.ReadImage(str(path))
 
 
 @contextlib.contextmanager
@@ -67,12 +87,56 @@ def captured_stderr() -> Iterator[list[str]]:
             lines.extend(line.strip() for line in sink.read().decode(errors="replace").splitlines() if line.strip())
 
 
-def _reason(exc: RuntimeError, said: list[str]) -> str:
-    """The most telling line of a reader's failure: what it printed, else the exception's last line."""
-    if said:
-        return " ".join(said)[:300]
-    text = str(exc).strip()
-    return text.splitlines()[-1] if text else "unknown reason"
+#: ITK's words for a file it cannot read (a phrase of its exception or of what it printed) -> DLIR's sentence
+#: (``{what}``: "fixed image", ...; ``{path}``: the file); the first phrase found decides
+_ITK_REFUSALS = (
+    ("orthonormal direction cosines",
+     "the {what} file {path} cannot be placed in space: the direction in its header is not a rotation (it shears "
+     "the axes); fix the header, for example by resampling the image onto a grid without shear (e.g. with nibabel or FSL)"),
+    ("determinant is 0",
+     "the {what} file {path} cannot be placed in space: the direction matrix in its header is singular (an axis is "
+     "zero or two axes are parallel); correct the direction in the header so that its three axes are perpendicular"),
+    ("Unable to determine ImageIO reader",
+     "the {what} {path} cannot be read as an image: its contents are not NIfTI, NRRD or MetaImage; give the image in "
+     "one of these formats, or a folder with the DICOM files of one series"),
+)
+#: ITK's words for a file it read with a caveat -> the sentence logged as a warning instead
+_ITK_WARNINGS = (
+    ("unexpected scales in sform",
+     "the {what} file {path} has a sform in its NIfTI header that disagrees with its voxel size or shears the axes, "
+     "so the image was placed by the rest of the header (as 3D Slicer does); check that it lies where you expect, "
+     "or fix the sform"),
+)
+#: the parts of ITK's messages that mean nothing to a user: source locations, object addresses, severity tags
+_ITK_NOISE = re.compile(r"Exception thrown in SimpleITK \w+: \S+:\d+:|WARNING: In \S+, line \d+|"
+                        r"(ITK ERROR|sitk::ERROR|ERROR|WARNING):|\w+ ?\(0x[0-9a-fA-F]+\):")
+
+
+def _unreadable(path: Path, what: str, error: str, said: list[str]) -> str:
+    """The sentence for a file ITK failed to read: from :data:`_ITK_REFUSALS` when a known phrase is in its
+    exception ``error`` or in what it printed (``said``), else ITK's own words without source paths and addresses."""
+    text = " ".join([error, *said])
+    for phrase, sentence in _ITK_REFUSALS:
+        if phrase in text:
+            return sentence.format(what=what, path=path)
+    reason = _plain(" ".join(said)) or _plain(error.strip().splitlines()[-1] if error.strip() else "") or "unknown reason"
+    return f"the {what} {path} cannot be read as an image ({reason[:300]})"
+
+
+def _report_warnings(path: Path, what: str, said: list[str]) -> None:
+    """Log what a reader printed about a file it did read: a known caveat as a sentence, anything else at debug level."""
+    text = " ".join(said)
+    for phrase, sentence in _ITK_WARNINGS:
+        if phrase in text:
+            log.warning(sentence.format(what=what, path=path))
+            return
+    if text:
+        log.debug("the reader of %s printed: %s", path, text[:2000])
+
+
+def _plain(text: str) -> str:
+    """ITK's message without its source locations, object addresses and severity tags, on one line."""
+    return " ".join(_ITK_NOISE.sub(" ", text).split())
 
 
 #: how to repair each header field, for the sentence that refuses it

@@ -114,12 +114,13 @@ def corner_jacobians(field: torch.Tensor, spacing: tuple[float, float, float]) -
 
 
 def folding_penalty(field: torch.Tensor, spacing: tuple[float, float, float]) -> torch.Tensor:
-    """``sum over the 8 cell corners of mean(relu(MIN_JACOBIAN - det J)^2)``, a scalar: 0 where det J >= MIN_JACOBIAN
-    at every corner of every cell (:func:`corner_jacobians`).
+    """``sum over the 8 cell corners of mean(relu(MIN_JACOBIAN - det J)^2)``, a scalar averaged over the batch: 0
+    where det J >= MIN_JACOBIAN at every corner of every cell (:func:`corner_jacobians`).
 
-    ``field`` ``[1, 3, D, H, W]`` (mm) on an axis-aligned grid of ``spacing`` (x, y, z mm).
+    ``field`` ``[N, 3, D, H, W]`` (mm) on an axis-aligned grid of ``spacing`` (x, y, z mm).
     """
-    return sum(torch.relu(MIN_JACOBIAN - det).pow(2).mean() for det in corner_jacobians(field, spacing))
+    return torch.stack([sum(torch.relu(MIN_JACOBIAN - det).pow(2).mean() for det in corner_jacobians(one[None], spacing))
+                        for one in field]).mean()
 
 
 class Objective(NamedTuple):
@@ -138,7 +139,7 @@ def objective(similarity: torch.Tensor, displacement: torch.Tensor | None, spaci
 
     ``similarity``: a scalar (1 = perfect).  ``displacement`` ``[N, 3, D, H, W]`` (mm) on a grid of ``spacing``
     (x, y, z mm), its bending energy averaged over the batch (:func:`bending_energy`) and, when ``fold_weight`` > 0,
-    its :func:`folding_penalty` (``N`` = 1, axis-aligned grid); ``None`` leaves ``-similarity`` alone (an affine
+    its :func:`folding_penalty` (axis-aligned grid); ``None`` leaves ``-similarity`` alone (an affine
     stage, or a step that skips the penalties).  ``penalty_scale`` weighs the penalties up when they are evaluated
     on only some steps.
     """
@@ -165,8 +166,8 @@ def stage_loss(
     spacing: tuple[float, float, float] | None = None,
     labels: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Objective:
-    """``-similarity(fixed, warped) + spec.alpha * bending energy(displacement)`` (paper eq. 1), batch means
-    (:func:`objective`, no folding penalty).
+    """``-similarity(fixed, warped) + spec.alpha * bending energy(displacement)`` (paper eq. 1), plus
+    ``spec.fold_weight`` times the folding penalty of ``displacement`` when it is > 0; batch means (:func:`objective`).
 
     ``displacement`` ``[N, 3, D, H, W]`` (mm) on a grid of ``spacing`` (x, y, z mm) is the stage's
     own field (B-spline stages); ``None`` for an affine stage, which has no bending term.
@@ -177,7 +178,7 @@ def stage_loss(
     sim = similarity(spec, fixed, warped).mean()
     if labels is not None and spec.dice_weight > 0:
         sim = (1 - spec.dice_weight) * sim + spec.dice_weight * soft_dice(*labels).mean()
-    return objective(sim, displacement, spacing, spec.alpha)
+    return objective(sim, displacement, spacing, spec.alpha, spec.fold_weight)
 
 
 def one_hot(labels: torch.Tensor, values: list[int]) -> torch.Tensor:

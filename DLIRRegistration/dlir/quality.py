@@ -1,5 +1,6 @@
 """How far a result can be trusted: the similarity of the registered images inside the fixed image's foreground,
-and the warnings of a run whose result folds or leaves the images less alike than its start.
+and the warnings of a run whose result folds, leaves the images less alike than its start, or maps the fixed
+image out of the moving one.
 
 A network meeting images unlike its training data can be confidently wrong: a fold, or a field that makes the
 images less alike than the initial alignment alone did.  A run then says so (in ``result.json``, on the command
@@ -26,6 +27,9 @@ SIMILARITY_SPACING_MM = 4.0
 FOLDING_WARNING_ABOVE = 0.001
 #: a result whose foreground similarity is below its initial alignment's by more than this gets a warning
 SIMILARITY_LOSS_WARNING_ABOVE = 0.01
+#: a result whose transform keeps less than this share of the initial alignment's overlap (fixed voxels that land
+#: inside the moving image) gets a warning: most of what it warps would be empty
+OVERLAP_KEPT_WARNING_BELOW = 0.5
 
 
 def foreground_similarities(fixed: PreparedImage, moving: PreparedImage,
@@ -59,3 +63,18 @@ def result_warnings(accurate: bool, folding_fraction: float, initial_similarity:
         out.append(f"the registered images are less alike than after the initial alignment alone (NCC {similarity:.3f} "
                    f"against {initial_similarity:.3f} in the fixed image's foreground); {advice}")
     return out
+
+
+def overlap_warnings(initial_overlap: float, registered_overlap: float, no_overlap_below: float) -> list[str]:
+    """The sentence of a result whose transform maps much of the fixed image out of the moving image.
+
+    ``initial_overlap`` and ``registered_overlap``: the share (0-1) of fixed voxels that land inside the moving image
+    under the initial alignment and under the registered transform (fixed -> moving).  Warned when the registered
+    share is below :data:`OVERLAP_KEPT_WARNING_BELOW` times the initial one; nothing when the initial share is below
+    ``no_overlap_below`` (the run has already said that the images do not overlap).
+    """
+    if initial_overlap < no_overlap_below or registered_overlap >= OVERLAP_KEPT_WARNING_BELOW * initial_overlap:
+        return []
+    return [f"the registered transform maps only {100 * registered_overlap:.1f} % of the fixed image inside the moving "
+            f"image ({100 * initial_overlap:.1f} % after the initial alignment), so most of the warped image is empty; "
+            "check the images' voxel sizes and the warped image before use"]

@@ -86,7 +86,9 @@ class StageSpec:
     Loss: ``-similarity + alpha * bending energy`` (bending energy of the displacement in mm,
     derivatives per mm).  ``similarity`` is ``"ncc"`` (global) or ``"lncc"`` (local, window of
     ``ncc_window`` voxels); for training pairs whose labels are known it is mixed with the soft
-    Dice of the warped labels: ``(1 - dice_weight) * NCC + dice_weight * soft Dice``.  An affine stage
+    Dice of the warped labels: ``(1 - dice_weight) * NCC + dice_weight * soft Dice``.  A B-spline stage with ``fold_weight`` > 0 adds that
+    times the folding penalty of its field (:func:`dlir.losses.folding_penalty`: det J below ``MIN_JACOBIAN`` at
+    any cell corner) to its training loss, so that it learns fields that do not fold.  An affine stage
     with ``keypoints`` > 0 finds that many keypoints per image and fits the affine to them (``depth``
     pooling levels; :class:`~dlir.nets.KeypointAffineNet`); with 0 it is the paper's 12-parameter network
     (``depth`` convolution blocks, constrained by the rotation, shear and scale bounds).  The training fields (iterations, learning rate, batch and patch
@@ -106,6 +108,7 @@ class StageSpec:
     similarity: Literal["ncc", "lncc"] = "ncc"
     ncc_window: int = 9
     dice_weight: float = 0.0
+    fold_weight: float = 0.0
     alpha: float | None = None  # None: 0 for an affine stage, DEFAULT_BENDING_WEIGHT for a B-spline stage
     iterations: int = 1000
     learning_rate: float = 1e-3
@@ -192,6 +195,7 @@ def _check_stage(spec: StageSpec) -> None:
         put("alpha", DEFAULT_BENDING_WEIGHT if kind == "bspline" else 0.0)
     put("alpha", _number(spec.alpha, "alpha (bending weight)", 0.0, MAX_ALPHA))
     put("dice_weight", _number(spec.dice_weight, "dice_weight", 0.0, 1.0))
+    put("fold_weight", _number(spec.fold_weight, "fold_weight", 0.0, MAX_ALPHA))
     _whole(spec.iterations, "iterations", ITERATIONS)
     put("learning_rate", _number(spec.learning_rate, "learning_rate", 0.0, MAX_LEARNING_RATE, low_open=True))
     _whole(spec.batch_size, "batch_size", BATCH_SIZE)

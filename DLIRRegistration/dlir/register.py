@@ -22,7 +22,9 @@ Guarantees beyond the input checks of :mod:`dlir.io`: a NaN or infinite value in
 output, the refinement or the composed transform stops the run with one sentence naming it;
 label values come back exactly (any integer type, negative or above 2^24: labels are gathered as
 integers, never interpolated as floats); a warning (and ``no_overlap`` in :meth:`Registration.summary`)
-when fixed and moving hardly overlap after the initial alignment.
+when fixed and moving hardly overlap after the initial alignment, and one when the registered transform maps
+much of the fixed image out of the moving one (:func:`dlir.quality.overlap_warnings`).  Refused before any
+work: an empty fixed mask, and an image narrower than one network voxel of a stage (the stage cannot see it).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from .io import check_image, check_label_map
 from . import alignment, runtime
 from .memory import check_memory
 from .pipeline import PreparedImage, check_stage_output, run_stages, stage_grid
-from .quality import foreground_similarities, result_warnings
+from .quality import foreground_similarities, overlap_warnings, result_warnings
 from .refine import Refinement, RefineResult, check_refinement, refine
 from .stack import Stack
 from .transforms import Composite, SpatialTransform
@@ -87,6 +89,7 @@ class Registration:
     stack_name: str
     timings: dict[str, float] = field(default_factory=dict)
     overlap_fraction: float = 1.0  # share of fixed voxels inside the moving image after the initial alignment
+    registered_overlap_fraction: float = 1.0  # the same under the registered transform
     initial_similarity: float = float("nan")  # NCC in the fixed foreground after the initial alignment (dlir.quality)
     similarity: float = float("nan")  # the same after registration
     warnings: list[str] = field(default_factory=list)  # sentences also logged as warnings
@@ -137,6 +140,7 @@ class Registration:
             "jacobian_std": self.jacobian_std,
             "overlap_fraction": round(self.overlap_fraction, 4),
             "no_overlap": self.overlap_fraction < NO_OVERLAP_BELOW,
+            "registered_overlap_fraction": round(self.registered_overlap_fraction, 4),
             "similarity": {"initial": round(self.initial_similarity, 4), "registered": round(self.similarity, 4)},
             "warnings": list(self.warnings),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
@@ -184,6 +188,11 @@ def register(
         check_label_map(moving_labels, moving, "moving label map", "moving image", allow_negative=True)
     if fixed_mask is not None:
         check_label_map(fixed_mask, fixed, "fixed mask", "fixed image")
+        if not sitk.GetArrayViewFromImage(fixed_mask).any():
+            raise InputError("the fixed mask is empty (every voxel is 0); give a mask that marks the region to register, "
+                             "or leave it out")
+    for image, what in ((fixed, "fixed image"), (moving, "moving image")):
+        check_visible(stack, Grid.from_image(image), what)
     check_refinement(refine)
     if label_interpolation not in LABEL_INTERPOLATIONS:
         raise InputError(f"unknown label interpolation {label_interpolation!r}: use {' or '.join(LABEL_INTERPOLATIONS)}")
@@ -307,7 +316,9 @@ def _register(request: _Request, device: torch.device) -> Registration:
             )
         steps.timings["warp"] -= result.jacobian_s
         steps.record("jacobian", result.jacobian_s)
-    for warning in result_warnings(request.refinement != 0, result.folding_fraction, *similarity):
+    registered_overlap = overlap_fraction(transform, fixed_grid, moving_grid, device)
+    for warning in [*result_warnings(request.refinement != 0, result.folding_fraction, *similarity),
+                    *overlap_warnings(overlap, registered_overlap, NO_OVERLAP_BELOW)]:
         log.warning(warning)
         warnings.append(warning)
 
@@ -320,6 +331,7 @@ def _register(request: _Request, device: torch.device) -> Registration:
         stack_name=stack.name,
         timings=steps.timings,
         overlap_fraction=overlap,
+        registered_overlap_fraction=registered_overlap,
         initial_similarity=similarity[0],
         similarity=similarity[1],
         warnings=warnings,
@@ -344,13 +356,34 @@ def _overlap_warnings(overlap: float) -> list[str]:
 
 
 def _mask_voxels(fixed_mask: sitk.Image | None) -> np.ndarray | None:
-    """The fixed mask's voxels ``[D, H, W]`` (a view), None without a mask; an empty mask is refused."""
-    if fixed_mask is None:
-        return None
-    mask = sitk.GetArrayViewFromImage(fixed_mask)
-    if not mask.any():
-        raise InputError("the fixed mask is empty: no voxel to compute folding on")
-    return mask
+    """The fixed mask's voxels ``[D, H, W]`` (a view), None without a mask (an empty one is refused by :func:`register`)."""
+    return None if fixed_mask is None else sitk.GetArrayViewFromImage(fixed_mask)
+
+
+#: the LPS axes, as a sentence names them
+_AXIS_NAMES = ("left to right (x)", "front to back (y)", "foot to head (z)")
+
+
+def check_visible(stack: Stack, grid: Grid, what: str) -> None:
+    """Refuse an image narrower than one network voxel of a stage of ``stack`` along an LPS axis: the stage would
+    see it as less than one voxel, and its transform would move points by millimetres out of it.
+
+    Width along LPS axis a (mm): the extent of the image's voxels, edge to edge, ``sum_b |D[a, b]| size_b spacing_b``;
+    compared with the stage's network spacing along that axis (mm).  ``what`` names the image in the sentence.
+    """
+    direction = np.abs(np.asarray(grid.direction, dtype=np.float64).reshape(3, 3))
+    widths = direction @ (np.asarray(grid.size, dtype=np.float64) * np.abs(np.asarray(grid.spacing, dtype=np.float64)))
+    for k, stage in enumerate(stack.stages, start=1):
+        voxel = np.asarray(stage.spec.spacing_mm, dtype=np.float64)
+        narrow = np.flatnonzero(widths < voxel)
+        if narrow.size:
+            axis = int(narrow[0])
+            raise InputError(
+                f"the {what} is only {widths[axis]:.3g} mm wide from {_AXIS_NAMES[axis]}, less than one {voxel[axis]:g} mm "
+                f"voxel of stage {k}/{len(stack.stages)} ({stage.spec.kind}) of the stack '{stack.name}', which cannot "
+                "see it; check the voxel size in the image's header (mm), or use a stack whose stages work on "
+                f"voxels smaller than {widths[axis]:.3g} mm"
+            )
 
 
 def _refine(transforms: list[SpatialTransform], fixed: PreparedImage, moving: PreparedImage, refinement: Refinement,

@@ -100,7 +100,7 @@ class OutputFolder:
     ``whole=False`` (:func:`dlir.outputs.register_pair`) other files in ``out`` are kept and only the output
     files are swapped at :meth:`commit`.  On leaving without :meth:`commit` (an error, Ctrl-C)
     the staging folder, the lock and any parent folders made for it are removed; ``out`` is as
-    it was.
+    it was.  From :meth:`commit` to the end of the block Ctrl-C is ignored: the run has succeeded.
     """
 
     def __init__(self, out: str | Path, inputs: Mapping[str, str | Path | None] = {}, *, overwrite: bool = False,
@@ -113,6 +113,7 @@ class OutputFolder:
         self.committed = False
         self._lock: _Lock | None = None
         self._made: list[Path] = []  # parent folders this run created, outermost first
+        self._after_commit = contextlib.ExitStack()  # Ctrl-C ignored from the commit to the end of the block
 
     def __enter__(self) -> OutputFolder:
         with _interrupts_deferred():
@@ -133,31 +134,35 @@ class OutputFolder:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        with _interrupts_deferred():
+        with self._after_commit, _interrupts_deferred():
             self._clean_up()
 
     def commit(self) -> None:
-        """Put the staged files in place as ``out`` (Ctrl-C is held back until this is done)."""
-        with _interrupts_deferred():
-            try:
-                fsync_tree(self.temp)
-                if not self.whole:
-                    self._move_files()
-                elif self.out.exists() and any(self.out.iterdir()):
-                    if not self.overwrite or foreign_entry(self.out) is not None:
-                        raise OutputError(f"the output folder {self.shown} got other files while dlir was running; "
-                                          "the results were not put there")
-                    self._replace()
-                else:
-                    if self.out.exists():
-                        self.out.rmdir()
-                    os.rename(self.temp, self.out)
-                if os.name != "nt":
-                    fsync_path(self.out.parent)
-            except OSError as exc:
-                raise OutputError(f"cannot put the results in place as {self.shown} ({_os_reason(exc)}); "
-                                  "nothing was written there") from exc
-            self.committed = True
+        """Put the staged files in place as ``out``; Ctrl-C is ignored from here to the end of the block.
+
+        A Ctrl-C could not stop the commit half-way, and once the files are in place the run has
+        succeeded: a script trusting the exit code must not throw the complete result away.
+        """
+        self._after_commit.enter_context(interrupts_ignored())
+        try:
+            fsync_tree(self.temp)
+            if not self.whole:
+                self._move_files()
+            elif self.out.exists() and any(self.out.iterdir()):
+                if not self.overwrite or foreign_entry(self.out) is not None:
+                    raise OutputError(f"the output folder {self.shown} got other files while dlir was running; "
+                                      "the results were not put there")
+                self._replace()
+            else:
+                if self.out.exists():
+                    self.out.rmdir()
+                os.rename(self.temp, self.out)
+            if os.name != "nt":
+                fsync_path(self.out.parent)
+        except OSError as exc:
+            raise OutputError(f"cannot put the results in place as {self.shown} ({_os_reason(exc)}); "
+                              "nothing was written there") from exc
+        self.committed = True
 
     def _replace(self) -> None:
         """Swap an earlier result for the new one: old aside, new in, old deleted (put back if the swap fails)."""
@@ -289,6 +294,22 @@ def _os_reason(exc: OSError) -> str:
     if exc.errno == errno.EROFS:
         return "the file system is read-only"
     return exc.strerror or str(exc)
+
+
+@contextlib.contextmanager
+def interrupts_ignored() -> Iterator[None]:
+    """Ignore Ctrl-C (SIGINT) inside the block: for what follows a run's success (its result in place).
+
+    Outside the main thread (where Python cannot handle signals) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

@@ -80,7 +80,7 @@ def affine_from_parameters(
     ``scale = mid + half_range * tanh(c)`` (so raw 0 is scale 1 when the range is symmetric about
     1), ``translation = translation_scale * t`` mm (unconstrained).  The matrix
     ``A = R @ Shear @ Scale`` acts about ``centre`` ``[N, 3]`` (mm):
-    ``T(x) = A (x - centre) + centre + translation``.  All zeros is the identity.
+    ``T(x) = A (x - centre) + centre + translation``.  All zeros is the identity when the scale range is symmetric about 1.
     """
     if raw.dim() != 2 or raw.shape[1] != 12:
         raise ValueError(f"expected affine parameters [N, 12], got {tuple(raw.shape)}")

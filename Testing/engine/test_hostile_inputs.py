@@ -21,14 +21,24 @@ Cases (issue 14, group 2 and the input side of group 3):
    through the API and through the files the CLI writes).
 7. ``one-hot-linear`` with 27,000 labels: fast, exact, with progress inside the warp.
 8. No overlap after the initial alignment: a warning and ``no_overlap`` in result.json.
-9. Extreme grids: a 0.01 x 0.01 x 50 mm pair stays under 1.5 GB (it took 5 GB and more), and a
-   header whose spacing asks for a gigantic network grid is refused before allocating.
+9. Extreme grids: a 0.01 x 0.01 x 50 mm pair (1024 x 1024 x 8 voxels) stays under 1.5 GB (it took
+   5 GB and more), and a header whose spacing asks for a gigantic network grid is refused before
+   allocating.
+
+Issue 26 (nothing silently empty, every sentence plain):
+
+10. An image narrower than one network voxel of a stage (2 x 2 x 2 mm; 0.01 x 0.01 x 50 mm voxels,
+    1.28 mm wide) is refused with a sentence that says so, before any work; a result whose transform
+    maps the fixed image out of the moving one says so on the command line and in result.json.
+11. ITK's words never reach the terminal: a sheared sform, a singular direction matrix and a folder
+    without DICOM files are each one sentence of ours (a sform ITK reads with a caveat: a warning of ours).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 import subprocess
@@ -46,12 +56,13 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
+from dlir.cli import main
 from dlir.errors import InputError, StackError
 from dlir.geometry import Grid, sample
 from dlir.io import check_image, read_image
 from dlir.pipeline import check_stage_output
 from dlir.register import register
-from dlir.stack import load_stack
+from dlir.stack import Stack, load_stack, save_stack
 from dlir.transforms import AffineTransform
 
 RunDlir = Callable[..., subprocess.CompletedProcess]
@@ -263,6 +274,14 @@ def _usable(spacing: list[float], origin: list[float], direction: np.ndarray) ->
                 and np.isfinite(direction).all() and np.abs(direction.T @ direction - np.eye(3)).max() <= 1e-4)
 
 
+def _visible(spacing: list[float], transform_matrix: np.ndarray, size: int) -> bool:
+    """Whether a usable header's image of ``size``^3 voxels is at least one 8 mm voxel (the small stack's affine
+    stage) wide along every LPS axis: its box, edge to edge, projected on each axis.  ``transform_matrix`` as
+    written in the MetaImage header, which lists the direction's columns one after the other (ITK reads it transposed)."""
+    widths = np.abs(transform_matrix.T) @ (np.abs(np.asarray(spacing)) * size)
+    return bool((widths >= 8.0).all())
+
+
 @settings(derandomize=True, max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spacing=st.lists(SPACINGS, min_size=3, max_size=3), origin=st.lists(ORIGINS, min_size=3, max_size=3),
        angles=st.tuples(*[st.floats(-math.pi, math.pi)] * 3), distortion=DISTORTIONS)
@@ -277,7 +296,8 @@ def _usable(spacing: list[float], origin: list[float], direction: np.ndarray) ->
 @example(spacing=[1e-5, 1.0, 1.0], origin=[0.0, 0.0, 0.0], angles=(0.0, 0.0, 0.0), distortion="none")
 @example(spacing=[-1.0, 2.0, 2.0], origin=[0.0, 0.0, 0.0], angles=(0.0, 0.0, 0.0), distortion="swapped axes")
 def test_any_header_is_refused_with_a_sentence_or_registered_right(stack, spacing, origin, angles, distortion) -> None:
-    """A MetaImage pair with the header written as given: refused exactly when unusable, else finite outputs on its grid."""
+    """A MetaImage pair with the header written as given: refused exactly when unusable or narrower than a network
+    voxel, else finite outputs on its grid."""
     direction = _direction(angles, distortion)
     text = dict(spacing=" ".join(repr(float(v)) for v in spacing), origin=" ".join(repr(float(v)) for v in origin),
                 direction=" ".join(repr(float(v)) for v in direction.ravel()))
@@ -291,12 +311,15 @@ def test_any_header_is_refused_with_a_sentence_or_registered_right(stack, spacin
         except InputError as exc:
             one_sentence(str(exc))
             grid_too_big = "network grid" in str(exc)
-            assert grid_too_big or not _usable(spacing, origin, direction), str(exc)
-            assert any(w in str(exc) for w in ("spacing", "voxel size", "origin", "Offset", "direction", "network grid")), str(exc)
-            event("refused: " + next(w for w in ("network grid", "spacing", "voxel size", "origin", "Offset", "direction") if w in str(exc)))
+            too_small = "cannot see it" in str(exc)
+            assert grid_too_big or not _usable(spacing, origin, direction) or too_small, str(exc)
+            assert not too_small or not _visible(spacing, direction, shape[0]), str(exc)
+            words = ("network grid", "cannot see it", "spacing", "voxel size", "origin", "Offset", "direction")
+            assert any(w in str(exc) for w in words), str(exc)
+            event("refused: " + next(w for w in words if w in str(exc)))
             return
     event("registered")
-    assert _usable(spacing, origin, direction)
+    assert _usable(spacing, origin, direction) and _visible(spacing, direction, shape[0])
     for image in (result.displacement, result.warped, result.jacobian):
         assert np.isfinite(sitk.GetArrayViewFromImage(image)).all()
         assert Grid.from_image(image).same_as(Grid.from_image(fixed), tol=0.0)
@@ -451,10 +474,11 @@ def test_no_overlap_after_the_initial_alignment_is_flagged(files: dict[str, Path
 
 # ----------------------------------------------------------------------------------- 9: extreme grids
 def test_an_extremely_anisotropic_pair_registers_in_bounded_memory(files: dict[str, Path], tmp_path: Path) -> None:
-    """0.01 x 0.01 x 50 mm voxels (256 x 256 x 8): the anti-aliasing kernels once took 5 GB here (20 GB at 512^2)."""
+    """0.01 x 0.01 x 50 mm voxels (1024 x 1024 x 8, 10.24 mm wide: the 8 mm stage sees it): the anti-aliasing kernels
+    once took 5 GB at 256 x 256 and 20 GB at 512 x 512; this pair peaks at about 0.72 GB (README, "Bad input")."""
     paths = []
     for seed in (0, 1):
-        image = volume(seed, shape=(8, 256, 256), spacing=(0.01, 0.01, 50.0))
+        image = volume(seed, shape=(8, 1024, 1024), spacing=(0.01, 0.01, 50.0))
         paths.append(tmp_path / f"aniso{seed}.nii.gz")
         sitk.WriteImage(image, str(paths[-1]))
     # the peak of this process's own address space: /proc's VmHWM (kB) starts afresh at exec, where ru_maxrss
@@ -469,3 +493,134 @@ def test_an_extremely_anisotropic_pair_registers_in_bounded_memory(files: dict[s
     assert result.returncode == 0, result.stderr
     peak = int(result.stderr.split("maxrss")[-1]) * (1 if sys.platform == "darwin" else 1024)
     assert peak < 1.5 * 2**30, f"peak memory {peak / 2**30:.2f} GB"
+
+
+# ----------------------------------------------------------------------------------- 10: nothing silently empty
+def run_main(capfd: pytest.CaptureFixture[str], *args: object) -> tuple[int, list[str], str]:
+    """``dlir ARGS`` in this process: (exit code, non-empty stderr lines, stdout), captured at the file descriptors
+    (so what native code prints counts too).  The engine's logged warnings, which the command prints as
+    ``WARNING: <sentence>``, go to pytest's log capture here (``caplog``)."""
+    capfd.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capfd.readouterr()
+    return code, [line for line in err.splitlines() if line.strip()], out
+
+
+def logged_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+
+
+TOO_SMALL = {
+    "2 x 2 x 2 voxels of 1 mm": ((2, 2, 2), (1.0, 1.0, 1.0), "2 mm wide"),
+    "0.01 x 0.01 x 50 mm voxels, 128 x 128 x 8": ((8, 128, 128), (0.01, 0.01, 50.0), "1.28 mm wide"),
+}
+
+
+@pytest.mark.parametrize("shape, spacing, width", TOO_SMALL.values(), ids=TOO_SMALL.keys())
+def test_an_image_narrower_than_a_network_voxel_is_refused_before_any_work(
+    files: dict[str, Path], tmp_path: Path, capfd, monkeypatch, shape, spacing, width: str
+) -> None:
+    """Such a pair registered with exit 0 and an all-zero warped image: the stages moved points by millimetres, out of it."""
+    import dlir.register
+
+    def never(*args, **kwargs):
+        raise AssertionError("the registration started")
+
+    monkeypatch.setattr(dlir.register, "_register", never)
+    paths = [tmp_path / f"tiny{seed}.nii.gz" for seed in (0, 1)]
+    for seed, path in enumerate(paths):
+        sitk.WriteImage(volume(seed, shape=shape, spacing=spacing), str(path))
+    out = tmp_path / "out"
+    code, err, _ = run_main(capfd, "register", *paths, "--stack", files["stack"], "--out", out, "--device", "cpu")
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: the fixed image is only "), err
+    for words in (width, "less than one 8 mm voxel of stage 1/2 (affine)", "cannot see it", "voxel size"):
+        assert words in err[0], err[0]
+    assert not out.exists()
+    with pytest.raises(InputError, match="the moving image is only .* cannot see it") as raised:
+        register(volume(0), sitk.ReadImage(str(paths[1])), load_stack(files["stack"]), device="cpu")
+    one_sentence(str(raised.value))
+
+
+def shifting_stack(fresh_stack_file: Path, shift_voxels: float) -> Stack:
+    """The small stack whose B-spline stage moves every point by ``shift_voxels`` of its 4 mm grid along x (LPS)."""
+    stack = load_stack(fresh_stack_file)
+    with torch.no_grad():
+        output = stack.stages[1].net.output
+        output.weight.zero_()
+        output.bias.copy_(torch.tensor([shift_voxels, 0.0, 0.0]))
+    return stack
+
+
+def test_a_transform_that_maps_the_fixed_image_out_of_the_moving_one_is_flagged(
+    files: dict[str, Path], tmp_path: Path, capfd, caplog, fresh_stack_file: Path
+) -> None:
+    """40 mm out of a 32 mm wide pair: exit 0, but a warning on the command line and in result.json (it said nothing)."""
+    stack_path = save_stack(shifting_stack(fresh_stack_file, 10.0), tmp_path / "shifting.safetensors")
+    out = tmp_path / "out"
+    code, err, _ = run_main(capfd, "register", files["fixed"], files["moving"], "--stack", stack_path, "--out", out,
+                            "--device", "cpu", "--initial-alignment", "none")
+    assert code == 0, err
+    warned = [line for line in logged_warnings(caplog) if "maps only" in line]
+    assert len(warned) == 1 and warned[0].startswith("the registered transform maps only 0.0 % of the fixed image "
+                                                     "inside the moving image (100.0 % after the initial"), warned
+    report = json.loads((out / "result.json").read_text(encoding="utf-8"))
+    assert report["registered_overlap_fraction"] == 0.0 and report["overlap_fraction"] == 1.0
+    assert any("maps only" in w for w in report["warnings"]) and report["no_overlap"] is False
+    slight = register(volume(0), volume(1), shifting_stack(fresh_stack_file, 1.0), device="cpu", initial_alignment="none")
+    assert 0.8 < slight.registered_overlap_fraction < 1.0  # 4 mm of 32: kept, no warning
+    assert not any("maps only" in w for w in slight.warnings)
+
+
+# ----------------------------------------------------------------------------------- 11: ITK's words never shown
+def _nifti_with_sform(source: Path, target: Path, qform_code: int, srow: list[float]) -> Path:
+    """A copy of an uncompressed NIfTI-1 file with the qform code and the sform (code 1, ``srow``) replaced."""
+    import struct
+
+    data = bytearray(source.read_bytes())
+    data[252:256] = struct.pack("<hh", qform_code, 1)
+    data[280:328] = struct.pack("<12f", *srow)
+    target.write_bytes(bytes(data))
+    return target
+
+
+SHEARED_SROW = [2.0, 0.6, 0.0, -15.0, 0.0, 2.0, 0.0, -15.0, 0.0, 0.0, 2.0, -15.0]
+ITK_WORDS = ("ITK", "WARNING: In", ".cxx", "0x", "sitk::", "GDCM")
+
+
+def _hostile_reads(files: dict[str, Path], root: Path) -> dict[str, tuple[Path, list[str]]]:
+    nodicom = root / "nodicom"
+    nodicom.mkdir()
+    (nodicom / "notes.txt").write_text("no DICOM here\n", encoding="utf-8")
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(files["moving"])))
+    return {
+        "sheared sform, no qform": (_nifti_with_sform(files["fixed_nii"], root / "sheared.nii", 0, SHEARED_SROW),
+                                    ["moving image file", "sheared.nii", "not a rotation (it shears", "fix the header"]),
+        "singular direction (MetaImage)": (metaimage(root / "singular.mha", array, "2 2 2", "-15 -15 -15", "1 0 0 0 1 0 0 0 0"),
+                                           ["moving image file", "singular.mha", "singular", "correct the direction"]),
+        "folder without DICOM files": (nodicom, ["moving image folder", "holds no DICOM series", "give a folder"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["sheared sform, no qform", "singular direction (MetaImage)", "folder without DICOM files"])
+def test_an_image_itk_refuses_is_one_sentence_of_ours_and_nothing_of_itk(files: dict[str, Path], tmp_path: Path, capfd,
+                                                                          case: str) -> None:
+    path, words = _hostile_reads(files, tmp_path)[case]
+    code, err, stdout = run_main(capfd, "register", files["fixed"], path, "--stack", files["stack"], "--out",
+                                 tmp_path / "out", "--device", "cpu")
+    assert code == 2 and stdout == "" and len(err) == 1 and err[0].startswith("error: "), (err, stdout)
+    for word in words:
+        assert word in err[0], err[0]
+    assert not any(w in err[0] for w in ITK_WORDS), err[0]
+
+
+def test_a_sform_itk_reads_with_a_caveat_is_a_warning_of_ours(files: dict[str, Path], tmp_path: Path, capfd, caplog) -> None:
+    """A sheared sform beside a good qform: ITK places the image by the qform and prints its own warning twice."""
+    path = _nifti_with_sform(files["fixed_nii"], tmp_path / "sheared_with_qform.nii", 1, SHEARED_SROW)
+    code, err, stdout = run_main(capfd, "register", files["fixed"], path, "--stack", files["stack"], "--out",
+                                 tmp_path / "out", "--device", "cpu")
+    assert code == 0, err
+    assert [line for line in logged_warnings(caplog) if "sform" in line] == [
+        f"the moving image file {path} has a sform in its NIfTI header that disagrees with its voxel size or "
+        "shears the axes, so the image was placed by the rest of the header (as 3D Slicer does); check that it lies "
+        "where you expect, or fix the sform"], err
+    assert not any(w in line for line in err + stdout.splitlines() for w in ITK_WORDS), (err, stdout)

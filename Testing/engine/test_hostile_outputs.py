@@ -4,7 +4,8 @@ The contract, asserted in every case: exit code 2 with exactly one line on stder
 ``error: `` that names the problem (130 and the one line ``interrupted`` for Ctrl-C), every input
 byte for byte as it was (SHA-256), and ``--out`` either absent (as it was) or the complete
 result of one run (every expected file, ``result.json`` of that run), with no staging folder
-(``.NAME.dlir-*``) and no lock (``NAME.lock``) left beside it.
+(``.NAME.dlir-*``) and no lock (``NAME.lock``) left beside it.  A refusal that needs no image
+comes before anything is read or registered; a Ctrl-C once the result is in place exits 0 (issue 26).
 
 Most cases call ``dlir.cli.main`` in this process (fast; file-descriptor level capture, so native
 writers' messages count as lines too); Ctrl-C, two processes at once and a real full disk run
@@ -443,20 +444,27 @@ import importlib.abc, importlib.util, os, pathlib, sys, time
 WHERE = os.environ.get("DLIR_TEST_PAUSE", "")
 MARK = os.environ.get("DLIR_TEST_MARK", "")
 AT = int(os.environ.get("DLIR_TEST_PAUSE_AT", "1"))
+GO = os.environ.get("DLIR_TEST_GO", "")
+MODULE, _, FUNCTION = WHERE[5:].rpartition(":") if WHERE.startswith("call:") else ("", "", "")
+MODULE = MODULE or "dlir.outputs"
 
 
 def pause():
+    """Say so in MARK, then wait 120 s, or until the file GO exists when one is named (Ctrl-C ends the wait too)."""
     pathlib.Path(MARK).touch()
-    time.sleep(120)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (GO and os.path.exists(GO)):
+        time.sleep(0.05)
 
 
 class Pause(importlib.abc.MetaPathFinder):
-    """Pause at an import ("import:MODULE") or at the AT-th call of a function of dlir.outputs ("call:NAME")."""
+    """Pause at an import ("import:MODULE") or at the AT-th call of a function of dlir.outputs ("call:NAME") or of
+    another module ("call:MODULE:NAME")."""
 
     def find_spec(self, name, path, target=None):
         if WHERE == "import:" + name:
             pause()
-        if WHERE.startswith("call:") and name == "dlir.outputs":
+        if FUNCTION and name == MODULE:
             sys.meta_path.remove(self)
             try:
                 spec = importlib.util.find_spec(name)
@@ -466,7 +474,7 @@ class Pause(importlib.abc.MetaPathFinder):
 
             def exec_module(module):
                 run(module)
-                real, calls = getattr(module, WHERE[5:]), []
+                real, calls = getattr(module, FUNCTION), []
 
                 def paused(*args, **kwargs):
                     calls.append(1)
@@ -474,7 +482,7 @@ class Pause(importlib.abc.MetaPathFinder):
                         pause()
                     return real(*args, **kwargs)
 
-                setattr(module, WHERE[5:], paused)
+                setattr(module, FUNCTION, paused)
 
             spec.loader.exec_module = exec_module
             return spec
@@ -493,10 +501,11 @@ def hook_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def start_paused(args: list[object], where: str, mark: Path, hook_dir: Path, at: int = 1) -> subprocess.Popen:
-    """``python -m dlir ARGS``, paused at ``where``; returns once it is there (the marker file exists)."""
+def start_paused(args: list[object], where: str, mark: Path, hook_dir: Path, at: int = 1, go: Path | None = None) -> subprocess.Popen:
+    """``python -m dlir ARGS``, paused at ``where`` (until ``go`` exists, when given); returns once it is there (the
+    marker file exists)."""
     env = {**os.environ, "PYTHONPATH": f"{hook_dir}{os.pathsep}{SRC}", "DLIR_TEST_PAUSE": where, "DLIR_TEST_MARK": str(mark),
-           "DLIR_TEST_PAUSE_AT": str(at), "DLIR_MODELS_DIR": str(hook_dir)}
+           "DLIR_TEST_PAUSE_AT": str(at), "DLIR_MODELS_DIR": str(hook_dir), "DLIR_TEST_GO": str(go or "")}
     # Ctrl-C's own disposition, even when this test runs in a shell's background job (which ignores SIGINT,
     # and a child that inherits that would never see it)
     proc = subprocess.Popen([sys.executable, "-m", "dlir", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -545,6 +554,42 @@ def test_ctrl_c_at_any_moment_exits_130_with_one_line_and_no_partial_folder(
     assert code == 130, err
     assert err == ["interrupted"], err
     assert snapshot(tmp_path) == before, "the output folder changed, or a partial one was left"
+    assert leftovers(tmp_path) == []
+
+
+AFTER_THE_WORK = {
+    # where the run is paused when Ctrl-C comes, the call's number, a cohort
+    "while the result is put in place": ("call:dlir.resultfolder:fsync_tree", 1, False),
+    "while the result is printed": ("call:dlir.cli:_print_result", 1, False),
+    "while a cohort is put in place": ("call:dlir.resultfolder:fsync_tree", 3, True),  # after its two pair folders
+}
+
+
+@pytest.mark.parametrize("where, at, cohort", AFTER_THE_WORK.values(), ids=AFTER_THE_WORK.keys())
+def test_ctrl_c_once_the_result_is_being_put_in_place_exits_0_with_the_folder_complete(
+    inputs, tmp_path, hook_dir, untouched, where: str, at: int, cohort: bool
+) -> None:
+    """The run has succeeded: a script trusting the exit code must not throw the result away (it exited 130)."""
+    out, go = tmp_path / "out", tmp_path.parent / f"{tmp_path.name}.go"
+    if cohort:
+        table = tmp_path.parent / f"{tmp_path.name}.csv"
+        table.write_text(f"id,fixed,moving\na,{inputs['fixed']},{inputs['moving']}\nb,{inputs['fixed']},{inputs['moving2']}\n",
+                         encoding="utf-8")
+        args = ["register", "--pairs", table, "--stack", inputs["stack"], "--out", out, "--device", "cpu"]
+    else:
+        args = register_args(inputs, out)
+    proc = start_paused(args, where, tmp_path.parent / f"{tmp_path.name}.mark", hook_dir, at, go)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # delivered (or ignored) while paused
+    go.touch()
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "interrupted" not in err and "registered" in stdout, (stdout, err)
+    if cohort:
+        assert sorted(p.name for p in out.iterdir()) == ["a", "b", "summary.csv"]
+        assert {p.name for p in (out / "b").iterdir()} == set(OUTPUTS)
+    else:
+        assert_complete(out, inputs["moving"], labels=False)
     assert leftovers(tmp_path) == []
 
 
@@ -603,3 +648,63 @@ def test_a_parent_of_out_that_is_a_file_is_one_sentence(inputs, tmp_path, run_ma
     code, err, _ = run_main(*register_args(inputs, tmp_path / "notes.txt" / "out"))
     assert_refused(code, err, "notes.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+# ----------------------------------------------------------------------------------- refused before any work
+@pytest.fixture
+def work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What a run did: ``read <what>`` per image it read, and ``register`` if the registration started (it stops there)."""
+    import dlir.prefetch
+    import dlir.register
+
+    done: list[str] = []
+    read = dlir.prefetch.read_image
+
+    def reading(path, what="image"):
+        done.append(f"read {what}")
+        return read(path, what)
+
+    def registering(*args, **kwargs):
+        done.append("register")
+        raise AssertionError("the registration started")
+
+    monkeypatch.setattr(dlir.prefetch, "read_image", reading)
+    monkeypatch.setattr(dlir.register, "_register", registering)
+    return done
+
+
+def test_an_empty_fixed_mask_is_refused_before_registering(inputs, tmp_path, run_main, untouched, work) -> None:
+    """It was refused after the whole registration."""
+    fixed = sitk.ReadImage(str(inputs["fixed"]))
+    mask = sitk.Image(fixed.GetSize(), sitk.sitkUInt8)
+    mask.CopyInformation(fixed)
+    sitk.WriteImage(mask, str(tmp_path / "empty_mask.nii.gz"))
+    code, err, _ = run_main(*register_args(inputs, tmp_path / "out", "--fixed-mask", tmp_path / "empty_mask.nii.gz"))
+    assert_refused(code, err, "the fixed mask is empty", "leave it out")
+    assert "register" not in work and not (tmp_path / "out").exists()
+
+
+def test_a_folder_held_by_another_run_is_refused_before_reading(inputs, tmp_path, run_main, untouched, work) -> None:
+    with OutputFolder(tmp_path / "out"):
+        code, err, _ = run_main(*register_args(inputs, tmp_path / "out"))
+    assert_refused(code, err, "another dlir run is writing into")
+    assert work == []
+
+
+def test_a_cohort_on_a_device_this_machine_lacks_is_refused_at_once(inputs, tmp_path, run_main, untouched, work) -> None:
+    """Every row failed (exit 1) where a single pair is refused at once (exit 2)."""
+    table = tmp_path / "pairs.csv"
+    table.write_text(f"id,fixed,moving\na,{inputs['fixed']},{inputs['moving']}\n", encoding="utf-8")
+    code, err, _ = run_main("register", "--pairs", table, "--stack", inputs["stack"], "--out", tmp_path / "out",
+                            "--device", "cuda:99")
+    assert_refused(code, err, "cuda:99")
+    assert work == [] and not (tmp_path / "out").exists()
+
+
+def test_a_stack_that_is_a_folder_is_called_a_folder(inputs, tmp_path, run_main, monkeypatch, untouched, work) -> None:
+    """``--stack ..`` was refused as the input folder that holds --out."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    code, err, _ = run_main("register", inputs["fixed"], inputs["moving"], "--stack", "..", "--out", "out", "--device", "cpu")
+    assert_refused(code, err, "--stack .. is a folder, not a stack file", ".safetensors")
+    assert work == [] and sorted(p.name for p in tmp_path.iterdir()) == ["here"]

@@ -118,3 +118,23 @@ def test_a_pair_that_does_not_overlap_is_registered_with_a_warning(scene, stack)
                               initialAlignment="none")
     assert any("do not overlap" in w for w in outputs.warnings), outputs.warnings
     assert outputs.registration.summary()["no_overlap"] is True
+
+
+def test_a_transform_that_maps_the_fixed_volume_out_of_the_moving_one_is_registered_with_a_warning(scene) -> None:
+    """A stack whose B-spline stage moves every point 48 mm, out of a 42 mm wide pair: the results say so (issue 26)."""
+    import torch
+
+    from DLIRRegistrationLib.registration import OutputRequest, registerVolumes
+    from testdata import small_stack
+
+    shifting = small_stack()
+    with torch.no_grad():
+        shifting.stages[1].net.output.weight.zero_()
+        shifting.stages[1].net.output.bias.copy_(torch.tensor([12.0, 0.0, 0.0]))  # voxels of its 4 mm grid, along x
+    m = np.diag([3.0, 3.0, 4.0, 1.0])
+    fixed, moving = volume_from_array(scene, blob(SHAPE), m, "fixed"), volume_from_array(scene, blob(SHAPE, 1.5), m, "moving")
+    outputs = registerVolumes(scene, fixed, moving, shifting, device="cpu", outputs=OutputRequest(show=False),
+                              initialAlignment="none")
+    assert any(w.startswith("the registered transform maps only 0.0 % of the fixed image inside the moving image")
+               for w in outputs.warnings), outputs.warnings
+    assert outputs.registration.summary()["registered_overlap_fraction"] == 0.0

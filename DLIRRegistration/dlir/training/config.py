@@ -11,6 +11,8 @@ Layout of ``CONFIG.toml`` (every key optional except ``data.images``; defaults b
     checkpoint_every = 100            # iterations between checkpoints
     validate_every = 100              # iterations between validations (0: only at stage ends)
     log_every = 10                    # iterations between iteration events
+    start_from = ""                   # a stack file to fine-tune (its networks must match the recipe's)
+    start_from_stages = []            # the stages (1-based) taken from it; empty: all it has
 
     [data]
     images = "images/"                # a folder, a glob or a CSV (image, labels, mask, pair)
@@ -19,6 +21,7 @@ Layout of ``CONFIG.toml`` (every key optional except ``data.images``; defaults b
     synthetic_fraction = 0.5          # share of synthetic pairs; the rest are listed pairs when
                                       # the CSV has a pair column, else random inter-image pairs
     validation_pairs_per_image = 2
+    validation_inter_subject = 0      # validation pairs of two different images, scored by their folding
     shapes_fraction = 0.0             # share of synthetic-shape pairs ([shapes], dlir.training.shapes)
     crop_probability = 0.0            # inter-subject augmentation (dlir.training.intersubject), off at 0:
     crop_min = 0.1                    #   the chance that the fixed or the moving image loses one end along
@@ -80,7 +83,7 @@ from ..stackname import name_problem
 from .toml_writer import dumps
 
 #: stage settings that can be given per stage on the command line (one value, or a comma list)
-STAGE_FLAGS = ("iterations", "learning_rate", "batch_size", "patch_size", "alpha", "channels", "dice_weight")
+STAGE_FLAGS = ("iterations", "learning_rate", "batch_size", "patch_size", "alpha", "channels", "dice_weight", "fold_weight")
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,9 @@ class DataSpec:
     misalign_rotation_deg: float = 0.0
     misalign_scale: float = 0.0
     misalign_translation_mm: float = 0.0
+    #: validation pairs of two different training images (ordered pairs, up to this many), scored by their folding
+    #: (they have no known correspondence): a stage that folds on pairs of two subjects is not kept
+    validation_inter_subject: int = 0
 
     def __post_init__(self) -> None:
         for key in ("synthetic_fraction", "shapes_fraction", "crop_probability"):
@@ -201,8 +207,9 @@ class DataSpec:
                 raise InputError(f"data.{key} must be a finite number >= 0, got {getattr(self, key)}")
         if self.misalign_scale >= 1:
             raise InputError(f"data.misalign_scale must be below 1, got {self.misalign_scale}")
-        if self.validation_count < 0 or self.validation_pairs_per_image < 0:
-            raise InputError("data.validation_count and data.validation_pairs_per_image must not be negative")
+        if self.validation_count < 0 or self.validation_pairs_per_image < 0 or self.validation_inter_subject < 0:
+            raise InputError("data.validation_count, data.validation_pairs_per_image and data.validation_inter_subject "
+                             "must not be negative")
 
 
 @dataclass(frozen=True)
@@ -286,6 +293,12 @@ class TrainConfig:
     checkpoint_every: int = 100
     validate_every: int = 100
     log_every: int = 10
+    #: a stack file whose stages' weights start this job's stages (fine-tuning): its networks must have the
+    #: recipe's shapes; "" starts from seeded initial weights
+    start_from: str = ""
+    #: the stages (1-based) that take their weights from ``start_from``; empty: every stage the file has (the others
+    #: start from their seeded initial weights: an affine stage of the paper's head from the identity)
+    start_from_stages: tuple[int, ...] = ()
     data: DataSpec = field(default_factory=DataSpec)
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
     shapes: ShapeSpec = field(default_factory=ShapeSpec)
@@ -305,6 +318,10 @@ class TrainConfig:
                 raise InputError(f"{key} must be at least 1")
         if self.validate_every < 0:
             raise InputError("validate_every must not be negative")
+        if any(not 1 <= k <= len(self.recipe.stages) for k in self.start_from_stages):
+            raise InputError(f"start_from_stages must name stages from 1 to {len(self.recipe.stages)}, got {list(self.start_from_stages)}")
+        if self.start_from_stages and not self.start_from:
+            raise InputError("start_from_stages needs start_from: the stack file whose stages start this job")
         for k, spec in enumerate(self.recipe.stages, 1):
             if not (math.isfinite(spec.learning_rate) and math.isfinite(spec.alpha)):
                 raise InputError(f"stage {k}: learning_rate and alpha must be finite numbers")
@@ -318,7 +335,8 @@ class TrainConfig:
         return {
             "name": self.name, "description": self.description, "modality": self.modality, "anatomy": self.anatomy,
             "device": self.device, "seed": self.seed, "checkpoint_every": self.checkpoint_every,
-            "validate_every": self.validate_every, "log_every": self.log_every,
+            "validate_every": self.validate_every, "log_every": self.log_every, "start_from": self.start_from,
+            "start_from_stages": list(self.start_from_stages),
             "data": asdict(self.data), "synthetic": asdict(self.synthetic), "shapes": asdict(self.shapes),
             "recipe": self.recipe.to_dict(),
         }
@@ -335,9 +353,13 @@ class TrainConfig:
             raise InputError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
         try:
             values = {k: v for k, v in data.items() if k not in ("data", "synthetic", "shapes", "recipe")}
+            if "start_from_stages" in values:
+                values["start_from_stages"] = tuple(int(k) for k in values["start_from_stages"])
             data_section = dict(data.get("data", {}))
             if data_section.get("images") and base is not None:
                 data_section["images"] = _absolute(str(data_section["images"]), base)
+            if values.get("start_from") and base is not None:
+                values["start_from"] = _absolute(str(values["start_from"]), base)
             config = cls(**values, data=_section(DataSpec, data_section, "data"),
                          synthetic=_section(SyntheticSpec, data.get("synthetic", {}), "synthetic"),
                          shapes=_section(ShapeSpec, data.get("shapes", {}), "shapes"),
@@ -377,13 +399,22 @@ def _absolute(path: str, base: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------- flags
+def _stage_numbers(text: str) -> tuple[int, ...]:
+    """``"2,3"`` -> ``(2, 3)``: stage numbers (1-based) on the command line."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give stage numbers separated by commas, e.g. 2,3 (got {text!r})") from None
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per configuration key (they override the config file)."""
     g = parser.add_argument_group("configuration (each overrides the config file)")
     for f in fields(TrainConfig):
         if f.name in ("data", "synthetic", "shapes", "recipe"):
             continue
-        g.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.default != "" else str, default=None)
+        kind = _stage_numbers if f.name == "start_from_stages" else type(f.default) if f.default != "" else str
+        g.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
     for f in fields(DataSpec):
         g.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.name != "images" else str, default=None,
                        help="data: a folder, a glob or a CSV of images" if f.name == "images" else None)
@@ -408,6 +439,8 @@ def apply_flags(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
     """``config`` with every flag given on the command line applied."""
     top = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
            if f.name not in ("data", "synthetic", "shapes", "recipe") and getattr(args, f.name, None) is not None}
+    if top.get("start_from"):
+        top["start_from"] = _absolute(top["start_from"], Path.cwd())
     data = {f.name: getattr(args, f.name) for f in fields(DataSpec) if getattr(args, f.name, None) is not None}
     if data.get("images"):
         data["images"] = _absolute(data["images"], Path.cwd())
@@ -428,7 +461,7 @@ def apply_flags(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
         values = [v.strip() for v in str(text).split(",") if v.strip()]
         if len(values) not in (1, len(stages)):
             raise InputError(f"--{name.replace('_', '-')} takes one value or {len(stages)} (one per stage), got {len(values)}")
-        kind = float if name in ("learning_rate", "alpha", "dice_weight") else int
+        kind = float if name in ("learning_rate", "alpha", "dice_weight", "fold_weight") else int
         try:
             parsed = [kind(v) for v in values]
         except ValueError:

@@ -4,7 +4,7 @@ Each iteration draws ``batch_size`` pairs (synthetic, listed, random inter-image
 :mod:`dlir.training.config`; with the inter-subject augmentation of :mod:`dlir.training.intersubject`:
 partial fields of view and a random initial misalignment), starts each from the recipe's initial
 alignment (the capture search is computed once per pair of training images and kept), runs the frozen
-earlier stages exactly as inference does (:mod:`dlir.pipeline`), and minimises ``-similarity(fixed, warped) + alpha * bending energy`` for
+earlier stages exactly as inference does (:mod:`dlir.pipeline`, an affine stage that makes a pair less alike skipped), and minimises ``-similarity(fixed, warped) + alpha * bending energy`` for
 the current stage with Adam.  B-spline stages train on random patches of the stage grid (cut at
 control-point boundaries, so the control-point lattice is the one inference uses); the affine
 stage sees the whole stage grid.  Gradients are averaged over the batch.  The pairs drawn are
@@ -27,6 +27,8 @@ rank 0 writes files and events.
 from __future__ import annotations
 
 import gc
+import hashlib
+import itertools
 import logging
 import math
 import os
@@ -49,7 +51,8 @@ from ..losses import Objective, ncc, one_hot, stage_loss
 from ..metrics import dice, folding_fraction
 from ..alignment import initial_alignment
 from ..pipeline import PreparedImage, run_stages, stage_inputs
-from ..stack import Manifest, Stack, build_stack, save_stack
+from ..recipe import StageSpec
+from ..stack import Manifest, Stack, build_stack, load_stack, save_stack
 from ..transforms import AffineTransform, Composite, DisplacementField, SpatialTransform, displacement_on_grid, grid_points, jacobian_determinant
 from .config import TrainConfig
 from .data import TrainingImage, find_images, load_image, pair_groups
@@ -157,6 +160,21 @@ def patch_grid(grid: Grid, offset: tuple[int, int, int], size: tuple[int, int, i
 
 
 @torch.no_grad()
+def _network_of(spec: StageSpec) -> tuple[object, ...]:
+    """What makes two stages' networks interchangeable: kind, grid spacing (mm), control-point spacing, kernels, head."""
+    return (spec.kind, tuple(spec.spacing_mm), spec.control_point_spacing if spec.kind == "bspline" else None,
+            spec.channels, spec.depth, spec.keypoints)
+
+
+def _sha256(path: Path) -> str:
+    """The SHA-256 of a file, hex."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def validation_scores(pair: TrainingPair, transform: SpatialTransform) -> tuple[float, float, dict[int, float]]:
     """(NCC, folding fraction, Dice per label of the fixed labels) of ``transform`` (fixed -> moving, LPS mm) on a pair.
 
@@ -192,6 +210,8 @@ class Trainer:
         self.show_bar = show_bar and self.main
         self.device = self._device()
         self.stack: Stack = build_stack(self._manifest(), seed=config.seed).to(self.device)
+        if config.start_from:
+            self._start_from(Path(config.start_from))
         self.records = [StageRecord() for _ in config.recipe.stages]
         self.position = (0, 0)  # (stage index, iterations done in it)
         self.optimiser_state: dict[str, Any] | None = None
@@ -212,6 +232,32 @@ class Trainer:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         return device
+
+    def _start_from(self, path: Path) -> None:
+        """Start the stages from the weights of the stack file ``path`` (fine-tuning): its stage ``k`` must have the
+        network of this recipe's stage ``k`` (kind, grid, control points, kernels, keypoints); stages the file lacks, or
+        left out of ``start_from_stages``, keep their seeded initial weights."""
+        if not path.is_file():
+            raise InputError(f"start_from: the stack file {path} does not exist")
+        try:
+            source = load_stack(path)
+        except DLIRError as exc:
+            raise InputError(f"start_from: {exc}") from exc
+        mine = self.config.recipe.stages
+        if len(source.stages) > len(mine):
+            raise InputError(f"start_from: {path.name} has {len(source.stages)} stages and this recipe {len(mine)}")
+        for k, (theirs, ours) in enumerate(zip(source.manifest.recipe.stages, mine), 1):
+            if _network_of(theirs) != _network_of(ours):
+                raise InputError(f"start_from: stage {k} of {path.name} is not the network of this recipe's stage {k} "
+                                 f"({_network_of(theirs)} against {_network_of(ours)})")
+        chosen = set(self.config.start_from_stages) or set(range(1, len(source.stages) + 1))
+        missing = sorted(chosen - set(range(1, len(source.stages) + 1)))
+        if missing:
+            raise InputError(f"start_from: {path.name} has no stage {missing[0]}")
+        weights = {n: t.detach().clone() for n, t in self.stack.weights().items()}
+        weights.update({n: t.to(self.device) for n, t in source.weights().items()
+                        if int(n.split(".", 1)[0].removeprefix("stage")) + 1 in chosen})
+        self.stack.load_weights(weights, str(path))
 
     def _manifest(self) -> Manifest:
         c = self.config
@@ -264,6 +310,12 @@ class Trainer:
                                                                 generator, im.labels)
                 self.validation.append(TrainingPair(PreparedImage(fixed, im.prepared.grid), PreparedImage(moving, im.prepared.grid),
                                             fixed_labels, im.labels))
+        for a, b in list(itertools.permutations(self.train_images, 2))[:c.data.validation_inter_subject]:
+            both = a.labels is not None and b.labels is not None
+            self.validation.append(TrainingPair(a.prepared, b.prepared, a.labels if both else None, b.labels if both else None))
+        mode = c.recipe.initial_alignment
+        for pair in self.validation:  # the start of every validation pair, once (the capture search costs ~0.5 s)
+            pair.initial = initial_alignment(mode, pair.fixed, pair.moving)
 
     # ------------------------------------------------------------------------------- pairs
     def draw_pair(self, generator: torch.Generator) -> TrainingPair:
@@ -358,7 +410,7 @@ class Trainer:
         with torch.no_grad():
             initial = pair.initial if pair.initial is not None else \
                 initial_alignment(self.stack.manifest.recipe.initial_alignment, pair.fixed, pair.moving)
-            transforms = run_stages(self.stack, pair.fixed, pair.moving, initial, upto=k)
+            transforms = run_stages(self.stack, pair.fixed, pair.moving, initial, upto=k, skip_worse=True)
         return transforms
 
     # ------------------------------------------------------------------------------- loss
@@ -417,9 +469,11 @@ class Trainer:
         dice_scores: dict[str, list[float]] = {}
         folding, sims = [], []
         for pair in self.validation:
+            initial = pair.initial.to(self.device) if pair.initial is not None else \
+                initial_alignment(self.stack.manifest.recipe.initial_alignment, pair.fixed, pair.moving)
             pair = TrainingPair(PreparedImage(pair.fixed.tensor.to(self.device), pair.fixed.grid),
-                        PreparedImage(pair.moving.tensor.to(self.device), pair.moving.grid), pair.fixed_labels, pair.moving_labels)
-            transforms = run_stages(self.stack, pair.fixed, pair.moving, initial_alignment(self.stack.manifest.recipe.initial_alignment, pair.fixed, pair.moving), upto=k + 1)
+                                PreparedImage(pair.moving.tensor.to(self.device), pair.moving.grid), pair.fixed_labels, pair.moving_labels)
+            transforms = run_stages(self.stack, pair.fixed, pair.moving, initial, upto=k + 1, skip_worse=True)
             similarity, pair_folding, pair_dice = validation_scores(pair, Composite(transforms))
             sims.append(similarity)
             folding.append(pair_folding)
@@ -665,7 +719,7 @@ class Trainer:
         pair = self.validation[0]
         fixed = PreparedImage(pair.fixed.tensor.to(self.device), pair.fixed.grid)
         moving = PreparedImage(pair.moving.tensor.to(self.device), pair.moving.grid)
-        transforms = run_stages(self.stack, fixed, moving, initial_alignment(self.stack.manifest.recipe.initial_alignment, fixed, moving), upto=k + 1)
+        transforms = run_stages(self.stack, fixed, moving, initial_alignment(self.stack.manifest.recipe.initial_alignment, fixed, moving), upto=k + 1, skip_worse=True)
         warped = sample(moving.tensor, moving.grid, Composite(transforms)(grid_points(fixed.grid, 1, self.device)))
         middle = fixed.tensor.shape[2] // 2
         return torch.cat([fixed.tensor[0, 0, middle], moving.tensor[0, 0, middle], warped[0, 0, middle]], dim=1).cpu()
@@ -690,8 +744,10 @@ class Trainer:
         c = self.config
         validation = {
             "pairs": len(self.validation),
-            "kind": "synthetic deformations of held-out labelled images" if c.data.validation_count
-            else "synthetic deformations of the labelled training images (fixed seeds, not used for training)",
+            "kind": ("synthetic deformations of held-out labelled images" if c.data.validation_count
+                     else "synthetic deformations of the labelled training images (fixed seeds, not used for training)")
+            + (f"; {c.data.validation_inter_subject} pairs of two training images, scored by their folding"
+               if c.data.validation_inter_subject else ""),
             "before": self.baseline,
             "stages": [{"stage": k + 1, "iteration": r.best_iteration, **r.best_metrics} for k, r in enumerate(self.records)],
         }
@@ -706,6 +762,9 @@ class Trainer:
             "seconds_per_stage": [round(r.seconds, 1) for r in self.records],
             "device": str(self.device), "world_size": self.world, "torch": torch.__version__,
         }
+        if c.start_from:  # fine-tuned: which stack's weights it started from (the file's name and hash)
+            training["start_from"] = {"file": Path(c.start_from).name, "sha256": _sha256(Path(c.start_from)),
+                                      "stages": list(c.start_from_stages) or "all"}
         return replace(self.stack.manifest, training=training, validation=validation)
 
 

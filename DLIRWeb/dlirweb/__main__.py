@@ -1,0 +1,7 @@
+"""``python -m dlirweb``: the ``dlir-web`` command."""
+
+import sys
+
+from .server import main
+
+sys.exit(main())
