@@ -303,6 +303,10 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, nargs=2, default=(3, 1), metavar=("DLIR", "BASELINES"),
                    help="timed runs per registration of DLIR and of each baseline, elastix and ANTs (default 3 1); "
                         "the fastest counts (DLIR: after the first)")
+    p.add_argument("--similarity", choices=SIMILARITY_CHOICES, default="auto", help="DLIR's similarity (as dlir register)")
+    p.add_argument("--mutual-information", action="store_true",
+                   help="also run elastix with Mattes mutual information (elastix MI: the baseline for different contrasts; "
+                        "ANTs SyN uses mutual information already)")
     p.add_argument("--out", help="output folder (default: a new temporary folder)")
     p.add_argument("--no-plots", action="store_true", help="write the tables only")
 
@@ -315,7 +319,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     comparison, scaling, out = bench_command(
         args.pairs, args.stack, Path(args.out) if args.out else None, refinement(args.refine), args.quick, args.sizes, args.threads,
         args.scaling_pair, tuple(args.repeats), plots=not args.no_plots,
-        log=lambda message: print(message, file=sys.stderr, flush=True),
+        log=lambda message: print(message, file=sys.stderr, flush=True), mutual_information=args.mutual_information,
+        similarity=args.similarity,
     )
     print("\n".join(comparison))
     if scaling:
