@@ -172,3 +172,18 @@ def test_the_header_modality_decides_when_it_can():
     assert header_choice(ct, ct).contrast == "same"
     assert header_choice(mr, other_mr) is None  # two MR sequences: the images decide
     assert header_choice(ct, sitk.Image(4, 4, 4, sitk.sitkFloat32)) is None
+
+
+def test_a_training_stage_can_use_mind():
+    """``dlir train`` takes the similarity per stage from the recipe (``similarity = "mind"`` in a stage's TOML table):
+    the stage's loss is then MIND-SSC, 1 for identical images, differentiable."""
+    from dlir.losses import stage_loss
+    from dlir.recipe import StageSpec
+
+    spec = StageSpec.from_dict({"kind": "bspline", "similarity": "mind"})
+    fixed = torch.rand(2, 1, 16, 16, 16)
+    moving = torch.rand(2, 1, 16, 16, 16, requires_grad=True)
+    assert float(stage_loss(spec, fixed, fixed).similarity) == pytest.approx(1.0)
+    terms = stage_loss(spec, fixed, moving)
+    terms.loss.backward()
+    assert float(terms.similarity) < 0.9 and moving.grad is not None and bool(moving.grad.abs().sum() > 0)
