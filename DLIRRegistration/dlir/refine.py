@@ -17,8 +17,12 @@ Levels go coarse to fine: level ``k`` adds a residual displacement on a grid of
 ``level_spacings_mm[k]`` times the base spacing (the fixed image's finest spacing, at least
 :attr:`RefineSettings.finest_mm`); after the level its residual is added into ``u``.
 
-Objective (per step): ``-NCC + alpha * bending energy + fold_weight * penalty(det J)``.  NCC is
-global, measured as elastix does on random fixed VOXELS (centres, where the fixed intensities are
+Objective (per step): ``-similarity + alpha * bending energy + fold_weight * penalty(det J)``.  The similarity is
+global NCC for images of one contrast, or, for different contrasts (``similarity="mind"``), the MIND-SSC
+descriptors' ``1 - MSD / MIND_SCALE`` (:mod:`dlir.modality`): descriptors of both images computed once per level on
+the fixed image's isotropic grid of the level's spacing, the moving image's after the affine part of the transform
+at the level's start (the descriptors are not rotation invariant), and interpolated at the points.  Either is
+measured as elastix does on random fixed VOXELS (centres, where the fixed intensities are
 known exactly: interpolating the fixed image between voxels biases the estimate), inside the fixed
 mask when one is given; samples that land outside the moving image do not count.  Each level
 draws a pool of ``pool x samples`` voxels once and the steps take them batch by batch (stochastic
