@@ -48,8 +48,8 @@ ERODE = 2
 MIN_RELATED = 0.2
 #: one contrast when the linear fit explains at least this share of what any function of the moving intensities
 #: explains (NCC^2 / eta^2); measured on the development pairs (Testing/benchmarks/RESULTS.md): same-contrast pairs
-#: with eta^2 >= 0.2 0.94-1.00, different-contrast pairs 0.51-0.55 or NCC < 0
-LINEAR_SHARE = 0.75
+#: with eta^2 >= 0.2 0.94-1.00, different-contrast pairs 0.51-0.77 or NCC < 0
+LINEAR_SHARE = 0.85
 
 
 @dataclass(frozen=True)
