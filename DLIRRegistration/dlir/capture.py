@@ -50,6 +50,7 @@ class CaptureSettings:
     levels_mm: tuple[float, ...] = (8.0, 4.0)
     steps: tuple[int, ...] = (60, 40)
     samples: int = 5_000  # foreground voxels of the fixed image per level (a fixed random subset)
+    descriptor_samples: int = 2_500  # ... comparing MIND-SSC descriptors (smooth: half suffice, same Dice, a third less time)
     keep: int = 3  # starts optimised on the coarsest level
     translation_step_mm: float = 2.0  # Adam step of the translation on the 8 mm level (mm; in proportion on others)
     angle_step: float = 0.02  # radians
@@ -306,7 +307,8 @@ def capture(pyramid: list[tuple[CoarseImage, CoarseImage]], fixed_grid: Grid, mo
         return Capture(_affine(torch.as_tensor(start[:3, :3]), torch.as_tensor(start[:3, 3])), math.nan,
                        "centres of the grids (an image too thin to search)")
     with torch.enable_grad():
-        samples = [_foreground_samples(fixed, settings.samples) for fixed, _ in pyramid]
+        count = settings.samples if pyramid[0][0].kind == "ncc" else settings.descriptor_samples
+        samples = [_foreground_samples(fixed, count) for fixed, _ in pyramid]
         coarse_fixed, coarse_moving = pyramid[0]
         centre = _masked_moments(coarse_fixed)[0]
         scores = {name: _score(start, coarse_fixed, samples[0], coarse_moving) for name, start in named.items()}
