@@ -187,3 +187,22 @@ def test_a_training_stage_can_use_mind():
     terms = stage_loss(spec, fixed, moving)
     terms.loss.backward()
     assert float(terms.similarity.detach()) < 0.9 and moving.grad is not None and bool(moving.grad.abs().sum() > 0)
+
+
+def test_dlir_register_reports_the_choice(contrasts, deformed_pair, coarse_stack_file: Path, tmp_path: Path, capsys):
+    """``dlir register --similarity``: the choice on the command line and in result.json (auto: with its reason)."""
+    import json
+
+    from dlir.cli import main
+
+    fixed, moving = tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz"
+    sitk.WriteImage(deformed_pair[0], str(fixed))
+    sitk.WriteImage(contrasts["t1"], str(moving))
+    assert main(["register", str(fixed), str(moving), "--stack", str(coarse_stack_file), "--out", str(tmp_path / "auto"),
+                 "--outputs", "transform"]) == 0
+    assert "different contrasts (the intensities are related but not linearly (NCC" in capsys.readouterr().out
+    contrast = json.loads((tmp_path / "auto" / "result.json").read_text(encoding="utf-8"))["contrast"]
+    assert contrast["asked"] == "auto" and contrast["contrast"] == "different" and contrast["measure"] == "MIND-SSC"
+    assert main(["register", str(fixed), str(moving), "--stack", str(coarse_stack_file), "--out", str(tmp_path / "same"),
+                 "--outputs", "transform", "--similarity", "same"]) == 0
+    assert "same contrast (as asked): similarity NCC" in capsys.readouterr().out
