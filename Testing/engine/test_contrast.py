@@ -18,7 +18,7 @@ import torch
 from dlir.contrast import MODALITY_TAG, header_choice, initial_alignment_and_contrast
 from dlir.geometry import Grid
 from dlir.losses import ncc
-from dlir.modality import features, mind_similarity, mind_ssc
+from dlir.modality import compare, features, mind_similarity, mind_ssc
 from dlir.pipeline import PreparedImage
 from dlir.recipe import IntensitySpec
 from dlir.register import register
@@ -97,6 +97,14 @@ def test_mind_descriptors_do_not_depend_on_a_linear_intensity_map():
     image = torch.rand(1, 1, 12, 14, 10)
     assert torch.allclose(mind_ssc(image), mind_ssc(3.0 * image + 7.0), atol=1e-5)
     assert features("mind", image, 2.0).shape == (1, 12, 12, 14, 10)
+
+
+def test_ngf_the_compared_alternative_ignores_which_side_is_brighter():
+    image = torch.rand(1, 1, 12, 14, 10)
+    itself = compare("ngf", features("ngf", image, 2.0), features("ngf", image, 2.0))
+    inverted = compare("ngf", features("ngf", image, 2.0), features("ngf", 5.0 - 2.0 * image, 2.0))
+    assert torch.allclose(itself, inverted, atol=1e-5)
+    assert compare("ngf", features("ngf", image, 2.0), features("ngf", torch.rand(1, 1, 12, 14, 10), 2.0)) < 0.5 * itself
 
 
 @pytest.fixture(scope="module")
