@@ -59,7 +59,9 @@ class DLIRRegistration(ScriptedLoadableModule):
             "to fine until it converges, and never folds (a few seconds per pair on a CPU): for label propagation you "
             "must trust. An optional <b>fixed mask</b> (a segment, or a label-map volume) restricts the similarity "
             "measured in Accurate mode to the region you care about; the folding and Jacobian numbers are then taken "
-            "inside it.<br>"
+            "inside it. <b>Contrast</b>: volumes of the same contrast are compared by their intensities, volumes of "
+            "different contrasts (MR and CT, T1 and T2) by their local structure (MIND descriptors); Automatic decides "
+            "from the volumes and the results line says which it chose.<br>"
             "Outputs: a transform (apply it to the moving volume or its segmentations), the warped volume, a "
             "Jacobian-determinant map (1: volume kept; folding, det &lt;= 0, as a red segment) and the moving "
             "segmentation propagated onto the fixed volume. <i>Advanced</i> holds the device, the initial alignment "
@@ -123,6 +125,18 @@ class RegistrationMode(enum.Enum):
         return _("Fast (one shot)") if self is RegistrationMode.FAST else _("Accurate (optimised on this pair)")
 
 
+class Contrast(enum.Enum):
+    """Same or different contrasts; the value is ``registerVolumes``' ``similarity`` (``dlir.choices.SIMILARITY_CHOICES``)."""
+
+    AUTO = "auto"
+    SAME = "same"
+    DIFFERENT = "different"
+
+    def label(self) -> str:
+        """The text in the contrast chooser."""
+        return {"auto": _("Automatic"), "same": _("Same contrast"), "different": _("Different contrasts")}[self.value]
+
+
 class _AlignmentChoice(enum.Enum):
     """The behaviour of :data:`InitialAlignment`, whose members are made from the engine's list."""
 
@@ -156,6 +170,7 @@ class DLIRRegistrationParameterNode:
     """
 
     mode: RegistrationMode = RegistrationMode.FAST
+    contrast: Contrast = Contrast.AUTO
     fixedVolume: vtkMRMLScalarVolumeNode
     movingVolume: vtkMRMLScalarVolumeNode
     movingSegmentation: vtkMRMLSegmentationNode
@@ -364,7 +379,7 @@ class DLIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     movingSegmentationNode=p.movingSegmentation if p.createSegmentation else None,
                     device=p.device, mode=p.mode.value, refineSteps=p.refineSteps,
                     fixedMaskNode=p.fixedMask, fixedMaskSegmentId=p.fixedMaskSegmentId or None,
-                    initialAlignment=p.initialAlignment.engineValue(),
+                    initialAlignment=p.initialAlignment.engineValue(), similarity=p.contrast.value,
                     progress=self._progress, cancel=lambda: self._cancelRequested,
                     outputs=self.logic.outputRequest(p))
                 self.ui.progressBar.value = 100
@@ -486,14 +501,15 @@ class DLIRRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def registerVolumes(self, fixedVolumeNode, movingVolumeNode, stack, movingSegmentationNode=None, device: str = "auto",
                         mode: str = "fast", refineSteps: int = 0, fixedMaskNode=None, fixedMaskSegmentId: Optional[str] = None,
-                        initialAlignment: Optional[str] = None, progress=None, cancel=None, outputs=None):
+                        initialAlignment: Optional[str] = None, progress=None, cancel=None, outputs=None,
+                        similarity: str = "auto"):
         """``DLIRRegistrationLib.registration.registerVolumes`` (same arguments) in the application's scene.
 
         ``stack`` is a file path or registry name (kept loaded between runs) or a loaded stack.
         ``mode``: ``fast`` or ``accurate``; ``refineSteps`` > 0 overrides the mode with that many
         optimiser steps; ``fixedMaskNode``: a segmentation (segment ``fixedMaskSegmentId``, None =
         all) or a label-map volume; ``initialAlignment``: ``centre``, ``com``, ``moments``, ``none`` or None (the
-        stack's recipe).  Outputs in world RAS on the fixed grid; the transform maps fixed -> moving
+        stack's recipe); ``similarity``: ``same``, ``different`` or ``auto`` (contrasts).  Outputs in world RAS on the fixed grid; the transform maps fixed -> moving
         (from parent).
         """
         from DLIRRegistrationLib.registration import registerVolumes
@@ -506,7 +522,8 @@ class DLIRRegistrationLogic(ScriptedLoadableModuleLogic):
         return registerVolumes(slicer.mrmlScene, fixedVolumeNode, movingVolumeNode, stack,
                                movingSegmentationNode=movingSegmentationNode, device=device, mode=mode,
                                refineSteps=refineSteps, fixedMaskNode=fixedMaskNode, fixedMaskSegmentId=fixedMaskSegmentId,
-                               initialAlignment=initialAlignment, progress=progress, cancel=cancel, outputs=outputs)
+                               initialAlignment=initialAlignment, progress=progress, cancel=cancel, outputs=outputs,
+                               similarity=similarity)
 
 
 #

@@ -82,6 +82,9 @@ class RegistrationOutputs:
         where = " in the mask" if self.masked else ""
         line = (f"{self.seconds:.1f} s on {self.device}; folding{where} {self.foldingPercent:.3f} % "
                 f"({self.foldingVolumeMm3:.1f} mm³); std of Jacobian{where} {self.jacobianStd:.3f}")
+        contrast = getattr(self.registration, "contrast", None)
+        if contrast is not None:
+            line += f"; {contrast.sentence()}"
         refinement = getattr(self.registration, "refinement", None)
         if refinement:
             line += (f"; optimised over {len(refinement['steps'])} level(s) in {int(sum(refinement['steps']))} steps, "
@@ -104,6 +107,7 @@ def registerVolumes(
     progress: Callable[[str, float], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     outputs: OutputRequest | None = None,
+    similarity: str = "auto",
 ) -> RegistrationOutputs:
     """Register ``movingVolumeNode`` onto ``fixedVolumeNode`` and add the requested outputs to ``scene``.
 
@@ -119,6 +123,8 @@ def registerVolumes(
     capture search of ``dlir.alignment``).  ``progress(step, fraction)`` is called between steps, and in
     accurate mode after every optimiser step with a step like ``refine (accurate): level 2/3,
     step 14, loss -0.9981``; ``cancel()`` is polled there (True -> :class:`dlir.errors.CancelledError`).
+    ``similarity``: one of ``dlir.choices.SIMILARITY_CHOICES``: ``same`` (one contrast: NCC), ``different`` (MR and
+    CT, T1 and T2: MIND-SSC) or ``auto`` (decided from the volumes; the choice and why are in the summary line).
 
     Outputs, all on the fixed volume's world grid, in world RAS: a grid transform (fixed -> moving,
     *from parent*, so that it aligns the moving volume when set as its parent transform), the
@@ -127,7 +133,7 @@ def registerVolumes(
     Errors are :class:`dlir.errors.DLIRError` subclasses with one sentence.
     """
     job = prepareRegistration(scene, fixedVolumeNode, movingVolumeNode, stack, movingSegmentationNode, device, mode,
-                              refineSteps, fixedMaskNode, fixedMaskSegmentId, initialAlignment, outputs)
+                              refineSteps, fixedMaskNode, fixedMaskSegmentId, initialAlignment, outputs, similarity)
     job.compute(progress, cancel)
     return job.addToScene()
 
@@ -158,6 +164,7 @@ class RegistrationJob:
     initialAlignment: str | None
     warnings: list[str]
     start: float
+    similarity: str = "auto"  # dlir.choices.SIMILARITY_CHOICES
     result: object | None = None  # the engine's dlir.register.Registration, once computed
 
     def compute(self, progress: Callable[[str, float], None] | None = None, cancel: Callable[[], bool] | None = None) -> None:
@@ -167,6 +174,7 @@ class RegistrationJob:
         self.result = register(self.fixedImage, self.movingImage, self.stack,
                                moving_labels=self.layers[0].image if self.layers else None, fixed_mask=self.mask,
                                device=self.device, refine=self.refine, initial_alignment=self.initialAlignment,
+                               similarity=self.similarity,
                                progress=progress, cancel=cancel, outputs=_engineOutputs(self.request, bool(self.layers)))
 
     def addToScene(self) -> RegistrationOutputs:
@@ -208,6 +216,7 @@ def prepareRegistration(
     fixedMaskSegmentId: str | None = None,
     initialAlignment: str | None = None,
     outputs: OutputRequest | None = None,
+    similarity: str = "auto",
 ) -> RegistrationJob:
     """The first step of :func:`registerVolumes` (same arguments): check the inputs, load the stack, export the mask
     and the moving segments; refuses what the engine cannot use with one sentence, and leaves the scene as it was."""
@@ -223,7 +232,8 @@ def prepareRegistration(
                             modalityWarning(loaded.manifest.modality, movingImage, "moving volume")) if w]
     layers = _movingLayers(scene, movingSegmentationNode, movingVolumeNode)
     return RegistrationJob(scene, fixedVolumeNode, movingVolumeNode, movingSegmentationNode, request, fixedImage,
-                           movingImage, fixedGeometry, mask, loaded, layers, refine, device, initialAlignment, warnings, start)
+                           movingImage, fixedGeometry, mask, loaded, layers, refine, device, initialAlignment, warnings, start,
+                           similarity)
 
 
 def _checkedVolumes(fixedVolumeNode, movingVolumeNode) -> tuple[sitk.Image, sitk.Image, VolumeGeometry]:

@@ -29,11 +29,15 @@ if TYPE_CHECKING:
 DEFAULT_ALIGNMENT: AlignmentMode = "search"
 
 
-def initial_alignment(mode: AlignmentMode, fixed: PreparedImage, moving: PreparedImage) -> AffineTransform:
-    """``T0`` for ``mode`` on the device of ``fixed``; images normalised (:class:`~dlir.pipeline.PreparedImage`)."""
+def initial_alignment(mode: AlignmentMode, fixed: PreparedImage, moving: PreparedImage,
+                      similarity: str = "ncc") -> AffineTransform:
+    """``T0`` for ``mode`` on the device of ``fixed``; images normalised (:class:`~dlir.pipeline.PreparedImage`).
+
+    ``similarity``: what the search compares, ``"ncc"`` (one contrast) or ``"mind"`` (any two contrasts).
+    """
     device = fixed.device
     if mode == "search":
-        return search(fixed, moving).transform.to(device)
+        return search(fixed, moving, similarity=similarity).transform.to(device)
     if mode == "moments":
         return principal_axes_alignment(*fixed.moments(), *moving.moments(), device=device)
     if mode == "centre":
@@ -57,15 +61,17 @@ def principal_axes_alignment(fixed_centre: np.ndarray, fixed_covariance: np.ndar
                            torch.as_tensor(offset, dtype=torch.float32, device=device)[None])
 
 
-def search(fixed: PreparedImage, moving: PreparedImage, settings: CaptureSettings = CaptureSettings()) -> Capture:
+def search(fixed: PreparedImage, moving: PreparedImage, settings: CaptureSettings = CaptureSettings(),
+           similarity: str = "ncc") -> Capture:
     """The capture search (:func:`dlir.capture.capture`) on the pyramid of ``settings.levels_mm``: each image
-    anti-aliased and resampled onto an axis-aligned grid over its own extent, with its foreground; on the CPU."""
+    anti-aliased and resampled onto an axis-aligned grid over its own extent, with its foreground; on the CPU.
+    ``similarity``: ``"ncc"`` or ``"mind"`` (:mod:`dlir.modality`)."""
     pyramid = []
     for spacing in settings.levels_mm:
         level = []
         for image in (fixed, moving):
             grid = network_grid(image.grid, (spacing,) * 3)
             values = image.resampled((spacing,) * 3, None, grid).float().cpu()
-            level.append(CoarseImage(values, grid, foreground(values)))
+            level.append(CoarseImage(values, grid, foreground(values), similarity))
         pyramid.append((level[0], level[1]))
     return capture(pyramid, fixed.grid, moving.grid, settings)

@@ -16,6 +16,12 @@ AlignmentMode = Literal["search", "centre", "com", "moments", "none"]
 #: (for images rotated against each other), or none (the images as placed in physical space)
 ALIGNMENT_MODES: tuple[AlignmentMode, ...] = get_args(AlignmentMode)
 
+SimilarityChoice = Literal["auto", "same", "different"]
+#: how the two images are compared (the capture search and accurate mode): decided from the images (``auto``: the
+#: header's modality, else how the intensities relate after the initial alignment, :mod:`dlir.contrast`), the same
+#: contrast (normalised cross-correlation), or different contrasts (MIND-SSC descriptors, :mod:`dlir.modality`)
+SIMILARITY_CHOICES: tuple[SimilarityChoice, ...] = get_args(SimilarityChoice)
+
 LabelInterpolation = Literal["nearest", "one-hot-linear"]
 #: how moving label maps are warped: nearest neighbour, or linear interpolation of each label's
 #: one-hot image followed by the argmax

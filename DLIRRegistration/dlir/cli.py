@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import __version__
-from .choices import ALIGNMENT_MODES, FILE_OUTPUTS, LABEL_INTERPOLATIONS
+from .choices import ALIGNMENT_MODES, FILE_OUTPUTS, LABEL_INTERPOLATIONS, SIMILARITY_CHOICES
 from .errors import DLIRError, InputError, StackError
 
 EXIT_USER_ERROR = 2
@@ -60,6 +60,10 @@ def _add_register(p: argparse.ArgumentParser) -> None:
                    help="how the moving image is placed before the networks: search (default: an affine search from "
                         "several starts, for two subjects and any starting position), image centres, centres of mass, "
                         "centres of mass and principal axes (moments), or none (as placed)")
+    p.add_argument("--similarity", choices=SIMILARITY_CHOICES, default="auto",
+                   help="how the images are compared: same (one contrast: normalised cross-correlation), different "
+                        "(MR and CT, T1 and T2: MIND-SSC descriptors) or auto (default: decided from the headers or the "
+                        "images; result.json says which and why)")
     p.add_argument("--label-interpolation", choices=LABEL_INTERPOLATIONS, default="nearest")
     p.add_argument("--outputs", default=",".join(FILE_OUTPUTS), metavar="LIST",
                    help=f"comma-separated outputs to compute and write, from {', '.join(FILE_OUTPUTS)} "
@@ -83,7 +87,7 @@ def _run_register(args: argparse.Namespace) -> int:
     from .outputs import check_outputs
 
     options = dict(device=args.device, refine=refinement(args.refine), initial_alignment=args.initial_alignment,
-                   label_interpolation=args.label_interpolation, outputs=check_outputs(args.outputs.split(",")))
+                   similarity=args.similarity, label_interpolation=args.label_interpolation, outputs=check_outputs(args.outputs.split(",")))
     if args.pairs:
         if args.fixed or args.moving:
             raise InputError("give either FIXED MOVING or --pairs, not both")
@@ -119,6 +123,10 @@ def _stack_file(stack: str) -> Path:
 def _print_result(result: dict, out: Path) -> None:
     print(f"registered with {result['stack']} on {result['device']} in {result['total_s']:.2f} s "
           f"(folding {100 * float(result['folding_fraction']):.3f} %, std Jacobian {float(result['jacobian_std']):.3f})")
+    contrast = dict(result.get("contrast", {}))
+    if contrast:
+        print(f"  {'same contrast' if contrast['contrast'] == 'same' else 'different contrasts'} "
+              f"({'as asked' if contrast['asked'] != 'auto' else contrast['reason']}): similarity {contrast['measure']}")
     for label, d in dict(result.get("dice", {})).items():
         print(f"  label {label}: Dice {d['before']:.3f} -> {d['after']:.3f}")
     print(f"outputs in {out}")
@@ -295,6 +303,10 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, nargs=2, default=(3, 1), metavar=("DLIR", "BASELINES"),
                    help="timed runs per registration of DLIR and of each baseline, elastix and ANTs (default 3 1); "
                         "the fastest counts (DLIR: after the first)")
+    p.add_argument("--similarity", choices=SIMILARITY_CHOICES, default="auto", help="DLIR's similarity (as dlir register)")
+    p.add_argument("--mutual-information", action="store_true",
+                   help="also run elastix with Mattes mutual information (elastix MI: the baseline for different contrasts; "
+                        "ANTs SyN uses mutual information already)")
     p.add_argument("--out", help="output folder (default: a new temporary folder)")
     p.add_argument("--no-plots", action="store_true", help="write the tables only")
 
@@ -307,7 +319,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     comparison, scaling, out = bench_command(
         args.pairs, args.stack, Path(args.out) if args.out else None, refinement(args.refine), args.quick, args.sizes, args.threads,
         args.scaling_pair, tuple(args.repeats), plots=not args.no_plots,
-        log=lambda message: print(message, file=sys.stderr, flush=True),
+        log=lambda message: print(message, file=sys.stderr, flush=True), mutual_information=args.mutual_information,
+        similarity=args.similarity,
     )
     print("\n".join(comparison))
     if scaling:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import outputs as pair_files  # compute_pair and write_pair are looked up when called (tests replace them)
 from .atomic import write_text_atomically
+from .choices import SimilarityChoice
 from .errors import DLIRError, OutputError
 from .outputs import ComputedPair
 from .pairs import Pair
@@ -50,6 +51,7 @@ def register_cohort(
     device: str = "auto",
     refine: Refinement = 0,
     initial_alignment: str | None = None,
+    similarity: SimilarityChoice = "auto",
     label_interpolation: str = "nearest",
     outputs: Collection[str] | None = None,
     progress: CohortProgress | None = None,
@@ -67,13 +69,13 @@ def register_cohort(
     its read and for the previous pair's write included; the last pair also gets the final write).
 
     ``source``: the CSV or folder the pairs were listed in, refused as an output like the pairs'
-    files.  ``device``, ``refine``, ``initial_alignment``, ``label_interpolation`` and ``outputs``
+    files.  ``device``, ``refine``, ``initial_alignment``, ``similarity``, ``label_interpolation`` and ``outputs``
     are those of :func:`dlir.outputs.compute_pair`.  Raises a :class:`~dlir.errors.DLIRError` (one
     sentence, nothing written) when ``out`` cannot be used, the stack cannot be loaded, or
     ``summary.csv`` cannot be written.
     """
     inputs = _cohort_inputs(pairs, stack_path, source)
-    options = dict(device=device, refine=refine, initial_alignment=initial_alignment,
+    options = dict(device=device, refine=refine, initial_alignment=initial_alignment, similarity=similarity,
                    label_interpolation=label_interpolation, outputs=outputs)
     rows: list[Row] = []
 

@@ -1,4 +1,5 @@
-"""Registration losses: global and local normalised cross-correlation, bending energy, a folding penalty, and
+"""Registration losses: global and local normalised cross-correlation (MIND-SSC for different contrasts lives in
+:mod:`dlir.modality`), bending energy, a folding penalty, and
 THE objective composition (:func:`objective`) that a stage's training loss (:func:`stage_loss`) and accurate mode
 (:mod:`dlir.refine`) both use.
 
@@ -14,6 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .modality import mind_similarity, mind_ssc
 from .recipe import StageSpec
 
 #: det J of a displacement below this, at the corners of its grid cells, is penalised (a margin above folding)
@@ -154,8 +156,14 @@ def objective(similarity: torch.Tensor, displacement: torch.Tensor | None, spaci
 
 
 def similarity(spec: StageSpec, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
-    """A stage's similarity per pair ``[N]`` (1 = perfect): global NCC, or local NCC over ``spec.ncc_window`` voxels."""
-    return local_ncc(fixed, warped, spec.ncc_window) if spec.similarity == "lncc" else ncc(fixed, warped)
+    """A stage's similarity per pair ``[N]`` (1 = perfect): global NCC, local NCC over ``spec.ncc_window`` voxels, or
+    MIND-SSC descriptors compared by their mean squared difference (``mind``: any two contrasts, :mod:`dlir.modality`;
+    the descriptors' offsets are voxels of the stage's grid)."""
+    if spec.similarity == "lncc":
+        return local_ncc(fixed, warped, spec.ncc_window)
+    if spec.similarity == "mind":
+        return mind_similarity(mind_ssc(fixed), mind_ssc(warped))
+    return ncc(fixed, warped)
 
 
 def stage_loss(

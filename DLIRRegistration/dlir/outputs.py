@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from .atomic import fsync_path
 from .choices import FILE_OUTPUTS as OUTPUTS
+from .choices import SimilarityChoice
 from .errors import InputError, OutputError
 from .io import captured_stderr, write_image, write_transform
 from .metrics import dice
@@ -57,6 +58,7 @@ def register_pair(
     device: str = "auto",
     refine: Refinement = 0,
     initial_alignment: str | None = None,
+    similarity: SimilarityChoice = "auto",
     label_interpolation: str = "nearest",
     show_progress: bool = True,
     overwrite: bool = True,
@@ -75,8 +77,9 @@ def register_pair(
     with OutputFolder(out, inputs, overwrite=overwrite, whole=False) as folder:
         result = register_into(folder.temp, stack, fixed_path, moving_path, moving_labels=moving_labels,
                                fixed_mask=fixed_mask, fixed_labels=fixed_labels, device=device, refine=refine,
-                               initial_alignment=initial_alignment, label_interpolation=label_interpolation,
-                               show_progress=show_progress, shown=Path(out), outputs=outputs)
+                               initial_alignment=initial_alignment, similarity=similarity,
+                               label_interpolation=label_interpolation, show_progress=show_progress, shown=Path(out),
+                               outputs=outputs)
         folder.commit()
     return result
 
@@ -123,6 +126,7 @@ def compute_pair(
     device: str = "auto",
     refine: Refinement = 0,
     initial_alignment: str | None = None,
+    similarity: SimilarityChoice = "auto",
     label_interpolation: str = "nearest",
     show_progress: bool = True,
     images: PairImages | None = None,
@@ -147,7 +151,7 @@ def compute_pair(
             bar.update(round(100 * fraction) - bar.n)
 
         reg = register(images.fixed, images.moving, stack, moving_labels=images.moving_labels, fixed_mask=images.fixed_mask,
-                       device=device, refine=refine, initial_alignment=initial_alignment,
+                       device=device, refine=refine, initial_alignment=initial_alignment, similarity=similarity,
                        label_interpolation=label_interpolation, progress=progress,
                        outputs=[name for name in wanted if name != "transform"])  # the compact transform needs no full-resolution work
     return ComputedPair(reg, fixed_path, moving_path, wanted, images.read_s, images.moving_labels, images.fixed_labels)

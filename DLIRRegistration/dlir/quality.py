@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from .capture import foreground
-from .losses import ncc
+from .modality import compare, features
 from .preprocess import network_grid
 from .transforms import SpatialTransform, map_grid
 
@@ -33,8 +33,9 @@ OVERLAP_KEPT_WARNING_BELOW = 0.5
 
 
 def foreground_similarities(fixed: PreparedImage, moving: PreparedImage,
-                            transforms: Sequence[SpatialTransform]) -> list[float]:
-    """NCC of the fixed image and the moving image warped by each of ``transforms`` (fixed -> moving, LPS mm), on an
+                            transforms: Sequence[SpatialTransform], kind: str = "ncc") -> list[float]:
+    """The similarity ``kind`` (NCC, or MIND-SSC for different contrasts: :mod:`dlir.modality`) of the fixed image
+    and the moving image warped by each of ``transforms`` (fixed -> moving, LPS mm), on an
     axis-aligned :data:`SIMILARITY_SPACING_MM` grid over the fixed image, over the fixed image's foreground
     (:func:`dlir.capture.foreground`) where the transform lands inside the moving image."""
     spacing = (SIMILARITY_SPACING_MM,) * 3
@@ -46,11 +47,12 @@ def foreground_similarities(fixed: PreparedImage, moving: PreparedImage,
         for transform in transforms:
             m = moving.resampled(spacing, transform, grid)
             inside = moving.grid.contains(map_grid(transform, grid, 1, f.device))[:, None]
-            out.append(float(ncc(f, m, (body & inside).to(f.dtype))[0]))
+            out.append(float(compare(kind, features(kind, f, spacing[0]), features(kind, m, spacing[0]), (body & inside).to(f.dtype))[0]))
     return out
 
 
-def result_warnings(accurate: bool, folding_fraction: float, initial_similarity: float, similarity: float) -> list[str]:
+def result_warnings(accurate: bool, folding_fraction: float, initial_similarity: float, similarity: float,
+                    measure: str = "NCC") -> list[str]:
     """The sentences of a result that folds (more than :data:`FOLDING_WARNING_ABOVE` of the fixed voxels) or whose
     foreground similarity fell below the initial alignment's (by more than :data:`SIMILARITY_LOSS_WARNING_ABOVE`)."""
     advice = ("check the result before use" if accurate else
@@ -60,7 +62,7 @@ def result_warnings(accurate: bool, folding_fraction: float, initial_similarity:
         out.append(f"the transform folds {100 * folding_fraction:.2f} % of the fixed image's voxels (det J <= 0: "
                    f"tissue turned inside out); {advice}")
     if similarity < initial_similarity - SIMILARITY_LOSS_WARNING_ABOVE:
-        out.append(f"the registered images are less alike than after the initial alignment alone (NCC {similarity:.3f} "
+        out.append(f"the registered images are less alike than after the initial alignment alone ({measure} {similarity:.3f} "
                    f"against {initial_similarity:.3f} in the fixed image's foreground); {advice}")
     return out
 

@@ -84,8 +84,9 @@ class StageSpec:
     grid around the fixed image.  ``control_point_spacing``: B-spline control-point spacing in
     voxels of that grid (a power of two; in mm it is ``control_point_spacing * spacing_mm``).
     Loss: ``-similarity + alpha * bending energy`` (bending energy of the displacement in mm,
-    derivatives per mm).  ``similarity`` is ``"ncc"`` (global) or ``"lncc"`` (local, window of
-    ``ncc_window`` voxels); for training pairs whose labels are known it is mixed with the soft
+    derivatives per mm).  ``similarity`` is ``"ncc"`` (global), ``"lncc"`` (local, window of
+    ``ncc_window`` voxels) or ``"mind"`` (MIND-SSC descriptors, for pairs of different contrasts:
+    :mod:`dlir.modality`); for training pairs whose labels are known it is mixed with the soft
     Dice of the warped labels: ``(1 - dice_weight) * NCC + dice_weight * soft Dice``.  A B-spline stage with ``fold_weight`` > 0 adds that
     times the folding penalty of its field (:func:`dlir.losses.folding_penalty`: det J below ``MIN_JACOBIAN`` at
     any cell corner) to its training loss, so that it learns fields that do not fold.  An affine stage
@@ -105,7 +106,7 @@ class StageSpec:
     max_shear: float = math.pi
     min_scale: float = 0.5
     max_scale: float = 1.5
-    similarity: Literal["ncc", "lncc"] = "ncc"
+    similarity: Literal["ncc", "lncc", "mind"] = "ncc"
     ncc_window: int = 9
     dice_weight: float = 0.0
     fold_weight: float = 0.0
@@ -187,7 +188,7 @@ def _check_stage(spec: StageSpec) -> None:
     put("max_shear", _number(spec.max_shear, "max_shear", 0.0, MAX_ANGLE))
     put("min_scale", _number(spec.min_scale, "min_scale", SCALE[0], 1.0))
     put("max_scale", _number(spec.max_scale, "max_scale", 1.0, SCALE[1]))
-    _choice(spec.similarity, "similarity", ("ncc", "lncc"))
+    _choice(spec.similarity, "similarity", ("ncc", "lncc", "mind"))
     window = _whole(spec.ncc_window, "ncc_window", NCC_WINDOW)
     if window % 2 == 0:
         raise StackError(f"ncc_window must be an odd number of voxels from {NCC_WINDOW[0]} to {NCC_WINDOW[1]}, got {window}")

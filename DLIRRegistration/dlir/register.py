@@ -40,7 +40,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .choices import DEFAULT_OUTPUTS, ENGINE_OUTPUTS, LABEL_INTERPOLATIONS, LabelInterpolation
+from .choices import DEFAULT_OUTPUTS, ENGINE_OUTPUTS, LABEL_INTERPOLATIONS, SIMILARITY_CHOICES, LabelInterpolation, SimilarityChoice
 from .device import resolve_device
 from .errors import CancelledError, DeviceError, InputError
 from .export import itk_transform
@@ -48,7 +48,9 @@ from .fullres import FullResolution, full_resolution
 from .geometry import Grid
 from .io import check_image, check_label_map
 from . import alignment, runtime
+from .contrast import ContrastChoice, initial_alignment_and_contrast
 from .memory import check_memory
+from .modality import NAMES
 from .pipeline import PreparedImage, check_stage_output, run_stages, stage_grid
 from .quality import foreground_similarities, overlap_warnings, result_warnings
 from .refine import Refinement, RefineResult, check_refinement, refine
@@ -90,13 +92,14 @@ class Registration:
     timings: dict[str, float] = field(default_factory=dict)
     overlap_fraction: float = 1.0  # share of fixed voxels inside the moving image after the initial alignment
     registered_overlap_fraction: float = 1.0  # the same under the registered transform
-    initial_similarity: float = float("nan")  # NCC in the fixed foreground after the initial alignment (dlir.quality)
+    initial_similarity: float = float("nan")  # the similarity (contrast.kind) in the fixed foreground after the initial alignment (dlir.quality)
     similarity: float = float("nan")  # the same after registration
     warnings: list[str] = field(default_factory=list)  # sentences also logged as warnings
     transform: SpatialTransform | None = None  # T, fixed -> moving, in the coordinates of ``grid``
     grid: Grid | None = None  # the fixed grid as the computation saw it (translated by minus its centre)
     output_grid: Grid | None = None  # the fixed image's own grid
     refinement: dict[str, list[float] | bool] | None = None  # per refinement level: spacing (mm), steps, final loss, seconds
+    contrast: ContrastChoice | None = None  # same or different contrasts, and why (dlir.contrast)
     _displacement: sitk.Image | None = field(default=None, repr=False)
     _jacobian: sitk.Image | None = field(default=None, repr=False)
 
@@ -145,6 +148,7 @@ class Registration:
             "warnings": list(self.warnings),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             **({"refinement": self.refinement} if self.refinement is not None else {}),
+            **({"contrast": self.contrast.summary()} if self.contrast is not None else {}),
         }
 
 
@@ -163,6 +167,7 @@ def register(
     cancel: Cancel | None = None,
     outputs: Collection[str] | None = None,
     float_warped: bool = False,
+    similarity: SimilarityChoice = "auto",
 ) -> Registration:
     """Register ``moving`` onto ``fixed`` with ``stack``; inputs are never modified.
 
@@ -175,6 +180,9 @@ def register(
     pixel type (integer types are rounded to the nearest value and clipped to the type's range).
 
     ``initial_alignment``: one of :data:`dlir.choices.ALIGNMENT_MODES` (default ``search``: :mod:`dlir.alignment`).
+    ``similarity``: how the images are compared in the search and accurate mode, one of
+    :data:`dlir.choices.SIMILARITY_CHOICES`: ``same`` (NCC), ``different`` (MIND-SSC) or ``auto`` (decided from the
+    headers or the images, :mod:`dlir.contrast`; the choice is in :attr:`Registration.contrast`).
     ``refine``: ``"auto"`` is accurate mode (instance optimisation of the whole transform, coarse to
     fine, to convergence, never folding: :mod:`dlir.refine`); a number N > 0 runs N optimiser
     steps at the finest level only (for experiments); 0 is the networks' one-shot result.  ``progress(step, fraction)`` is called between steps (and between chunks
@@ -194,13 +202,15 @@ def register(
     for image, what in ((fixed, "fixed image"), (moving, "moving image")):
         check_visible(stack, Grid.from_image(image), what)
     check_refinement(refine)
+    if similarity not in SIMILARITY_CHOICES:
+        raise InputError(f"unknown similarity {similarity!r}: use {', '.join(SIMILARITY_CHOICES)}")
     if label_interpolation not in LABEL_INTERPOLATIONS:
         raise InputError(f"unknown label interpolation {label_interpolation!r}: use {' or '.join(LABEL_INTERPOLATIONS)}")
     wanted = frozenset(DEFAULT_OUTPUTS if outputs is None else outputs)
     if not wanted <= set(ENGINE_OUTPUTS):
         raise InputError(f"unknown outputs {', '.join(sorted(wanted - set(ENGINE_OUTPUTS)))}: choose from {', '.join(ENGINE_OUTPUTS)}")
     request = _Request(fixed_f, moving_f, stack, moving_labels, fixed_mask, refine, initial_alignment,
-                       label_interpolation, progress, cancel, wanted, float_warped)
+                       label_interpolation, progress, cancel, wanted, float_warped, similarity)
     try:
         return _register(request, resolve_device(device))
     except torch.cuda.OutOfMemoryError as exc:
@@ -229,6 +239,7 @@ class _Request:
     cancel: Cancel | None
     wanted: frozenset[str]
     float_warped: bool
+    similarity: SimilarityChoice
 
 
 class _Steps:
@@ -286,7 +297,8 @@ def _register(request: _Request, device: torch.device) -> Registration:
     with steps.step("preprocess"):
         fixed_p = PreparedImage.from_array(sitk.GetArrayViewFromImage(request.fixed), fixed_grid, intensity, device)
         moving_p = PreparedImage.from_array(moving_voxels, moving_grid, intensity, device)
-        initial = alignment.initial_alignment(request.initial_mode or alignment.DEFAULT_ALIGNMENT, fixed_p, moving_p)
+        initial, contrast = initial_alignment_and_contrast(request.similarity, request.initial_mode or alignment.DEFAULT_ALIGNMENT,
+                                                          request.fixed, request.moving, fixed_p, moving_p)
         overlap = overlap_fraction(initial, fixed_grid, moving_grid, device)
     warnings = _overlap_warnings(overlap)
     with torch.no_grad():
@@ -295,9 +307,9 @@ def _register(request: _Request, device: torch.device) -> Registration:
     mask = _mask_voxels(request.fixed_mask)
     refined = None
     if request.refinement != 0:
-        refined = _refine(transforms, fixed_p, moving_p, request.refinement, mask, steps, stack.name)
+        refined = _refine(transforms, fixed_p, moving_p, request.refinement, mask, steps, stack.name, contrast.kind)
         transforms = refined.transforms
-    similarity = foreground_similarities(fixed_p, moving_p, [initial, Composite(transforms)])
+    similarity = foreground_similarities(fixed_p, moving_p, [initial, Composite(transforms)], contrast.kind)
     del fixed_p, moving_p  # their anti-aliased copies
 
     # the stages' fields as one at the finest stage spacing (not finer than MERGED_SPACING_MM), parallel to the
@@ -317,7 +329,7 @@ def _register(request: _Request, device: torch.device) -> Registration:
         steps.timings["warp"] -= result.jacobian_s
         steps.record("jacobian", result.jacobian_s)
     registered_overlap = overlap_fraction(transform, fixed_grid, moving_grid, device)
-    for warning in [*result_warnings(request.refinement != 0, result.folding_fraction, *similarity),
+    for warning in [*result_warnings(request.refinement != 0, result.folding_fraction, *similarity, NAMES[contrast.kind]),
                     *overlap_warnings(overlap, registered_overlap, NO_OVERLAP_BELOW)]:
         log.warning(warning)
         warnings.append(warning)
@@ -339,6 +351,7 @@ def _register(request: _Request, device: torch.device) -> Registration:
         grid=fixed_grid,
         output_grid=output_grid,
         refinement=None if refined is None else refined.summary(),
+        contrast=contrast,
         _displacement=result.displacement,
         _jacobian=result.jacobian,
     )
@@ -387,7 +400,7 @@ def check_visible(stack: Stack, grid: Grid, what: str) -> None:
 
 
 def _refine(transforms: list[SpatialTransform], fixed: PreparedImage, moving: PreparedImage, refinement: Refinement,
-            mask: np.ndarray | None, steps: _Steps, stack_name: str) -> RefineResult:
+            mask: np.ndarray | None, steps: _Steps, stack_name: str, similarity: str) -> RefineResult:
     """The refinement step (:func:`dlir.refine.refine`), reporting each optimiser step; its transform checked finite."""
     name = "refine (accurate)" if refinement == "auto" else f"refine ({refinement} steps)"
 
@@ -395,7 +408,7 @@ def _refine(transforms: list[SpatialTransform], fixed: PreparedImage, moving: Pr
         steps.within(f"{name}: level {level}/{levels}, step {step}, loss {loss:.4f}", (level - 1 + step / limit) / levels)
 
     with steps.step(name):
-        refined = refine(transforms, fixed, moving, refinement, mask, report)
+        refined = refine(transforms, fixed, moving, refinement, mask, report, similarity=similarity)
         check_stage_output("the refinement of the stack's transform", stack_name, None, Composite(refined.transforms))
     return refined
 

@@ -3,6 +3,7 @@ when it is not, and the pieces (cubic resampling, the tables) on known inputs.""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -50,6 +51,22 @@ def test_bench_quick_runs_end_to_end(coarse_stack_file: Path, tmp_path: Path, ca
     through_field = sitk.Resample(moving_labels, labels, field, sitk.sitkNearestNeighbor, 0)
     agree = np.mean(sitk.GetArrayFromImage(through_field) == sitk.GetArrayFromImage(labels))
     assert agree > 0.999
+
+
+def test_bench_adds_elastix_with_mutual_information(coarse_stack_file: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """``--mutual-information``: elastix also runs with Mattes mutual information (the baseline for different
+    contrasts), a row of its own; ``--similarity`` reaches DLIR's runs."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--quick", "--mutual-information", "--similarity", "same", "--stack", str(coarse_stack_file),
+                 "--sizes", "--no-plots", "--repeats", "1", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| sample | elastix |" in printed and "| sample | elastix MI |" in printed
+    report = (out / "bench.md").read_text(encoding="utf-8")
+    assert "elastix MI: affine + B-spline (final grid 10 mm), AdvancedMattesMutualInformation" in report
+    assert "similarity same" in report
+    result = json.loads((out / "runs" / "sample" / "dlir" / "result.json").read_text(encoding="utf-8"))
+    assert result["contrast"]["asked"] == "same"
 
 
 def test_cubic_resampling_keeps_the_physical_box() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,12 +29,13 @@ from ..pairs import Pair, load_pair, read_pairs, sample_pair
 from ..refine import Refinement
 from .ants import INSTALL_HINT as ANTS_INSTALL_HINT
 from .ants import AntsSettings, ants_available
-from .elastix import INSTALL_HINT, ElastixMissingError, ElastixSettings, elastix_available
+from .elastix import INSTALL_HINT, MI_METRIC, ElastixMissingError, ElastixSettings, elastix_available
 from .evaluate import identity_output, method_name, score, stack_chooser, write_report
 from .measure import Measurement, RunSpec, measure
 from .scores import IDENTITY, MethodOutput, Score, display_name
 
 ELASTIX = "elastix"
+ELASTIX_MI = "elastix-mi"
 ANTS = "ants"
 #: cubic grid sizes (voxels per side) of the scaling table
 SIZES = (64, 128, 192, 256)
@@ -46,6 +47,8 @@ class BenchConfig:
     """What ``dlir bench`` runs.  ``stack_for(pair id)`` is the stack file of a pair; ``ants`` is ``None`` to skip ANTs.
 
     ``elastix_repeats``: timed runs of each conventional baseline's registration (elastix and ANTs).
+    ``elastix_mi``: elastix again with Mattes mutual information (the baseline for different contrasts), ``None``
+    to skip it; ``similarity``: DLIR's ``--similarity``.
     """
 
     pairs: Sequence[Pair]
@@ -54,12 +57,14 @@ class BenchConfig:
     refine: Refinement = 0
     devices: tuple[str, ...] = ("cpu",)
     elastix: ElastixSettings = field(default_factory=ElastixSettings)
+    elastix_mi: ElastixSettings | None = None
     ants: AntsSettings | None = None
     threads: int = 2
     dlir_repeats: int = 3
     elastix_repeats: int = 1
     sizes: tuple[int, ...] = SIZES
     scaling_pair: str | None = None
+    similarity: str = "auto"
 
 
 @dataclass
@@ -104,9 +109,12 @@ def _specs(config: BenchConfig, pair: Pair, folder: Path, stack: Path) -> dict[s
         for refine in dict.fromkeys([0, config.refine]):  # one shot, then the refined run when asked for
             key = method_name(refine, device)
             specs[key] = RunSpec("dlir", out=str(folder / key), stack=str(stack), device=device, refine=refine,
-                                 repeats=config.dlir_repeats, **common)  # type: ignore[arg-type]
+                                 similarity=config.similarity, repeats=config.dlir_repeats, **common)  # type: ignore[arg-type]
     specs[ELASTIX] = RunSpec("elastix", out=str(folder / ELASTIX), elastix=asdict(config.elastix),
                              repeats=config.elastix_repeats, **common)  # type: ignore[arg-type]
+    if config.elastix_mi is not None:
+        specs[ELASTIX_MI] = RunSpec("elastix", out=str(folder / ELASTIX_MI), elastix=asdict(config.elastix_mi),
+                                    repeats=config.elastix_repeats, **common)  # type: ignore[arg-type]
     if config.ants is not None:
         specs[ANTS] = RunSpec("ants", out=str(folder / ANTS), ants=asdict(config.ants),
                               repeats=config.elastix_repeats, **common)  # type: ignore[arg-type]
@@ -308,8 +316,10 @@ def write_bench_report(config: BenchConfig, scores: Sequence[Score], comparison:
                        plots: bool) -> list[Path]:
     """The evaluation report (metrics.csv, summary.md, plots) plus ``bench.md`` with the two tables."""
     ants = f"ANTs SyN: {config.ants.describe()}." if config.ants is not None else f"ANTs SyN: skipped ({ANTS_INSTALL_HINT})."
-    notes = [f"elastix: {config.elastix.describe()}.", ants,
-             f"DLIR stacks: {', '.join(sorted({str(config.stack_for(p.id)) for p in config.pairs}))}; threads {config.threads}.",
+    mi = [f"elastix MI: {config.elastix_mi.describe()}."] if config.elastix_mi is not None else []
+    notes = [f"elastix: {config.elastix.describe()}.", *mi, ants,
+             f"DLIR stacks: {', '.join(sorted({str(config.stack_for(p.id)) for p in config.pairs}))}; similarity "
+             f"{config.similarity}; threads {config.threads}.",
              *environment()]
     title = "DLIR vs elastix" + (" and ANTs SyN" if config.ants is not None else "")
     written = write_report(scores, config.out, title, notes, plots)
@@ -331,6 +341,8 @@ def bench_command(
     repeats: tuple[int, int] = (3, 1),
     plots: bool = True,
     log: Callable[[str], None] = lambda _: None,
+    mutual_information: bool = False,
+    similarity: str = "auto",
 ) -> tuple[list[str], list[str], Path]:
     """``dlir bench``: run, score and report; returns the comparison and scaling tables and the output folder.
 
@@ -338,7 +350,9 @@ def bench_command(
     :meth:`AntsSettings.quick`) and small scaling sizes, for smoke tests.  ``sizes=()`` skips the
     scaling table.  Without ``pairs_source`` the bundled sample pair is used.  ``repeats``: timed
     runs of each DLIR and each elastix (and ANTs) registration.  Without ``antspyx`` ANTs is
-    skipped and ``log`` gets one line that says how to install it.
+    skipped and ``log`` gets one line that says how to install it.  ``mutual_information``: elastix also runs with
+    Mattes mutual information (``elastix MI``, the conventional baseline for different contrasts).  ``similarity``:
+    DLIR's ``--similarity`` (same, different or auto).
     """
     if min(repeats) < 1:
         raise InputError("every method must run at least once (--repeats)")
@@ -348,9 +362,11 @@ def bench_command(
     choose = stack_chooser(stacks)
     for pair in pairs:
         choose(pair.id)  # fail before any work when a pair has no stack
+    elastix = ElastixSettings.quick(threads) if quick else ElastixSettings(threads=threads)
     config = BenchConfig(
         pairs=pairs, stack_for=choose, out=out or default_out(), refine=refine, devices=("cpu", *gpu_devices()),
-        elastix=ElastixSettings.quick(threads) if quick else ElastixSettings(threads=threads), ants=ants, threads=threads,
+        elastix=elastix, elastix_mi=replace(elastix, metric=MI_METRIC) if mutual_information else None, ants=ants,
+        threads=threads, similarity=similarity,
         sizes=tuple(sizes) if sizes is not None else (QUICK_SIZES if quick else SIZES), scaling_pair=scaling_pair,
         dlir_repeats=repeats[0], elastix_repeats=repeats[1],
     )

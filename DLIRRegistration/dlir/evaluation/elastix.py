@@ -28,6 +28,9 @@ import SimpleITK as sitk
 from ..errors import DLIRError
 
 ELASTIX_REQUIREMENT = "itk-elastix==0.25.4"
+#: the metric of the paper's baseline (one contrast) and elastix's metric for images of different contrasts
+NCC_METRIC = "AdvancedNormalizedCorrelation"
+MI_METRIC = "AdvancedMattesMutualInformation"
 INSTALL_HINT = (
     f"the elastix baseline needs the optional package {ELASTIX_REQUIREMENT}: install it with "
     f"`pip install {ELASTIX_REQUIREMENT}` (or `pip install -e \".[bench]\"` in the DLIR source folder)"
@@ -67,7 +70,8 @@ class ElastixSettings:
     """Settings of the conventional baseline (defaults: the DLIR paper's, see module docstring).
 
     ``final_grid_mm``: B-spline control-point spacing of the finest resolution (mm).
-    ``threads``: CPU threads elastix and transformix may use.  ``step_estimation``: how the
+    ``threads``: CPU threads elastix and transformix may use.  ``metric``: :data:`NCC_METRIC` (the paper's) or
+    :data:`MI_METRIC` (Mattes mutual information, elastix's default 32 histogram bins: for different contrasts).  ``step_estimation``: how the
     optimiser's step sizes are set (elastix's ``ASGDParameterEstimationMethod``; its default,
     ``Original``, costs about 2 s per resolution and stage on 2 cores whatever the image size).
     """
@@ -77,7 +81,7 @@ class ElastixSettings:
     resolutions: int = 4
     final_grid_mm: float = 10.0
     threads: int = 2
-    metric: str = "AdvancedNormalizedCorrelation"
+    metric: str = NCC_METRIC
     step_estimation: str = "Original"
 
     @classmethod

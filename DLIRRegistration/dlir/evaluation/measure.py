@@ -51,6 +51,7 @@ class RunSpec:
     stack: str | None = None  # dlir: the stack file
     device: str = "cpu"  # dlir
     refine: int | str = 0  # dlir: "auto" (accurate mode) or a number of steps
+    similarity: str = "auto"  # dlir: same, different or auto (dlir.choices.SIMILARITY_CHOICES)
     threads: int = 2
     repeats: int = 1
     elastix: dict[str, object] = field(default_factory=dict)  # ElastixSettings fields
@@ -107,7 +108,8 @@ def _run_dlir(spec: RunSpec) -> Measurement:
     for _ in range(spec.repeats):
         t = time.perf_counter()
         result = register_pair(stack, spec.fixed, spec.moving, Path(spec.out), moving_labels=spec.moving_labels,
-                               device=spec.device, refine=spec.refine, show_progress=False)
+                               device=spec.device, refine=spec.refine, similarity=spec.similarity,  # type: ignore[arg-type]
+                               show_progress=False)
         runs.append((time.perf_counter() - t, {k: float(v) for k, v in dict(result["timings_s"]).items()}))  # type: ignore[arg-type]
     gpu = torch.cuda.max_memory_allocated() / 2**20 if spec.device.startswith("cuda") else None
     warm_s, timings = min(runs[1:] or runs, key=lambda run: run[0])  # the first run initialises PyTorch's kernels

@@ -74,7 +74,7 @@ def display_name(method: str) -> str:
     if method == IDENTITY:
         return "Before registration"
     base, _, device = method.partition("@")
-    name = {"elastix": "elastix", "ants": "ANTs SyN"}.get(base, "DLIR")
+    name = {"elastix": "elastix", "elastix-mi": "elastix MI", "ants": "ANTs SyN"}.get(base, "DLIR")
     if base == "dlir+accurate":
         name += " accurate"
     elif base.startswith("dlir+refine"):

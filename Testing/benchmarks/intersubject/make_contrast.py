@@ -6,7 +6,9 @@ behaves on them; issue 27 owns multi-contrast registration).
 Moving: the T1 template at 2 mm with its tissue labels.  Fixed: a contrast made from the template's tissue
 probabilities under a known transform (``make_set.known_transform``: 8 % scale, 8-10 degrees, B-spline 50 mm):
 ``t2like`` (CSF bright, grey matter middle, white matter dark) and ``inverted`` (255 - T1 inside the head).
-Writes ``OUT/pairs.csv`` for ``dlir bench``.
+``ct_mrlike``: the chest CT at 2 x 2 x 5 mm as moving (lungs and tumour labelled), fixed an MR-like image made from
+it (a non-monotonic map of the Hounsfield units: air and lung dark, fat brightest, muscle middle, bone dark) under the
+same kind of known transform.  Writes ``OUT/pairs.csv`` for ``dlir bench``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import csv
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from make_set import REPO, known_transform
@@ -37,20 +40,38 @@ def main() -> None:
                  "inverted": to2mm(sitk.Mask(255.0 - t1, sitk.Cast(t1 > 5, sitk.sitkUInt8)), sitk.sitkLinear)}
     transform = known_transform(moving, seed=27, scale=(1.08, 0.95, 1.05), degrees=(8.0, -6.0, 10.0),
                                 shift=(6.0, -8.0, 5.0), amplitude_mm=3.0, control_mm=50.0)
+    pairs = [(name, contrast, moving, moving_labels, transform) for name, contrast in contrasts.items()]
+    pairs.append(ct_pair(args.data / "chest_ct_lung1"))
     rows = []
-    for name, contrast in contrasts.items():
+    for name, contrast, source, source_labels, known in pairs:
         out = args.out / "pairs" / name
         out.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(sitk.Resample(contrast, moving, transform, sitk.sitkLinear, 0.0), str(out / "fixed.nii.gz"))
-        sitk.WriteImage(sitk.Resample(moving_labels, moving, transform, sitk.sitkNearestNeighbor, 0), str(out / "fixed_labels.nii.gz"))
-        sitk.WriteImage(moving, str(out / "moving.nii.gz"))
-        sitk.WriteImage(moving_labels, str(out / "moving_labels.nii.gz"))
+        sitk.WriteImage(sitk.Resample(contrast, source, known, sitk.sitkLinear, 0.0), str(out / "fixed.nii.gz"))
+        sitk.WriteImage(sitk.Resample(source_labels, source, known, sitk.sitkNearestNeighbor, 0), str(out / "fixed_labels.nii.gz"))
+        sitk.WriteImage(source, str(out / "moving.nii.gz"))
+        sitk.WriteImage(source_labels, str(out / "moving_labels.nii.gz"))
         rows.append([name] + [str(out / f"{f}.nii.gz") for f in ("fixed", "moving", "fixed_labels", "moving_labels")] + ["", ""])
     with open(args.out / "pairs.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "fixed", "moving", "fixed_labels", "moving_labels", "landmarks", "gt_displacement"])
         writer.writerows(rows)
     print(f"{len(rows)} pairs in {args.out / 'pairs.csv'}")
+
+
+def ct_pair(folder: Path) -> tuple[str, sitk.Image, sitk.Image, sitk.Image, sitk.Transform]:
+    """(name, MR-like contrast on the CT's grid, CT (2 x 2 x 5 mm), its labels, the known transform)."""
+    ct, labels = sitk.ReadImage(str(folder / "ct.nii.gz"), sitk.sitkFloat32), sitk.ReadImage(str(folder / "labels.nii.gz"))
+    spacing = [2.0, 2.0, 5.0]
+    size = [int(n * s / t) for n, s, t in zip(ct.GetSize(), ct.GetSpacing(), spacing)]
+    grid = lambda im, how, default: sitk.Resample(im, size, sitk.Transform(), how, im.GetOrigin(), spacing, im.GetDirection(), default)  # noqa: E731
+    moving, moving_labels = grid(ct, sitk.sitkLinear, -1000.0), grid(labels, sitk.sitkNearestNeighbor, 0)
+    hu = sitk.GetArrayFromImage(moving)
+    mr = np.interp(hu, [-1000, -900, -500, -150, -60, 20, 60, 200, 400, 2000], [0, 10, 20, 220, 230, 120, 110, 60, 30, 20])
+    contrast = sitk.GetImageFromArray(mr.astype(np.float32))
+    contrast.CopyInformation(moving)
+    transform = known_transform(moving, seed=28, scale=(1.06, 0.95, 1.04), degrees=(4.0, -5.0, 8.0),
+                                shift=(8.0, -6.0, 5.0), amplitude_mm=3.0, control_mm=50.0)
+    return "ct_mrlike", contrast, moving, moving_labels, transform
 
 
 if __name__ == "__main__":
