@@ -15,28 +15,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .modality import mind_similarity, mind_ssc
+from .modality import mind_similarity, mind_ssc, ncc  # noqa: F401  (ncc: THE global NCC, used across the engine as losses.ncc)
 from .recipe import StageSpec
 
 #: det J of a displacement below this, at the corners of its grid cells, is penalised (a margin above folding)
 MIN_JACOBIAN = 0.3
-
-
-def ncc(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
-    """Global normalised cross-correlation per pair, ``[N]``, in [-1, 1] (1 = identical up to a linear intensity map).
-
-    ``mask`` ``[N, 1, D, H, W]`` (0/1 or weights) restricts the voxels taken into account.
-    """
-    if mask is None:
-        mask = torch.ones_like(fixed[:, :1])
-    w = mask.flatten(1).to(fixed.dtype)
-    f = fixed.flatten(1)
-    m = warped.flatten(1)
-    n = w.sum(1).clamp(min=1)
-    f = f - (w * f).sum(1, keepdim=True) / n[:, None]
-    m = m - (w * m).sum(1, keepdim=True) / n[:, None]
-    cross = (w * f * m).sum(1)
-    return cross / torch.sqrt((w * f * f).sum(1) * (w * m * m).sum(1) + eps)
 
 
 def local_ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:

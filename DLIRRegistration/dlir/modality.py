@@ -37,6 +37,23 @@ _PAIRS = tuple(((sa if p == 0 else 0, sa if p == 1 else 0, sa if p == 2 else 0),
 MIND_SCALE = 0.1
 
 
+def ncc(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """Global normalised cross-correlation per pair, ``[N]``, in [-1, 1] (1 = identical up to a linear intensity map).
+
+    ``mask`` ``[N, 1, D, H, W]`` (0/1 or weights) restricts the voxels taken into account.
+    """
+    if mask is None:
+        mask = torch.ones_like(fixed[:, :1])
+    w = mask.flatten(1).to(fixed.dtype)
+    f = fixed.flatten(1)
+    m = warped.flatten(1)
+    n = w.sum(1).clamp(min=1)
+    f = f - (w * f).sum(1, keepdim=True) / n[:, None]
+    m = m - (w * m).sum(1, keepdim=True) / n[:, None]
+    cross = (w * f * m).sum(1)
+    return cross / torch.sqrt((w * f * f).sum(1) * (w * m * m).sum(1) + eps)
+
+
 def _window(image: torch.Tensor, margin: int, offset: tuple[int, ...], keep: int) -> torch.Tensor:
     """The part of ``image`` (padded by ``margin`` voxels on every side) moved by ``offset`` voxels (dk, dj, di), still
     padded by ``keep``: value at x is the image at x + offset."""
@@ -137,8 +154,6 @@ def features(kind: str, image: torch.Tensor, spacing: float) -> torch.Tensor:
 def compare(kind: str, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The similarity per pair ``[N]`` (higher = more alike; 1 = identical) of two :func:`features` ``[N, C, ...]``."""
     if kind == "ncc":
-        from .losses import ncc
-
         return ncc(fixed, warped, mask)
     if kind == "mind":
         return mind_similarity(fixed, warped, mask)
