@@ -15,49 +15,21 @@ import torch
 
 from dlir.errors import InputError
 from dlir.losses import folding_penalty, stage_loss
-from dlir.recipe import StageSpec
+from dlir.recipe import INTENSITY_PRESETS, Recipe, StageSpec
 from dlir.stack import Manifest, build_stack, save_stack
 from dlir.training.config import DataSpec, TrainConfig, add_flags, apply_flags
 from dlir.training.trainer import Trainer
 
-TINY = """
-name = "tiny-finetune"
-seed = 3
-
-[data]
-images = "{images}"
-validation_pairs_per_image = 1
-validation_inter_subject = {inter_subject}
-
-[recipe]
-initial_alignment = "{alignment}"
-
-[recipe.intensity]
-kind = "percentile"
-
-[[recipe.stages]]
-kind = "affine"
-spacing_mm = [8.0, 8.0, 8.0]
-channels = 8
-depth = 2
-min_scale = 0.8
-max_scale = 1.2
-
-[[recipe.stages]]
-kind = "bspline"
-spacing_mm = [8.0, 8.0, 8.0]
-control_point_spacing = 4
-channels = {channels}
-fold_weight = 10.0
-patch_size = 16
-"""
-
-
-def _config(tmp_path: Path, images: str, channels: int = 8, inter_subject: int = 0, alignment: str = "centre",
-            **top: object) -> TrainConfig:
-    config = TrainConfig.from_dict(tomllib.loads(TINY.format(images=images, channels=channels, inter_subject=inter_subject,
-                                                             alignment=alignment)), tmp_path)
-    return replace(config, **top)
+def _config(tmp_path: Path, images: str, channels: int = 8, inter_subject: int = 0, alignment: str = "centre") -> TrainConfig:
+    """A two-stage job (affine with a scale range symmetric about 1, so its fresh head is the identity; a B-spline
+    stage with a folding penalty) on ``images``, relative to ``tmp_path``."""
+    stages = (StageSpec("affine", spacing_mm=(8.0, 8.0, 8.0), channels=8, depth=2, min_scale=0.8, max_scale=1.2),
+              StageSpec("bspline", spacing_mm=(8.0, 8.0, 8.0), control_point_spacing=4, channels=channels, fold_weight=10.0,
+                        patch_size=16))
+    return TrainConfig(name="tiny-finetune", seed=3,
+                       data=DataSpec(images=str(tmp_path / images), validation_pairs_per_image=1,
+                                     validation_inter_subject=inter_subject),
+                       recipe=Recipe(stages, INTENSITY_PRESETS["mr"], alignment))
 
 
 def _stack_file(config: TrainConfig, path: Path, seed: int) -> Path:
