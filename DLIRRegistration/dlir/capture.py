@@ -26,10 +26,11 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .geometry import Grid, rotation_matrix, sample
+from .geometry import Grid, rotation_matrix
 from .modality import compare, features
 from .transforms import AffineTransform, grid_points
 
@@ -71,9 +72,13 @@ class CoarseImage:
     mask: torch.Tensor
     kind: str = "ncc"
     features: torch.Tensor = field(init=False)
+    to_index: torch.Tensor = field(init=False)  # [3, 4]: LPS point (mm) -> continuous index (i, j, k)
+    size: torch.Tensor = field(init=False)  # [3]: voxels along i, j, k
 
     def __post_init__(self) -> None:
         self.features = features(self.kind, self.image, self.grid.spacing[0])
+        self.to_index = torch.as_tensor(self.grid.physical_to_index()[:3], dtype=torch.float32)
+        self.size = torch.as_tensor(self.grid.size, dtype=torch.float32)
 
 
 @dataclass
@@ -121,20 +126,16 @@ def _erode(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _fill_slices(mask: torch.Tensor) -> torch.Tensor:
-    """``mask`` with the holes of every k slice filled: background not reachable from the slice's border."""
-    background = ~mask[0, 0]  # [D, H, W]
-    outside = torch.zeros_like(background)
-    outside[:, 0, :] = background[:, 0, :]
-    outside[:, -1, :] = background[:, -1, :]
-    outside[:, :, 0] = background[:, :, 0]
-    outside[:, :, -1] = background[:, :, -1]
-    while True:
-        grown = F.max_pool2d(outside.float()[:, None], 3, stride=1, padding=1)[:, 0] > 0
-        grown &= background
-        if torch.equal(grown, outside):
-            break
-        outside = grown
-    return (~outside)[None, None]
+    """``mask`` with the holes of every k slice filled: background not 8-connected, within its slice, to the slice's
+    border.  One labelling of the background's connected components (SimpleITK) with the slices kept apart by empty
+    slices between them, so that no component reaches across slices."""
+    background = ~mask[0, 0].cpu().numpy()  # [D, H, W]
+    spaced = np.zeros((2 * background.shape[0] - 1, *background.shape[1:]), dtype=np.uint8)
+    spaced[::2] = background
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(spaced), True))[::2]
+    edges = np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
+    outside = np.isin(labels, np.unique(edges[edges > 0]))
+    return torch.from_numpy(~outside).to(mask.device)[None, None]
 
 
 def _masked_moments(image: CoarseImage) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -217,40 +218,58 @@ def starts(fixed: CoarseImage, moving: CoarseImage, fixed_grid: Grid, moving_gri
 
 
 class _Parameters:
-    """``T(x) = S(c + M (x - c) + t)``: a correction about the fixed foreground's centre ``c`` applied before the
-    start ``S``; ``M = R(angles) (I + shear) diag(exp(log_scale))``, ``t`` in mm."""
+    """``K`` searched transforms ``T_k(x) = S_k(c + M_k (x - c) + t_k)``: a correction about the fixed foreground's
+    centre ``c`` applied before the start ``S_k``; ``M = R(angles) (I + shear) diag(exp(log_scale))``, ``t`` in mm.
 
-    def __init__(self, start: np.ndarray, centre: np.ndarray) -> None:
-        self.start = torch.as_tensor(start, dtype=torch.float32)
+    The starts are searched side by side (one sampling pass for all of them per step): each has its own parameters,
+    and the sum of their losses gives each one its own gradient."""
+
+    def __init__(self, starts: np.ndarray, centre: np.ndarray) -> None:
+        self.start = torch.as_tensor(starts, dtype=torch.float32).reshape(-1, 4, 4)
         self.centre = torch.as_tensor(centre, dtype=torch.float32)
-        self.translation = torch.zeros(3, requires_grad=True)
-        self.angles = torch.zeros(3, requires_grad=True)
-        self.log_scale = torch.zeros(3, requires_grad=True)
-        self.shear = torch.zeros(3, requires_grad=True)
+        count = self.start.shape[0]
+        self.translation = torch.zeros(count, 3, requires_grad=True)
+        self.angles = torch.zeros(count, 3, requires_grad=True)
+        self.log_scale = torch.zeros(count, 3, requires_grad=True)
+        self.shear = torch.zeros(count, 3, requires_grad=True)
+
+    def select(self, index: int) -> "_Parameters":
+        """The ``index``-th transform alone (its parameters copied; a fresh search state)."""
+        one = _Parameters(self.start[index].numpy(), self.centre.numpy())
+        with torch.no_grad():
+            for name in ("translation", "angles", "log_scale", "shear"):
+                getattr(one, name).copy_(getattr(self, name)[index:index + 1])
+        return one
 
     def matrix(self, max_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, b) of ``T(x) = A x + b``."""
+        """(A ``[K, 3, 3]``, b ``[K, 3]``) of ``T_k(x) = A_k x + b_k``."""
         limit = float(np.log(max_scale))
         scale = torch.exp(limit * torch.tanh(self.log_scale / limit))
-        one, zero = torch.ones(()), torch.zeros(())
-        s = self.shear
-        shear = torch.stack([one, s[0], s[1], zero, one, s[2], zero, zero, one]).reshape(3, 3)
-        m = rotation_matrix(self.angles[None])[0] @ shear @ torch.diag(scale)
+        one, zero = torch.ones_like(self.shear[:, 0]), torch.zeros_like(self.shear[:, 0])
+        s0, s1, s2 = self.shear.unbind(1)
+        shear = torch.stack([one, s0, s1, zero, one, s2, zero, zero, one], 1).reshape(-1, 3, 3)
+        m = rotation_matrix(self.angles) @ shear * scale[:, None, :]  # R (I + shear) diag(scale)
         correction_offset = self.centre + self.translation - m @ self.centre
-        a, b = self.start[:3, :3], self.start[:3, 3]
-        return a @ m, a @ correction_offset + b
+        a, b = self.start[:, :3, :3], self.start[:, :3, 3]
+        return a @ m, (a @ correction_offset[:, :, None])[:, :, 0] + b
 
 
 def _similarity(fixed: CoarseImage, points: torch.Tensor, moving: CoarseImage, matrix: torch.Tensor,
                 offset: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Masked similarity (the images' ``kind``) of the fixed foreground ``values`` ``[C, n]`` at ``points`` ``[n, 3]``
-    and the moving image's features at their images."""
-    moved = (points @ matrix.T + offset).reshape(1, -1, 1, 1, 3)
-    warped = sample(moving.features, moving.grid, moved, outside=None).reshape(1, values.shape[0], -1)
-    with torch.no_grad():
-        inside = moving.grid.contains(moved).float().reshape(1, 1, -1)
-    similarity = compare(fixed.kind, values[None], warped, inside)[0]
-    return similarity * inside.mean().clamp(max=FULL_OVERLAP) / FULL_OVERLAP
+    """Masked similarity ``[K]`` (the images' ``kind``) of the fixed foreground ``values`` ``[C, n]`` at ``points``
+    ``[n, 3]`` and the moving image's features at their images under each of ``K`` affine maps (``matrix`` ``[K, 3, 3]``,
+    ``offset`` ``[K, 3]``), sampled in one pass."""
+    count, channels, n = matrix.shape[0], values.shape[0], points.shape[0]
+    rotation, shift = moving.to_index[:, :3], moving.to_index[:, 3]
+    index = torch.einsum("kij,nj->kni", rotation @ matrix, points) + (offset @ rotation.T + shift)[:, None, :]  # [K, n, 3]
+    with torch.no_grad():  # inside the moving image: continuous index in [-0.5, size - 0.5] (as dlir.geometry.sample)
+        inside = ((index >= -0.5) & (index <= moving.size - 0.5)).all(-1).float()[:, None, :]  # [K, 1, n]
+    coordinates = index * (2.0 / (moving.size - 1).clamp(min=1)) - 1.0  # grid_sample's (align_corners)
+    warped = F.grid_sample(moving.features, coordinates.reshape(1, -1, 1, 1, 3), mode="bilinear", padding_mode="border",
+                           align_corners=True)  # border values extended beyond the buffer
+    warped = warped.reshape(channels, count, n).transpose(0, 1)  # [K, C, n]
+    similarity = compare(fixed.kind, values[None].expand(count, -1, -1), warped, inside)
+    return similarity * inside.mean((1, 2)).clamp(max=FULL_OVERLAP) / FULL_OVERLAP
 
 
 def _foreground_samples(image: CoarseImage, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,9 +283,9 @@ def _foreground_samples(image: CoarseImage, count: int) -> tuple[torch.Tensor, t
 
 
 def _optimise(parameters: _Parameters, fixed: CoarseImage, samples: tuple[torch.Tensor, torch.Tensor], moving: CoarseImage,
-              steps: int, affine: bool, settings: CaptureSettings) -> float:
-    """Adam on the masked similarity at the fixed ``samples`` (:func:`_foreground_samples`) for ``steps`` steps (all 12
-    parameters with ``affine``, else no shear); the final NCC.
+              steps: int, affine: bool, settings: CaptureSettings) -> torch.Tensor:
+    """Adam on the masked similarity at the fixed ``samples`` (:func:`_foreground_samples`) for ``steps`` steps, every
+    searched transform at once (all 12 parameters with ``affine``, else no shear); the final similarities ``[K]``.
 
     A plain Adam (``torch.optim`` would import PyTorch's compiler, seconds of start-up, for a few hundred steps)."""
     points, values = samples
@@ -274,10 +293,10 @@ def _optimise(parameters: _Parameters, fixed: CoarseImage, samples: tuple[torch.
               (parameters.angles, settings.angle_step), (parameters.log_scale, settings.scale_step)]
     if affine:
         groups.append((parameters.shear, settings.shear_step))
-    moments = [(torch.zeros(3), torch.zeros(3)) for _ in groups]
+    moments = [(torch.zeros_like(tensor), torch.zeros_like(tensor)) for tensor, _ in groups]
     beta1, beta2 = 0.9, 0.999
     for step in range(1, steps + 1):
-        loss = -_similarity(fixed, points, moving, *parameters.matrix(settings.max_scale), values)
+        loss = -_similarity(fixed, points, moving, *parameters.matrix(settings.max_scale), values).sum()
         grads = torch.autograd.grad(loss, [tensor for tensor, _ in groups])
         with torch.no_grad():
             for (tensor, rate), grad, (m, v) in zip(groups, grads, moments):
@@ -286,7 +305,7 @@ def _optimise(parameters: _Parameters, fixed: CoarseImage, samples: tuple[torch.
                 size = rate * settings.decay ** (step - 1) * (1 - beta2**step) ** 0.5 / (1 - beta1**step)
                 tensor.sub_(size * m / (v.sqrt() + 1e-8))
     with torch.no_grad():
-        return float(_similarity(fixed, points, moving, *parameters.matrix(settings.max_scale), values))
+        return _similarity(fixed, points, moving, *parameters.matrix(settings.max_scale), values)
 
 
 def capture(pyramid: list[tuple[CoarseImage, CoarseImage]], fixed_grid: Grid, moving_grid: Grid,
@@ -311,33 +330,33 @@ def capture(pyramid: list[tuple[CoarseImage, CoarseImage]], fixed_grid: Grid, mo
         samples = [_foreground_samples(fixed, count) for fixed, _ in pyramid]
         coarse_fixed, coarse_moving = pyramid[0]
         centre = _masked_moments(coarse_fixed)[0]
-        scores = {name: _score(start, coarse_fixed, samples[0], coarse_moving) for name, start in named.items()}
+        names = list(named)
+        scores = dict(zip(names, _scores([named[n] for n in names], coarse_fixed, samples[0], coarse_moving)))
         ranked = sorted(scores, key=scores.__getitem__, reverse=True)[: settings.keep]
-        candidates = []
-        for name in ranked:
-            parameters = _Parameters(named[name], centre)
-            score = _optimise(parameters, coarse_fixed, samples[0], coarse_moving, settings.steps[0], False, settings)
-            candidates.append((score, name, parameters))
-        score, name, best = max(candidates, key=lambda c: c[0])
+        searched = _Parameters(np.stack([named[name] for name in ranked]), centre)
+        optimised = _optimise(searched, coarse_fixed, samples[0], coarse_moving, settings.steps[0], False, settings)
+        index = int(torch.argmax(optimised))
+        score, name, best = float(optimised[index]), ranked[index], searched.select(index)
         for (fixed, moving), level_samples, steps in zip(pyramid[1:], samples[1:], settings.steps[1:]):
-            score = _optimise(best, fixed, level_samples, moving, steps, True, settings)
+            score = float(_optimise(best, fixed, level_samples, moving, steps, True, settings)[0])
         with torch.no_grad():
-            matrix, offset = best.matrix(settings.max_scale)
+            matrix, offset = (value[0] for value in best.matrix(settings.max_scale))
     finest_fixed, finest_moving = pyramid[-1]
-    for plain in ("header", "centres of the grids"):
-        plain_score = _score(named[plain], finest_fixed, samples[-1], finest_moving)
+    plain_names = ("header", "centres of the grids")
+    for plain, plain_score in zip(plain_names, _scores([named[n] for n in plain_names], finest_fixed, samples[-1], finest_moving)):
         if not score > plain_score + CLEAR_GAIN:
             start = named[plain]
             matrix, offset, score, name = torch.as_tensor(start[:3, :3]), torch.as_tensor(start[:3, 3]), plain_score, plain
     return Capture(_affine(matrix, offset), score, name, scores)
 
 
-def _score(start: np.ndarray, fixed: CoarseImage, samples: tuple[torch.Tensor, torch.Tensor], moving: CoarseImage) -> float:
-    """The similarity of a start (4 x 4, fixed -> moving) at the fixed ``samples`` of one level, unoptimised."""
+def _scores(starts: list[np.ndarray], fixed: CoarseImage, samples: tuple[torch.Tensor, torch.Tensor],
+            moving: CoarseImage) -> list[float]:
+    """The similarities of ``starts`` (4 x 4 each, fixed -> moving) at the fixed ``samples`` of one level, unoptimised."""
     points, values = samples
-    m = torch.as_tensor(start, dtype=torch.float32)
+    m = torch.as_tensor(np.stack(starts), dtype=torch.float32)
     with torch.no_grad():
-        return float(_similarity(fixed, points, moving, m[:3, :3], m[:3, 3], values))
+        return [float(v) for v in _similarity(fixed, points, moving, m[:, :3, :3], m[:, :3, 3], values)]
 
 
 def _affine(matrix: torch.Tensor, offset: torch.Tensor) -> AffineTransform:

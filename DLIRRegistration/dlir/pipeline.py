@@ -92,7 +92,12 @@ class PreparedImage:
             pts = grid_points(grid, image.shape[0], image.device)
         else:
             pts = map_grid(transform, grid, image.shape[0], image.device)
-        return sample_source(image, image_grid, self.grid, pts)
+        return self.sampled(spacing, pts)
+
+    def sampled(self, spacing: tuple[float, float, float], points: torch.Tensor) -> torch.Tensor:
+        """The image anti-aliased for ``spacing`` and sampled at LPS ``points`` ``[N, d, h, w, 3]`` (mm), 0 outside."""
+        image, image_grid = self.source_for(spacing)
+        return sample_source(image, image_grid, self.grid, points)
 
     def centre_of_mass(self) -> np.ndarray:
         """Intensity-weighted centre (LPS mm) of the normalised image, slab by slab."""

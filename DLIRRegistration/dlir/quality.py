@@ -45,8 +45,9 @@ def foreground_similarities(fixed: PreparedImage, moving: PreparedImage,
         f = fixed.resampled(spacing, None, grid)
         body = foreground(f.cpu()).to(f.device)
         for transform in transforms:
-            m = moving.resampled(spacing, transform, grid)
-            inside = moving.grid.contains(map_grid(transform, grid, 1, f.device))[:, None]
+            points = map_grid(transform, grid, 1, f.device)
+            m = moving.sampled(spacing, points)
+            inside = moving.grid.contains(points)[:, None]
             out.append(float(compare(kind, features(kind, f, spacing[0]), features(kind, m, spacing[0]), (body & inside).to(f.dtype))[0]))
     return out
 

@@ -309,12 +309,11 @@ def _register(request: _Request, device: torch.device) -> Registration:
     if request.refinement != 0:
         refined = _refine(transforms, fixed_p, moving_p, request.refinement, mask, steps, stack.name, contrast.kind)
         transforms = refined.transforms
-    similarity = foreground_similarities(fixed_p, moving_p, [initial, Composite(transforms)], contrast.kind)
-    del fixed_p, moving_p  # their anti-aliased copies
-
     # the stages' fields as one at the finest stage spacing (not finer than MERGED_SPACING_MM), parallel to the
-    # fixed grid: evaluated separably per voxel, and the transform that is exported
+    # fixed grid: evaluated separably per voxel, and the transform that is exported (and judged)
     transform = Composite(transforms).merged_fields(along=fixed_grid, min_spacing=MERGED_SPACING_MM)
+    similarity = foreground_similarities(fixed_p, moving_p, [initial, transform], contrast.kind)
+    del fixed_p, moving_p  # their anti-aliased copies
     wanted = request.wanted
     with torch.no_grad():
         with steps.step("warp"):
