@@ -98,7 +98,7 @@ class Registration:
     transform: SpatialTransform | None = None  # T, fixed -> moving, in the coordinates of ``grid``
     grid: Grid | None = None  # the fixed grid as the computation saw it (translated by minus its centre)
     output_grid: Grid | None = None  # the fixed image's own grid
-    refinement: dict[str, list[float] | bool] | None = None  # per refinement level: spacing (mm), steps, final loss, seconds
+    refinement: dict[str, list[float] | bool | str] | None = None  # per refinement level: spacing (mm), steps, final loss, seconds; why the networks were skipped
     contrast: ContrastChoice | None = None  # same or different contrasts, and why (dlir.contrast)
     _displacement: sitk.Image | None = field(default=None, repr=False)
     _jacobian: sitk.Image | None = field(default=None, repr=False)
@@ -301,9 +301,15 @@ def _register(request: _Request, device: torch.device) -> Registration:
                                                           request.fixed, request.moving, fixed_p, moving_p)
         overlap = overlap_fraction(initial, fixed_grid, moving_grid, device)
     warnings = _overlap_warnings(overlap)
-    with torch.no_grad():
-        transforms = run_stages(stack, fixed_p, moving_p, initial, step=steps.step, check_finite=True, skip_worse=True,
-                                networks=runtime.inference_networks(stack, device))
+    skipped = None if request.refinement == 0 else networks_skipped(stack, contrast)
+    if skipped is not None:
+        log.info("accurate mode starts from the initial alignment: %s", skipped)
+        steps.done += len(stack.stages)
+        transforms: list[SpatialTransform] = [initial]
+    else:
+        with torch.no_grad():
+            transforms = run_stages(stack, fixed_p, moving_p, initial, step=steps.step, check_finite=True, skip_worse=True,
+                                    networks=runtime.inference_networks(stack, device))
     mask = _mask_voxels(request.fixed_mask)
     refined = None
     if request.refinement != 0:
@@ -349,11 +355,26 @@ def _register(request: _Request, device: torch.device) -> Registration:
         transform=transform,
         grid=fixed_grid,
         output_grid=output_grid,
-        refinement=None if refined is None else refined.summary(),
+        refinement=None if refined is None else {**refined.summary(), **({"started_from_networks_field": False, "networks_skipped": skipped} if skipped else {})},
         contrast=contrast,
         _displacement=result.displacement,
         _jacobian=result.jacobian,
     )
+
+
+def networks_skipped(stack: Stack, contrast: ContrastChoice) -> str | None:
+    """Why accurate mode does not run ``stack``'s networks on this pair, None when it runs them.
+
+    A stack made for one modality (its manifest names one, as ``brain-mri`` and ``chest-ct``) was trained on images
+    of one contrast; on a pair of different contrasts its field is a guess that the refinement would first have to
+    undo, so accurate mode starts from the initial alignment (the capture) instead: as accurate on the
+    multi-contrast development pairs and the networks' time faster (Testing/benchmarks/RESULTS.md).  Fast mode
+    runs them whatever the pair (it has nothing else), and warns when their result is poor (:mod:`dlir.quality`).
+    """
+    if contrast.contrast == "same" or not stack.manifest.modality:
+        return None
+    return (f"the networks of the stack '{stack.name}' were trained on {stack.manifest.modality} images of one contrast, "
+            "and these images have different contrasts")
 
 
 def _overlap_warnings(overlap: float) -> list[str]:

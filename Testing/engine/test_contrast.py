@@ -214,3 +214,26 @@ def test_dlir_register_reports_the_choice(contrasts, deformed_pair, coarse_stack
     assert main(["register", str(fixed), str(moving), "--stack", str(coarse_stack_file), "--out", str(tmp_path / "same"),
                  "--outputs", "transform", "--similarity", "same"]) == 0
     assert "same contrast (as asked): similarity NCC" in capsys.readouterr().out
+
+
+def test_accurate_mode_skips_one_contrast_networks_on_two_contrasts(contrasts, deformed_pair):
+    """A stack made for one modality: accurate mode on different contrasts starts from the capture, not its networks;
+    on one contrast, in fast mode, and with a stack made for any contrast (no modality), the networks run."""
+    import dataclasses
+
+    fixed, moving = deformed_pair[0], contrasts["t1"]
+    any_contrast = identity_bspline_stack()
+    one_contrast = identity_bspline_stack()
+    one_contrast.manifest = dataclasses.replace(one_contrast.manifest, modality="MR")
+
+    def ran(stack, refine, similarity) -> bool:
+        result = register(fixed, moving, stack, refine=refine, similarity=similarity, outputs=())
+        stages = any(name.startswith("stage ") for name in result.timings)
+        skipped = (result.refinement or {}).get("networks_skipped")
+        assert stages == (skipped is None)
+        return stages
+
+    assert not ran(one_contrast, 2, "different")
+    assert ran(one_contrast, 2, "same")
+    assert ran(one_contrast, 0, "different")
+    assert ran(any_contrast, 2, "different")
