@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -79,32 +80,44 @@ def bending_energy(field: torch.Tensor, spacing: tuple[float, float, float]) -> 
     return 3 * total  # each mean ran over components too: x3 gives the sum over components
 
 
-def corner_jacobians(field: torch.Tensor, spacing: tuple[float, float, float]) -> list[torch.Tensor]:
-    """det J of ``x + u`` at the 8 corners of every cell of an axis-aligned grid (identity direction), each from the
-    cell's three edges that meet there: the trilinear field's det J at the corners of the cell.
+def corner_jacobians(field: torch.Tensor, spacing: tuple[float, float, float],
+                     direction: np.ndarray | None = None) -> list[torch.Tensor]:
+    """det J of ``x + u`` (w.r.t. physical LPS mm) at the 8 corners of every cell of a grid, each from the cell's three
+    edges that meet there: the trilinear field's det J at the corners of the cell.
 
-    ``field`` ``[1, 3, D, H, W]`` (mm) on a grid of ``spacing`` (x, y, z mm).  Central differences (one value per
-    node) average two cells and can hide a fold in one of them; edges cannot.
+    ``field`` ``[1, 3, D, H, W]`` (LPS mm) on a grid of ``spacing`` (i, j, k mm) whose axes are the columns of
+    ``direction`` (3 x 3, LPS; None: the identity).  With ``G`` the edge differences per mm along the grid's axes,
+    ``du/dx = G R^-1``, so ``det(I + du/dx) = det(R + G) / det R``.  Central differences (one value per node)
+    average two cells and can hide a fold in one of them; edges cannot.
     """
     sx, sy, sz = spacing
+    r = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    scale = 1.0 / float(np.linalg.det(r))
     u = field[0]
-    dx, dy, dz = (u[:, :, :, 1:] - u[:, :, :, :-1]) / sx, (u[:, :, 1:] - u[:, :, :-1]) / sy, (u[:, 1:] - u[:, :-1]) / sz
+    columns = torch.as_tensor(r, dtype=u.dtype, device=u.device).T.reshape(3, 3, 1, 1, 1)  # R's columns
+    # the columns of R + G along the edges: dT / d(mm along the grid's i, j, k axis)
+    dx = (u[:, :, :, 1:] - u[:, :, :, :-1]) / sx + columns[0]
+    dy = (u[:, :, 1:] - u[:, :, :-1]) / sy + columns[1]
+    dz = (u[:, 1:] - u[:, :-1]) / sz + columns[2]
     ends = (slice(None, -1), slice(1, None))  # the cell's lower or upper node along an axis
     out = []
     for ci, cj, ck in itertools.product((0, 1), repeat=3):  # corner (i, j, k): the x edge at its j and k, and so on
         gx, gy, gz = dx[:, ends[ck], ends[cj], :], dy[:, ends[ck], :, ends[ci]], dz[:, :, ends[cj], ends[ci]]
-        (a11, a21, a31), (a12, a22, a32), (a13, a23, a33) = (gx[0] + 1, gx[1], gx[2]), (gy[0], gy[1] + 1, gy[2]), (gz[0], gz[1], gz[2] + 1)
-        out.append(a11 * (a22 * a33 - a23 * a32) - a12 * (a21 * a33 - a23 * a31) + a13 * (a21 * a32 - a22 * a31))
+        (a11, a21, a31), (a12, a22, a32), (a13, a23, a33) = gx, gy, gz
+        det = a11 * (a22 * a33 - a23 * a32) - a12 * (a21 * a33 - a23 * a31) + a13 * (a21 * a32 - a22 * a31)
+        out.append(det if scale == 1.0 else det * scale)
     return out
 
 
-def folding_penalty(field: torch.Tensor, spacing: tuple[float, float, float]) -> torch.Tensor:
+def folding_penalty(field: torch.Tensor, spacing: tuple[float, float, float], direction: np.ndarray | None = None) -> torch.Tensor:
     """``sum over the 8 cell corners of mean(relu(MIN_JACOBIAN - det J)^2)``, a scalar averaged over the batch: 0
     where det J >= MIN_JACOBIAN at every corner of every cell (:func:`corner_jacobians`).
 
-    ``field`` ``[N, 3, D, H, W]`` (mm) on an axis-aligned grid of ``spacing`` (x, y, z mm).
+    ``field`` ``[N, 3, D, H, W]`` (LPS mm) on a grid of ``spacing`` (i, j, k mm) whose axes are the columns of
+    ``direction`` (None: the identity).
     """
-    return torch.stack([sum(torch.relu(MIN_JACOBIAN - det).pow(2).mean() for det in corner_jacobians(one[None], spacing))
+    return torch.stack([sum(torch.relu(MIN_JACOBIAN - det).pow(2).mean()
+                            for det in corner_jacobians(one[None], spacing, direction))
                         for one in field]).mean()
 
 
@@ -119,14 +132,15 @@ class Objective(NamedTuple):
 
 
 def objective(similarity: torch.Tensor, displacement: torch.Tensor | None, spacing: tuple[float, float, float] | None,
-              alpha: float, fold_weight: float = 0.0, penalty_scale: float = 1.0) -> Objective:
+              alpha: float, fold_weight: float = 0.0, penalty_scale: float = 1.0,
+              direction: np.ndarray | None = None) -> Objective:
     """``-similarity + penalty_scale * (alpha * bending energy + fold_weight * folding penalty)`` of a displacement.
 
     ``similarity``: a scalar (1 = perfect).  ``displacement`` ``[N, 3, D, H, W]`` (mm) on a grid of ``spacing``
-    (x, y, z mm), its bending energy averaged over the batch (:func:`bending_energy`) and, when ``fold_weight`` > 0,
-    its :func:`folding_penalty` (axis-aligned grid); ``None`` leaves ``-similarity`` alone (an affine
-    stage, or a step that skips the penalties).  ``penalty_scale`` weighs the penalties up when they are evaluated
-    on only some steps.
+    (i, j, k mm) whose axes are the columns of ``direction`` (None: the identity), its bending energy averaged over the
+    batch (:func:`bending_energy`, the same along any orthonormal axes) and, when ``fold_weight`` > 0, its
+    :func:`folding_penalty`; ``None`` leaves ``-similarity`` alone (an affine stage, or a step that skips the
+    penalties).  ``penalty_scale`` weighs the penalties up when they are evaluated on only some steps.
     """
     zero = torch.zeros((), dtype=similarity.dtype, device=similarity.device)
     if displacement is None:
@@ -134,7 +148,7 @@ def objective(similarity: torch.Tensor, displacement: torch.Tensor | None, spaci
     if spacing is None:
         raise ValueError("the bending energy of a displacement needs its grid spacing")
     bending = bending_energy(displacement, spacing).mean()
-    folding = folding_penalty(displacement, spacing) if fold_weight > 0 else zero
+    folding = folding_penalty(displacement, spacing, direction) if fold_weight > 0 else zero
     return Objective(-similarity + penalty_scale * (alpha * bending + fold_weight * folding), similarity, bending, folding)
 
 

@@ -8,8 +8,9 @@ stages' fields).  Refinement makes it
     ``T = P o C o (x + u(x))``
 
 ``C`` an affine correction (12 parameters, starting at the identity) and ``u`` one displacement
-field (LPS mm, trilinear) on an axis-aligned grid of ``grid_spacings_mm[-1]`` (6 mm) over the fixed
-image, starting as ``N`` sampled on that grid, so refinement starts where the networks left off; when that
+field (LPS mm, trilinear) on a grid of ``grid_spacings_mm[-1]`` (6 mm) along the fixed image's axes
+(:func:`displacement_grid`: full resolution then evaluates it separably, :mod:`dlir.separable`), starting
+as ``N`` sampled on that grid, so refinement starts where the networks left off; when that
 field folds (networks meeting images unlike their training data, e.g. two subjects), ``u`` starts at 0 and
 refinement starts from ``P`` alone.
 Levels go coarse to fine: level ``k`` adds a residual displacement on a grid of
@@ -28,7 +29,8 @@ mask when one is given; samples that land outside the moving image do not count.
 draws a pool of ``pool x samples`` voxels once and the steps take them batch by batch (stochastic
 gradient steps; Adam with step sizes growing over ``warmup`` steps, then shrinking by ``decay`` per step).  Bending energy (per mm^2)
 and the folding penalty ``mean(relu(MIN_JACOBIAN - det J)^2)`` (:mod:`dlir.losses`) are evaluated on the level's grid
-(det J at the 8 corners of every cell, from its edges, so that no fold hides between nodes)
+(det J w.r.t. physical coordinates at the 8 corners of every cell, from its edges, so that no fold hides between
+nodes)
 every ``penalty_every`` steps: no folding by penalty.
 
 Stopping: ``"auto"`` runs every level until the mean loss of the last ``window`` steps improves on
@@ -55,7 +57,8 @@ from .losses import corner_jacobians, objective
 from .modality import compare, features
 from .pipeline import PreparedImage
 from .preprocess import network_grid, sample_source
-from .transforms import AffineTransform, Composite, DisplacementField, SpatialTransform, displacement_on_grid, grid_points
+from .transforms import (AffineTransform, Composite, DisplacementField, SpatialTransform, covering_grid, displacement_on_grid,
+                         grid_points)
 
 #: ``"auto"`` (accurate mode: all levels, each to convergence) or a number of steps at the finest level
 Refinement = int | Literal["auto"]
@@ -124,9 +127,9 @@ def base_spacing(fixed_grid: Grid, settings: RefineSettings) -> float:
 
 
 def displacement_grid(fixed_grid: Grid, spacing: float) -> Grid:
-    """An axis-aligned LPS grid of ``spacing`` mm over the fixed image, one node beyond it on every side."""
-    lower, upper = fixed_grid.bounding_box()
-    return Grid.axis_aligned_box(lower - spacing, upper + spacing, (spacing,) * 3)
+    """A grid of ``spacing`` mm (isotropic) along the fixed image's axes (its direction), whose nodes cover the fixed
+    voxel centres and one node more on every side (:func:`dlir.transforms.covering_grid`)."""
+    return covering_grid(fixed_grid, spacing, margin=spacing)
 
 
 class _Level:
@@ -301,7 +304,7 @@ def _refine(transforms: Sequence[SpatialTransform], fixed: PreparedImage, moving
     field_grid = displacement_grid(fixed.grid, settings.grid_spacings_mm[-1])
     with torch.no_grad():
         displacement = displacement_on_grid(rest, field_grid, 1, fixed.device)
-        networks_field = not folds(displacement, field_grid.spacing)
+        networks_field = not folds(displacement, field_grid)
         if not networks_field:  # networks meeting unfamiliar images: a fold is no start to refine from
             displacement = torch.zeros_like(displacement)
     params = torch.zeros(12, device=fixed.device, requires_grad=True)
@@ -409,7 +412,8 @@ def _objective(field: torch.Tensor | None, grid: Grid, moved: torch.Tensor, fixe
     """
     values, inside = level.moving_at(moved)
     similarity = compare(level.similarity, fixed, values, inside * weights).mean()
-    return objective(similarity, field, grid.spacing, settings.alpha, settings.fold_weight, settings.penalty_every).loss
+    return objective(similarity, field, grid.spacing, settings.alpha, settings.fold_weight, settings.penalty_every,
+                     grid.direction_matrix).loss
 
 
 def _aligned(leading: AffineTransform | None, correction: AffineTransform) -> AffineTransform:
@@ -417,9 +421,9 @@ def _aligned(leading: AffineTransform | None, correction: AffineTransform) -> Af
     return correction if leading is None else leading @ correction
 
 
-def folds(field: torch.Tensor, spacing: tuple[float, float, float]) -> bool:
-    """Whether the displacement ``field`` (mm, on an axis-aligned grid of ``spacing``) folds at a corner of a cell."""
-    return any(bool((det <= 0).any()) for det in corner_jacobians(field, spacing))
+def folds(field: torch.Tensor, grid: Grid) -> bool:
+    """Whether the displacement ``field`` ``[1, 3, D, H, W]`` (LPS mm, on ``grid``) folds at a corner of a cell."""
+    return any(bool((det <= 0).any()) for det in corner_jacobians(field, grid.spacing, grid.direction_matrix))
 
 
 def _converged(history: list[float], start: float, settings: RefineSettings) -> bool:

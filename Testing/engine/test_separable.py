@@ -6,8 +6,8 @@
 * The analytic det J equals the det J of the transform's own derivative (tiny steps in double precision), and the
   engine's central differences of the sampled displacement wherever their three-voxel stencil stays inside one
   cell of the field; elsewhere within the stated bound on a development pair.
-* Fast mode takes this path on any fixed image (the bundled stacks' fields merged along it), accurate mode on fixed
-  images whose axes are LPS's.
+* Fast mode takes this path on any fixed image (the bundled stacks' fields merged along it), and so does accurate
+  mode (the refinement's field lives on a grid along the fixed image, :func:`dlir.refine.displacement_grid`).
 """
 
 from __future__ import annotations
@@ -117,10 +117,14 @@ def oblique_pair(shared_data: Path) -> tuple[sitk.Image, sitk.Image]:
     return tuple(sitk.ReadImage(str(shared_data / PAIR / f"{name}.nii.gz")) for name in ("fixed", "moving"))  # type: ignore[return-value]
 
 
-def test_a_development_pairs_registration_equals_itk_with_its_transform_file(oblique_pair, tmp_path: Path) -> None:
+@pytest.mark.parametrize("refine", [0, 8], ids=["one-shot", "refined"])
+def test_a_development_pairs_registration_equals_itk_with_its_transform_file(oblique_pair, tmp_path: Path, refine: int) -> None:
+    """One shot (the stages' fields merged along the fixed grid) and refined (8 steps of accurate mode's finest level:
+    its one field on a 6 mm grid along the fixed image), both evaluated separably."""
     fixed, moving = oblique_pair
     reg = register(fixed, moving, load_stack("brain-mri"), device="cpu", outputs=("warped", "jacobian", "displacement"),
-                   float_warped=True)
+                   float_warped=True, refine=refine)
+    assert (reg.refinement is not None) == (refine > 0)
     assert SeparableTransform.of(reg.transform, reg.grid, None, torch.device("cpu")) is not None
     path = tmp_path / "transform.h5"
     sitk.WriteTransform(reg.itk_transform(), str(path))
@@ -176,10 +180,10 @@ def test_analytic_det_j_is_the_derivative_of_the_transform_and_equals_central_di
     assert out.jacobian_std == pytest.approx(float(det.std()), rel=1e-4)
 
 
-def test_accurate_mode_takes_the_separable_path_too(fresh_stack_file: Path, monkeypatch) -> None:
-    """Fast mode: the development pair above (the stages' fields merged along the fixed grid).  Accurate mode: its
-    one field lives on an axis-aligned grid (:func:`dlir.refine.displacement_grid`), so on an axis-aligned image."""
-    _, _, image, _ = _constructed()
+def test_accurate_mode_takes_the_separable_path_on_an_oblique_image(oblique_pair, fresh_stack_file: Path, monkeypatch) -> None:
+    """The refinement's one field lives on a grid along the fixed image's axes (:func:`dlir.refine.displacement_grid`),
+    so full resolution evaluates it separably on an oblique fixed image too."""
+    fixed, moving = oblique_pair
     taken: list[bool] = []
     of = SeparableTransform.of
 
@@ -189,5 +193,7 @@ def test_accurate_mode_takes_the_separable_path_too(fresh_stack_file: Path, monk
         return separable
 
     monkeypatch.setattr(fullres.SeparableTransform, "of", spy)
-    result = register(image, image, load_stack(fresh_stack_file), device="cpu", refine=2, outputs=("jacobian",))
+    result = register(fixed, moving, load_stack(fresh_stack_file), device="cpu", refine=2, outputs=("jacobian",))
     assert result.refinement is not None and taken == [True]
+    field = Composite.of(result.transform).split_leading_affine()[1].transforms[0]
+    assert isinstance(field, DisplacementField) and np.allclose(field.grid.direction, Grid.from_image(fixed).direction)

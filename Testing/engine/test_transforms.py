@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dlir.geometry import Grid, rotation_matrix
-from dlir.losses import MIN_JACOBIAN, bending_energy, folding_penalty, local_ncc, ncc, objective
+from dlir.losses import MIN_JACOBIAN, bending_energy, corner_jacobians, folding_penalty, local_ncc, ncc, objective
 from dlir.nets import AffineNet, BSplineNet, BSplineUpsample, _first_block_by_slices
 from dlir.transforms import (
     AffineBounds,
@@ -262,6 +262,28 @@ def test_bending_energy_matches_between_resolutions() -> None:
         u[0, 1] = 0.01 * x**2
         energies.append(float(bending_energy(u, grid.spacing)))
     assert np.allclose(energies, 0.02**2)
+
+
+def test_corner_jacobians_of_an_affine_field_on_a_rotated_grid_are_its_det() -> None:
+    """``u(x) = M x + c`` (LPS mm) sampled on an oblique, anisotropic grid with a flipped axis (det direction -1):
+    det J at every cell corner is ``det(I + M)`` w.r.t. physical coordinates; taken as if the grid were axis-aligned
+    it is not.  The folding penalty and the objective take the physical det J."""
+    rotation = np.asarray(oblique((0.3, -0.5, 0.8))).reshape(3, 3) @ np.diag([1.0, -1.0, 1.0])
+    grid = Grid((7, 6, 5), (2.0, 3.0, 4.5), (10.0, -5.0, 3.0), tuple(rotation.ravel().tolist()))
+    points = grid.physical_points(dtype=torch.float64)
+    m = torch.tensor([[0.2, -0.3, 0.1], [0.4, 0.1, -0.2], [-0.1, 0.25, 0.3]], dtype=torch.float64)
+    u = (points @ m.T + torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)).movedim(-1, 0)[None]
+    expected = float(torch.linalg.det(torch.eye(3, dtype=torch.float64) + m))
+    for det in corner_jacobians(u, grid.spacing, grid.direction_matrix):
+        assert det.shape == (4, 5, 6) and torch.allclose(det, torch.full_like(det, expected), rtol=0, atol=1e-12)
+    assert not torch.allclose(corner_jacobians(u, grid.spacing)[0], torch.full((4, 5, 6), expected, dtype=torch.float64))
+    # a physical fold (det(I + M) = -0.5 everywhere): penalised as such at every corner
+    fold = torch.diag(torch.tensor([-1.5, 0.0, 0.0], dtype=torch.float64))
+    folded = (points @ fold.T).movedim(-1, 0)[None]
+    assert math.isclose(float(folding_penalty(folded, grid.spacing, grid.direction_matrix)), 8 * (MIN_JACOBIAN + 0.5) ** 2,
+                        rel_tol=1e-9)
+    assert float(objective(torch.tensor(0.0, dtype=torch.float64), folded, grid.spacing, 0.0, 1.0,
+                           direction=grid.direction_matrix).folding) > 0
 
 
 def test_objective_composes_similarity_bending_and_folding() -> None:
