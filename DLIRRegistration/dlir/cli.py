@@ -307,6 +307,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mutual-information", action="store_true",
                    help="also run elastix with Mattes mutual information (elastix MI: the baseline for different contrasts; "
                         "ANTs SyN uses mutual information already)")
+    p.add_argument("--no-ants", action="store_true", help="leave ANTs SyN out (about a minute per small pair)")
     p.add_argument("--out", help="output folder (default: a new temporary folder)")
     p.add_argument("--no-plots", action="store_true", help="write the tables only")
 
@@ -320,7 +321,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         args.pairs, args.stack, Path(args.out) if args.out else None, refinement(args.refine), args.quick, args.sizes, args.threads,
         args.scaling_pair, tuple(args.repeats), plots=not args.no_plots,
         log=lambda message: print(message, file=sys.stderr, flush=True), mutual_information=args.mutual_information,
-        similarity=args.similarity,
+        similarity=args.similarity, with_ants=not args.no_ants,
     )
     print("\n".join(comparison))
     if scaling:

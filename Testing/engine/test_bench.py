@@ -56,12 +56,13 @@ def test_bench_quick_runs_end_to_end(coarse_stack_file: Path, tmp_path: Path, ca
 def test_bench_adds_elastix_with_mutual_information(coarse_stack_file: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """``--mutual-information``: elastix also runs with Mattes mutual information (the baseline for different
-    contrasts), a row of its own; ``--similarity`` reaches DLIR's runs."""
+    contrasts), a row of its own; ``--similarity`` reaches DLIR's runs; ``--no-ants`` leaves ANTs SyN out."""
     out = tmp_path / "bench"
     assert main(["bench", "--quick", "--mutual-information", "--similarity", "same", "--stack", str(coarse_stack_file),
-                 "--sizes", "--no-plots", "--repeats", "1", "1", "--out", str(out)]) == 0
+                 "--sizes", "--no-plots", "--repeats", "1", "1", "--no-ants", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| sample | elastix |" in printed and "| sample | elastix MI |" in printed
+    assert "ANTs" not in printed and not (out / "runs" / "sample" / "ants").exists()
     report = (out / "bench.md").read_text(encoding="utf-8")
     assert "elastix MI: affine + B-spline (final grid 10 mm), AdvancedMattesMutualInformation" in report
     assert "similarity same" in report

@@ -343,6 +343,7 @@ def bench_command(
     log: Callable[[str], None] = lambda _: None,
     mutual_information: bool = False,
     similarity: str = "auto",
+    with_ants: bool = True,
 ) -> tuple[list[str], list[str], Path]:
     """``dlir bench``: run, score and report; returns the comparison and scaling tables and the output folder.
 
@@ -352,12 +353,13 @@ def bench_command(
     runs of each DLIR and each elastix (and ANTs) registration.  Without ``antspyx`` ANTs is
     skipped and ``log`` gets one line that says how to install it.  ``mutual_information``: elastix also runs with
     Mattes mutual information (``elastix MI``, the conventional baseline for different contrasts).  ``similarity``:
-    DLIR's ``--similarity`` (same, different or auto).
+    DLIR's ``--similarity`` (same, different or auto).  ``with_ants=False`` leaves ANTs SyN out (about a minute per
+    small pair).
     """
     if min(repeats) < 1:
         raise InputError("every method must run at least once (--repeats)")
     check_elastix()
-    ants = ants_settings(quick, threads, log)
+    ants = ants_settings(quick, threads, log) if with_ants else None
     pairs = read_pairs(pairs_source) if pairs_source else [sample_pair()]
     choose = stack_chooser(stacks)
     for pair in pairs:
