@@ -70,9 +70,17 @@ def _add_register(p: argparse.ArgumentParser) -> None:
                         "(default all; result.json is always written, with folding and std of the Jacobian)")
 
 
+#: libgomp's wait policy for PyTorch's OpenMP threads in ``dlir register`` (read once, when torch is imported; a value
+#: in the environment wins): a thread that waits at the end of a parallel region sleeps instead of spinning.  On a
+#: machine with more work than cores, spinning threads wait on descheduled ones: the capture search took 4-25x longer
+#: with the default policy than with this one (Testing/benchmarks/RESULTS.md, issue 28); results are the same.
+OMP_WAIT_POLICY = "PASSIVE"
+
+
 def _run_register(args: argparse.Namespace) -> int:
     """``dlir register``: every refusal that needs no image (output folder, device, stack file, options) comes before
     anything is read; from the moment the result is in place, Ctrl-C is ignored (the run has succeeded)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)  # before torch is imported (dlir.device imports it)
     if not args.out.strip():
         raise InputError("--out is empty; give a folder for the results")
     from .device import resolve_device

@@ -6,6 +6,7 @@ and by ``python -X importtime -m dlir ...`` (every module the start-up imported)
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -56,3 +57,28 @@ def test_finding_a_stack_by_name_imports_no_compiler() -> None:
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "IMPORTED", proc.stdout
+
+
+WATCH = """import os, sys
+seen = {}
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and "policy" not in seen:
+            seen["policy"] = os.environ.get("OMP_WAIT_POLICY", "unset")
+        return None
+sys.meta_path.insert(0, Watch())
+from dlir.cli import main
+main(sys.argv[1:])
+print("POLICY", seen.get("policy", "torch not imported"))
+"""
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_register_sets_a_passive_openmp_wait_policy_before_torch_starts(tmp_path, given, expected) -> None:
+    """``dlir register`` sets ``OMP_WAIT_POLICY=PASSIVE`` (:data:`dlir.cli.OMP_WAIT_POLICY`) before PyTorch's OpenMP
+    runtime reads it, unless the user set it."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": given} if given else {})
+    args = ["register", str(tmp_path / "absent_fixed.nii.gz"), str(tmp_path / "absent_moving.nii.gz"), "--stack",
+            "brain-mri", "--out", str(tmp_path / "out"), "--device", "cpu"]
+    proc = subprocess.run([sys.executable, "-c", WATCH, *args], capture_output=True, text=True, timeout=120, env=env)
+    assert f"POLICY {expected}" in proc.stdout, proc.stdout + proc.stderr
