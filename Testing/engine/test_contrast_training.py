@@ -3,16 +3,21 @@ images (``data.contrast_probability``), its settings, and what the trainer draws
 
 from __future__ import annotations
 
+import json
 import tomllib
 from argparse import ArgumentParser
 from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 import torch
 
 from dlir.errors import InputError
 from dlir.training.augment import piecewise_linear, random_contrast
+from dlir.stack import load_stack
 from dlir.training.config import DataSpec, TrainConfig, add_flags, apply_flags
+from dlir.training.events import EventLog
+from dlir.training.jobfolder import EVENTS_FILE
 from dlir.training.trainer import Trainer
 
 
@@ -138,3 +143,34 @@ def test_the_trainer_gives_one_image_of_a_pair_of_real_images_a_random_contrast(
     assert len(remapping.validation) == len(plain.validation) == 4
     assert sum(not torch.equal(a.fixed.tensor, b.fixed.tensor) or not torch.equal(a.moving.tensor, b.moving.tensor)
                for a, b in zip(remapping.validation, plain.validation)) == 4
+
+
+def test_a_stack_for_two_contrasts_trains_on_listed_pairs_of_a_t1_and_a_t2_like_image(shared_data: Path, tmp_path: Path) -> None:
+    """A user's own multi-contrast data: a CSV listing a T2-like image (fixed) with the T1 it was made from (moving),
+    stages comparing by MIND-SSC, random contrasts on the synthetic pairs.  The job runs, counts both kinds of pairs
+    and writes a stack whose recipe keeps the similarity."""
+    mni = shared_data / "mni152_2009a_sym"
+    read = lambda name: sitk.ReadImage(str(mni / name), sitk.sitkFloat32)  # noqa: E731
+    gm, wm, brain = read("gm_prob.nii.gz"), read("wm_prob.nii.gz"), read("brain_mask.nii.gz")
+    csf = sitk.Clamp(brain - gm - wm, sitk.sitkFloat32, 0.0, 1.0)
+    sitk.WriteImage(200.0 * csf + 120.0 * gm + 50.0 * wm, str(tmp_path / "t2like.nii.gz"))
+    csv = tmp_path / "pairs.csv"
+    csv.write_text(f"image,labels,pair\n{tmp_path / 't2like.nii.gz'},{mni / 'labels.nii.gz'},a\n"
+                   f"{mni / 't1.nii.gz'},{mni / 'labels.nii.gz'},a\n", encoding="utf-8")
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(TRAINING.format(images=csv, probability=0.5).replace("shapes_fraction = 0.3", "shapes_fraction = 0.0")
+                           .replace("validation_pairs_per_image = 4", "validation_pairs_per_image = 1")
+                           + 'iterations = 4\n\n[[recipe.stages]]\nkind = "bspline"\nspacing_mm = [8.0, 8.0, 8.0]\n'
+                             'control_point_spacing = 4\nchannels = 8\nsimilarity = "mind"\niterations = 4\npatch_size = 16\n'
+                             "dice_weight = 0.5\n", encoding="utf-8")
+    job = tmp_path / "job"
+    job.mkdir()
+    events = EventLog(job / EVENTS_FILE)
+    try:
+        path = Trainer(TrainConfig.read(config_file), job, events=events).run()
+    finally:
+        events.close()
+    log = [json.loads(line) for line in (job / EVENTS_FILE).read_text(encoding="utf-8").splitlines()]
+    pairs = {k: sum(e["pairs"][k] for e in log if e["type"] == "stage_done") for k in ("synthetic", "listed", "contrast")}
+    assert pairs["synthetic"] > 0 and pairs["listed"] > 0 and pairs["contrast"] > 0, pairs
+    assert [s.similarity for s in load_stack(path).manifest.recipe.stages] == ["mind", "mind"]
