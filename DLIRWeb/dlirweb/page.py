@@ -1,6 +1,6 @@
 """The registration page: trame state and widgets wired to a :class:`~dlirweb.session.Session`.
 
-The left drawer holds the inputs (sample pair, file choosers, upload), the stack and mode, Register /
+The left drawer holds the inputs (sample pair, file choosers, upload), the stack, mode and contrast, Register /
 Cancel with progress, and after a run the view switch (before / after / Jacobian), the overlay
 opacity, the numbers, the segment legend and the downloads; the rest of the page is Slicer's
 views (trame-slicer's remote-rendered axial, 3D, coronal and sagittal views).  Every control has
@@ -22,7 +22,7 @@ from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout
 from dlir.errors import CancelledError, DLIRError
 
 from .inputs import InputFiles
-from .session import BUSY, ROLES, Session
+from .session import BUSY, CONTRASTS, ROLES, Session
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class RegistrationPage(TrameApp):
             "stacks": stacks,
             "stack": stacks[names.index("brain-mri")]["value"] if "brain-mri" in names else (stacks[0]["value"] if stacks else None),
             "mode": "fast",
+            "contrast": "auto",
             "running": False, "progress": 0, "step": "", "message": "", "messageType": "info",
             "hasResult": False, "view": "before", "opacity": 0.5,
             "summary": "", "dice": [], "legend": [], "downloads": [],
@@ -145,7 +146,7 @@ class RegistrationPage(TrameApp):
             self.state.update(running=True, progress=0, step="starting", hasResult=False)
             self._say("")
         try:
-            await self.session.register(self.state.stack, self.state.mode, self._progress)
+            await self.session.register(self.state.stack, self.state.mode, self._progress, self.state.contrast)
             self.session.show("after", float(self.state.opacity))
             self.session.show3D()
             self.slicer.display_manager.reset_views()
@@ -223,6 +224,13 @@ class RegistrationPage(TrameApp):
                 with v.VBtnToggle(v_model=("mode",), mandatory=True, density="compact", divided=True, disabled=("running",)):
                     v.VBtn("Fast", id="dlir-mode-fast", value="fast")
                     v.VBtn("Accurate", id="dlir-mode-accurate", value="accurate")
+                with v.VBtnToggle(v_model=("contrast",), mandatory=True, density="compact", divided=True, disabled=("running",)):
+                    for value, text in CONTRASTS.items():
+                        v.VBtn(text, id=f"dlir-contrast-{value}", value=value)
+                html.Div("Contrast: images of the same contrast are compared by their intensities, images of different "
+                         "contrasts (MR and CT, T1 and T2) by their local structure (MIND descriptors); Automatic decides "
+                         "from the images and the results line says which it chose.", id="dlir-contrast-help",
+                         classes="text-caption")
                 with html.Div(classes="d-flex ga-2"):
                     v.VBtn("Register", id="dlir-register", color="primary", click=self.register, disabled=("running",))
                     v.VBtn("Cancel", id="dlir-cancel", click=self.cancel, disabled=("!running",))

@@ -30,6 +30,9 @@ ROLES = {"fixed": "fixed image", "moving": "moving image", "movingLabels": "movi
 #: what the views show: the pair as given, the fixed with the warped moving, the Jacobian map with folding
 VIEWS = ("before", "after", "jacobian")
 BUSY = "a registration is running; wait for it to finish or press Cancel"
+#: the contrast choice (the engine's ``similarity``, :data:`dlir.choices.SIMILARITY_CHOICES`) and its words, those of
+#: the DLIR Registration module's chooser
+CONTRASTS = {"auto": "Automatic", "same": "Same contrast", "different": "Different contrasts"}
 
 
 @dataclass
@@ -128,8 +131,9 @@ class Session:
             self.choose(role, key)
 
     # ------------------------------------------------------------------ registering
-    async def register(self, stack: str, mode: str, progress: Callable[[str, float], None]) -> Result:
-        """Register the chosen pair with ``stack`` (a registry path or name) in ``mode`` (fast / accurate).
+    async def register(self, stack: str, mode: str, progress: Callable[[str, float], None], contrast: str = "auto") -> Result:
+        """Register the chosen pair with ``stack`` (a registry path or name) in ``mode`` (fast / accurate), comparing the
+        images as ``contrast`` says (a key of :data:`CONTRASTS`: automatic, the same or different contrasts).
 
         One at a time: a second call while one runs is refused with a sentence.  The engine and the
         file writer run on a worker thread; ``progress(step, fraction)`` is called on the event
@@ -143,13 +147,15 @@ class Session:
             raise InputError("choose a fixed and a moving image first (or the sample pair)")
         if "fixedLabels" in self.images and "movingLabels" not in self.nodes:
             raise InputError("fixed labels give Dice only with moving labels; choose a moving label map too")
+        if contrast not in CONTRASTS:
+            raise InputError(f"unknown contrast choice {contrast!r}: choose {', '.join(CONTRASTS)}")
         self.running, self.cancelRequested = True, False
         try:
             self.clearResult()
             job = prepareRegistration(self.scene, self.nodes["fixed"], self.nodes["moving"],
                                       self.stacks.get(stack, self.modelDirs), self.nodes.get("movingLabels"),
                                       device="auto", mode=mode, fixedMaskNode=self.nodes.get("fixedMask"),
-                                      outputs=OutputRequest(show=False))
+                                      outputs=OutputRequest(show=False), similarity=contrast)
             folder = self.resultsFolder / f"run-{next(self._runs)}"
             folder.mkdir()
             loop = asyncio.get_running_loop()

@@ -97,6 +97,7 @@ def test_the_sample_pair_registers_and_shows_before_after_segments_numbers_and_d
     took = time.monotonic() - started
     assert state(page, "hasResult"), state(page, "message")
     assert state(page, "view") == "after"
+    assert state(page, "contrast") == "auto" and "(chosen automatically" in state(page, "summary")  # the contrast choice
     after = axial(page)
     shown = frame(page)
     set_opacity(page, 0.0)

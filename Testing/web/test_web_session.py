@@ -64,3 +64,23 @@ def test_the_downloads_keep_the_label_values_of_the_label_maps(session) -> None:
     assert set(np.unique(sitk.GetArrayViewFromImage(written))) == {0, 2, 4, 6, 8}
     assert written.GetPixelID() == session.images["movingLabels"].GetPixelID()
     assert sorted(result.dice) == ["2", "4", "6", "8"] and all(d["after"] > d["before"] for d in result.dice.values())
+
+
+def test_the_contrast_choice_reaches_the_engine_and_the_results_line(session) -> None:
+    """The page's three contrast choices are the engine's (``dlir.choices.SIMILARITY_CHOICES``) in the Slicer module's
+    words; the choice is the one the registration used, and the results line says so (asked or chosen)."""
+    from dlir.choices import SIMILARITY_CHOICES
+    from dlir.errors import InputError
+    from dlirweb.session import CONTRASTS
+
+    assert tuple(CONTRASTS) == SIMILARITY_CHOICES
+    assert list(CONTRASTS.values()) == ["Automatic", "Same contrast", "Different contrasts"]
+    session.chooseSamplePair()
+    chosen = asyncio.run(session.register("brain-mri", "fast", lambda step, fraction: None))
+    assert "the same contrast (chosen automatically" in chosen.summary, chosen.summary
+    asked = asyncio.run(session.register("brain-mri", "fast", lambda step, fraction: None, "different"))
+    assert "different contrasts (as asked); similarity MIND-SSC" in asked.summary, asked.summary
+    assert json.loads((asked.folder / "result.json").read_text())["contrast"]["asked"] == "different"
+    with pytest.raises(InputError, match="unknown contrast choice 'mri'"):
+        asyncio.run(session.register("brain-mri", "fast", lambda step, fraction: None, "mri"))
+    assert not session.running

@@ -29,6 +29,9 @@ Layout of ``CONFIG.toml`` (every key optional except ``data.images``; defaults b
     misalign_rotation_deg = 0.0       #   a random affine (per axis: degrees, relative scale, mm) added to
     misalign_scale = 0.0              #   the initial alignment of every pair of two images (inter-subject
     misalign_translation_mm = 0.0     #   and listed pairs), so the affine stage learns to capture offsets
+    contrast_probability = 0.0        # the chance that one image of a pair of real images (the fixed or the moving)
+    contrast_knots = 6                #   gets a random contrast: a random piecewise-linear map of its intensities
+                                      #   with up to this many inner knots (dlir.training.augment.random_contrast)
 
     [synthetic]                       # random deformations of one image (see dlir.training.synthetic)
     control_point_spacing_mm = 40.0
@@ -195,9 +198,15 @@ class DataSpec:
     #: validation pairs of two different training images (ordered pairs, up to this many), scored by their folding
     #: (they have no known correspondence): a stage that folds on pairs of two subjects is not kept
     validation_inter_subject: int = 0
+    #: different contrasts (issue 27), off at 0: the chance that a pair of real images (synthetic, inter-subject or
+    #: listed; shapes draw their own contrasts) has its fixed or its moving image (even odds) remapped by a random,
+    #: in general non-monotonic, piecewise-linear intensity map with 1 to ``contrast_knots`` inner knots
+    #: (:func:`dlir.training.augment.random_contrast`); validation pairs of images are remapped with the same chance
+    contrast_probability: float = 0.0
+    contrast_knots: int = 6
 
     def __post_init__(self) -> None:
-        for key in ("synthetic_fraction", "shapes_fraction", "crop_probability"):
+        for key in ("synthetic_fraction", "shapes_fraction", "crop_probability", "contrast_probability"):
             if not 0 <= getattr(self, key) <= 1:
                 raise InputError(f"data.{key} must lie between 0 and 1")
         if not 0 <= self.crop_min <= self.crop_max < 1:
@@ -207,6 +216,8 @@ class DataSpec:
                 raise InputError(f"data.{key} must be a finite number >= 0, got {getattr(self, key)}")
         if self.misalign_scale >= 1:
             raise InputError(f"data.misalign_scale must be below 1, got {self.misalign_scale}")
+        if isinstance(self.contrast_knots, bool) or not isinstance(self.contrast_knots, int) or not 1 <= self.contrast_knots <= 64:
+            raise InputError(f"data.contrast_knots must be a whole number from 1 to 64, got {self.contrast_knots!r}")
         if self.validation_count < 0 or self.validation_pairs_per_image < 0 or self.validation_inter_subject < 0:
             raise InputError("data.validation_count, data.validation_pairs_per_image and data.validation_inter_subject "
                              "must not be negative")

@@ -11,7 +11,8 @@ Schema (every event has ``type`` and ``time``, seconds since the epoch; ``stage`
     iteration   stage, iteration, iterations, loss, ncc, bending, it_per_s, eta_s (this stage),
                 total_eta_s (whole job), lr, pairs (the training pairs drawn in this stage so far, by kind:
                 {synthetic, inter_subject, listed, shapes, shapes_two_draws: pairs of each kind; cropped,
-                misaligned: how many of them had a partial field of view or a random initial misalignment};
+                misaligned, contrast: how many of them had a partial field of view, a random initial misalignment
+                or one image given a random contrast};
                 dlir.training.trainer.PAIR_KINDS; rank 0's draws under torchrun)
     validation  stage, iteration, dice: {label: mean Dice}, dice_mean, folding (fraction of voxels with
                 det J <= 0), ncc, best (bool: these weights are now the stage's best)

@@ -2,7 +2,8 @@
 
 Each iteration draws ``batch_size`` pairs (synthetic, listed, random inter-image or synthetic shapes, see
 :mod:`dlir.training.config`; with the inter-subject augmentation of :mod:`dlir.training.intersubject`:
-partial fields of view and a random initial misalignment), starts each from the recipe's initial
+partial fields of view and a random initial misalignment; with ``data.contrast_probability``, pairs of real
+images whose fixed or moving image gets a random contrast, :func:`dlir.training.augment.random_contrast`), starts each from the recipe's initial
 alignment (the capture search is computed once per pair of training images and kept), runs the frozen
 earlier stages exactly as inference does (:mod:`dlir.pipeline`, an affine stage that makes a pair less alike skipped), and minimises ``-similarity(fixed, warped) + alpha * bending energy`` for
 the current stage with Adam.  B-spline stages train on random patches of the stage grid (cut at
@@ -54,6 +55,7 @@ from ..pipeline import PreparedImage, run_stages, stage_inputs
 from ..recipe import StageSpec
 from ..stack import Manifest, Stack, build_stack, load_stack, save_stack
 from ..transforms import AffineTransform, Composite, DisplacementField, SpatialTransform, displacement_on_grid, grid_points, jacobian_determinant
+from .augment import random_contrast
 from .config import TrainConfig
 from .data import TrainingImage, find_images, load_image, pair_groups
 from .events import EventLog
@@ -69,8 +71,9 @@ CHECKPOINT_FORMAT = "dlir-checkpoint"
 EXIT_STOPPED = 130
 #: the counts of drawn training pairs in the events: one kind per pair (a synthetic deformation of one image, two
 #: different images drawn at random, a listed pair, synthetic shapes of one label map or of two), and how many of
-#: them were cropped (a partial field of view) or misaligned (pairs of two images only)
-PAIR_KINDS = ("synthetic", "inter_subject", "listed", "shapes", "shapes_two_draws", "cropped", "misaligned")
+#: them were cropped (a partial field of view), misaligned (pairs of two images only) or given a random contrast (pairs
+#: of real images only)
+PAIR_KINDS = ("synthetic", "inter_subject", "listed", "shapes", "shapes_two_draws", "cropped", "misaligned", "contrast")
 
 
 @dataclass
@@ -316,6 +319,11 @@ class Trainer:
         mode = c.recipe.initial_alignment
         for pair in self.validation:  # the start of every validation pair, once (the capture search costs ~0.5 s)
             pair.initial = initial_alignment(mode, pair.fixed, pair.moving)
+        if c.data.contrast_probability > 0:  # validate on the contrasts training meets (same chance, fixed draws); the
+            # starts above, found on the images' own contrast, stand for what the search with MIND-SSC finds at inference
+            generator = torch.Generator().manual_seed(c.seed + 8_888_888)
+            self.validation = [self.recontrasted(pair, generator) if float(torch.rand(1, generator=generator)) < c.data.contrast_probability
+                               else pair for pair in self.validation]
 
     # ------------------------------------------------------------------------------- pairs
     def draw_pair(self, generator: torch.Generator) -> TrainingPair:
@@ -338,6 +346,10 @@ class Trainer:
         if c.data.crop_probability > 0 and float(torch.rand(1, generator=generator)) < c.data.crop_probability:
             pair = self.cropped(pair, generator)
             self.drawn["cropped"] += 1
+        if kind in ("synthetic", "inter_subject", "listed") and c.data.contrast_probability > 0 \
+                and float(torch.rand(1, generator=generator)) < c.data.contrast_probability:
+            pair = self.recontrasted(pair, generator)
+            self.drawn["contrast"] += 1
         pair.initial = self.start(pair, images)
         if images is not None and misaligns(c.data):
             pair.initial = pair.initial @ random_misalignment(c.data, pair.fixed.grid, generator).to(self.device)
@@ -383,6 +395,15 @@ class Trainer:
             return replace(pair, fixed=PreparedImage(image, grid), fixed_labels=labels)
         image, grid, labels = random_crop(pair.moving.tensor, pair.moving.grid, spec, generator, pair.moving_labels)
         return replace(pair, moving=PreparedImage(image, grid), moving_labels=labels)
+
+    def recontrasted(self, pair: TrainingPair, generator: torch.Generator) -> TrainingPair:
+        """``pair`` with its fixed or its moving image (even odds) given a random contrast
+        (:func:`~dlir.training.augment.random_contrast`, up to ``data.contrast_knots`` inner knots); labels, grids and the
+        initial alignment stay."""
+        knots = self.config.data.contrast_knots
+        if bool(torch.randint(2, (1,), generator=generator)):
+            return replace(pair, fixed=PreparedImage(random_contrast(pair.fixed.tensor, knots, generator), pair.fixed.grid))
+        return replace(pair, moving=PreparedImage(random_contrast(pair.moving.tensor, knots, generator), pair.moving.grid))
 
     def start(self, pair: TrainingPair, images: tuple[TrainingImage, TrainingImage] | None) -> AffineTransform:
         """``T0`` of a drawn pair: the recipe's initial alignment of the pair as drawn (crops included).
