@@ -98,7 +98,8 @@ class Registration:
     transform: SpatialTransform | None = None  # T, fixed -> moving, in the coordinates of ``grid``
     grid: Grid | None = None  # the fixed grid as the computation saw it (translated by minus its centre)
     output_grid: Grid | None = None  # the fixed image's own grid
-    refinement: dict[str, list[float] | bool | str] | None = None  # per refinement level: spacing (mm), steps, final loss, seconds; why the networks were skipped
+    refinement: dict[str, list[float] | bool] | None = None  # per refinement level: spacing (mm), steps, final loss, seconds
+    networks_skipped: str | None = None  # why the stack's networks did not run (dlir.register.networks_skipped)
     contrast: ContrastChoice | None = None  # same or different contrasts, and why (dlir.contrast)
     _displacement: sitk.Image | None = field(default=None, repr=False)
     _jacobian: sitk.Image | None = field(default=None, repr=False)
@@ -149,6 +150,7 @@ class Registration:
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             **({"refinement": self.refinement} if self.refinement is not None else {}),
             **({"contrast": self.contrast.summary()} if self.contrast is not None else {}),
+            **({"networks_skipped": self.networks_skipped} if self.networks_skipped is not None else {}),
         }
 
 
@@ -301,9 +303,14 @@ def _register(request: _Request, device: torch.device) -> Registration:
                                                           request.fixed, request.moving, fixed_p, moving_p)
         overlap = overlap_fraction(initial, fixed_grid, moving_grid, device)
     warnings = _overlap_warnings(overlap)
-    skipped = None if request.refinement == 0 else networks_skipped(stack, contrast)
+    skipped = networks_skipped(stack, contrast)
     if skipped is not None:
-        log.info("accurate mode starts from the initial alignment: %s", skipped)
+        if request.refinement == 0:
+            warnings.append(f"{skipped}: the result is the initial alignment (affine) alone; use accurate mode "
+                            "(--refine auto; 'Accurate' in Slicer) for a deformable registration")
+            log.warning(warnings[-1])
+        else:
+            log.info("accurate mode starts from the initial alignment: %s", skipped)
         steps.done += len(stack.stages)
         transforms: list[SpatialTransform] = [initial]
     else:
@@ -355,7 +362,8 @@ def _register(request: _Request, device: torch.device) -> Registration:
         transform=transform,
         grid=fixed_grid,
         output_grid=output_grid,
-        refinement=None if refined is None else {**refined.summary(), **({"started_from_networks_field": False, "networks_skipped": skipped} if skipped else {})},
+        refinement=None if refined is None else {**refined.summary(), **({"started_from_networks_field": False} if skipped else {})},
+        networks_skipped=skipped,
         contrast=contrast,
         _displacement=result.displacement,
         _jacobian=result.jacobian,
@@ -363,13 +371,15 @@ def _register(request: _Request, device: torch.device) -> Registration:
 
 
 def networks_skipped(stack: Stack, contrast: ContrastChoice) -> str | None:
-    """Why accurate mode does not run ``stack``'s networks on this pair, None when it runs them.
+    """Why ``stack``'s networks do not run on this pair, None when they run.
 
     A stack made for one modality (its manifest names one, as ``brain-mri`` and ``chest-ct``) was trained on images
-    of one contrast; on a pair of different contrasts its field is a guess that the refinement would first have to
-    undo, so accurate mode starts from the initial alignment (the capture) instead: as accurate on the
-    multi-contrast development pairs and the networks' time faster (Testing/benchmarks/RESULTS.md).  Fast mode
-    runs them whatever the pair (it has nothing else), and warns when their result is poor (:mod:`dlir.quality`).
+    of one contrast; on a pair of different contrasts its networks make the capture's alignment worse (contrast
+    development pairs, one shot: 0.737 / 0.593 / 0.537 Dice against the capture's 0.825 / 0.807 / 0.922), so the
+    registration starts from the initial alignment (the capture, searched with MIND-SSC) instead: fast mode's
+    result is that affine alignment, with a warning that says so; accurate mode refines it (as accurate as from the
+    networks, and their time faster; Testing/benchmarks/RESULTS.md).  A stack made for any modality (none named,
+    as ``universal``, trained on random contrasts) runs.
     """
     if contrast.contrast == "same" or not stack.manifest.modality:
         return None

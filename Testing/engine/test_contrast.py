@@ -216,9 +216,10 @@ def test_dlir_register_reports_the_choice(contrasts, deformed_pair, coarse_stack
     assert "same contrast (as asked): similarity NCC" in capsys.readouterr().out
 
 
-def test_accurate_mode_skips_one_contrast_networks_on_two_contrasts(contrasts, deformed_pair):
-    """A stack made for one modality: accurate mode on different contrasts starts from the capture, not its networks;
-    on one contrast, in fast mode, and with a stack made for any contrast (no modality), the networks run."""
+def test_one_contrast_networks_do_not_run_on_two_contrasts(contrasts, deformed_pair):
+    """A stack made for one modality: on different contrasts its networks do not run (fast mode: the capture alone,
+    with a warning; accurate mode starts from the capture); on one contrast, and with a stack made for any contrast
+    (no modality), they run."""
     import dataclasses
 
     fixed, moving = deformed_pair[0], contrasts["t1"]
@@ -229,11 +230,13 @@ def test_accurate_mode_skips_one_contrast_networks_on_two_contrasts(contrasts, d
     def ran(stack, refine, similarity) -> bool:
         result = register(fixed, moving, stack, refine=refine, similarity=similarity, outputs=())
         stages = any(name.startswith("stage ") for name in result.timings)
-        skipped = (result.refinement or {}).get("networks_skipped")
-        assert stages == (skipped is None)
+        summary = result.summary()
+        assert stages == ("networks_skipped" not in summary)
+        warned = any("the result is the initial alignment (affine) alone" in w for w in result.warnings)
+        assert warned == (not stages and refine == 0)
         return stages
 
+    assert not ran(one_contrast, 0, "different")
     assert not ran(one_contrast, 2, "different")
-    assert ran(one_contrast, 2, "same")
-    assert ran(one_contrast, 0, "different")
+    assert ran(one_contrast, 0, "same")
     assert ran(any_contrast, 2, "different")
