@@ -103,7 +103,7 @@ class RefineResult:
     losses: list[float] = field(default_factory=list)  # final loss per level
     seconds: list[float] = field(default_factory=list)
     level_spacings: list[float] = field(default_factory=list)
-    networks_field: bool = True  # False: the networks' field folded and refinement started from the affine part
+    networks_field: bool = True  # False: no network made a field, or it folded; refinement started from the affine part
 
     def summary(self) -> dict[str, list[float] | bool]:
         """JSON-ready: per level (coarse to fine) its spacing (mm), steps, final loss and seconds; whether it started
@@ -304,9 +304,10 @@ def _refine(transforms: Sequence[SpatialTransform], fixed: PreparedImage, moving
     field_grid = displacement_grid(fixed.grid, settings.grid_spacings_mm[-1])
     with torch.no_grad():
         displacement = displacement_on_grid(rest, field_grid, 1, fixed.device)
-        networks_field = not folds(displacement, field_grid)
-        if not networks_field:  # networks meeting unfamiliar images: a fold is no start to refine from
+        folded = folds(displacement, field_grid)
+        if folded:  # networks meeting unfamiliar images: a fold is no start to refine from
             displacement = torch.zeros_like(displacement)
+        networks_field = bool(rest.transforms) and not folded  # False too when no network ran (only affine parts)
     params = torch.zeros(12, device=fixed.device, requires_grad=True)
     base = base_spacing(fixed.grid, settings)
     levels = list(range(len(settings.level_spacings_mm)))

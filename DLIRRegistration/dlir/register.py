@@ -362,7 +362,7 @@ def _register(request: _Request, device: torch.device) -> Registration:
         transform=transform,
         grid=fixed_grid,
         output_grid=output_grid,
-        refinement=None if refined is None else {**refined.summary(), **({"started_from_networks_field": False} if skipped else {})},
+        refinement=None if refined is None else refined.summary(),
         networks_skipped=skipped,
         contrast=contrast,
         _displacement=result.displacement,

@@ -234,6 +234,8 @@ def test_one_contrast_networks_do_not_run_on_two_contrasts(contrasts, deformed_p
         assert stages == ("networks_skipped" not in summary)
         warned = any("the result is the initial alignment (affine) alone" in w for w in result.warnings)
         assert warned == (not stages and refine == 0)
+        if refine:
+            assert summary["refinement"]["started_from_networks_field"] == stages
         return stages
 
     assert not ran(one_contrast, 0, "different")
